@@ -1,0 +1,1 @@
+"""Prefect blocks for dfm-prefect (registered through the prefect.collections entry point)."""

@@ -1,0 +1,333 @@
+"""The client core: requests, futures, placement data and byte accounting, for any transport.
+
+One :class:`FederationClient` per federation per process, shared by every flow
+run in that process (:func:`get_client`). It owns the transport, matches replies
+to requests, fails the requests of a site that is lost, and counts every byte
+that comes back from each site.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import threading
+import uuid
+from collections import Counter
+from concurrent.futures import Future
+from typing import Any
+
+from pydantic import BaseModel
+
+from dfm_prefect.errors import (
+    FederationError,
+    PlacementError,
+    RequestCancelledError,
+    SiteUnavailableError,
+    error_class,
+)
+from dfm_prefect.federation import load_spec, spec_key
+from dfm_prefect.framing import BatchingWriter
+from dfm_prefect.placement import Placement, place
+from dfm_prefect.refs import DataRef
+from dfm_prefect.transports import Transport, transport_class
+from dfm_prefect.wire import (
+    CancelRequest,
+    ClientMessage,
+    Described,
+    DescribeRequest,
+    ErrorReply,
+    FetchChunk,
+    FetchRequest,
+    RunRequest,
+    RunResult,
+    SiteInfo,
+    SiteMessage,
+    SiteStats,
+    StatsReply,
+    StatsRequest,
+    b64decode,
+)
+
+log = logging.getLogger("dfm_prefect.client")
+FETCH_CHUNK = 4 << 20
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class FederationClient:
+    """Sends requests to sites and returns futures of their replies."""
+
+    def __init__(self, transport: Transport, *, describe_timeout: float = 60.0) -> None:
+        self.transport = transport
+        self.describe_timeout = describe_timeout
+        self._lock = threading.Lock()
+        self._pending: dict[str, tuple[str, Future[SiteMessage]]] = {}
+        self._infos: dict[str, SiteInfo] = {}
+        self._down: dict[str, str] = {}
+        self._inflight: Counter[str] = Counter()
+        self.bytes_in: Counter[str] = Counter()
+        self._writer: BatchingWriter[tuple[str, ClientMessage]] | None = None
+        self._opened = False
+
+    # ------------------------------------------------------------ lifecycle
+
+    def open(self) -> FederationClient:
+        """Connect and learn what every site offers."""
+        if self._opened:
+            return self
+        self.transport.open(self._on_message, self._on_site_lost)
+        self._writer = BatchingWriter(self._send_batch, name="dfm-client-writer")
+        self._opened = True
+        self.refresh()
+        return self
+
+    def refresh(self) -> dict[str, SiteInfo]:
+        """Ask every site to describe itself; sites that do not answer are marked down."""
+        futures = {site: self.request(site, DescribeRequest(id=new_id())) for site in self.transport.sites}
+        for site, future in futures.items():
+            try:
+                reply = future.result(timeout=self.describe_timeout)
+            except FederationError as exc:
+                self._mark_down(site, str(exc))
+                continue
+            except TimeoutError:
+                self._mark_down(site, f"no answer to describe within {self.describe_timeout}s")
+                continue
+            assert isinstance(reply, Described)
+            with self._lock:
+                self._infos[site] = reply.info
+                self._down.pop(site, None)
+        return self.sites
+
+    def close(self) -> None:
+        if not self._opened:
+            return
+        self._opened = False
+        self._fail_pending(None, RequestCancelledError("the federation client was closed"))
+        if self._writer is not None:
+            self._writer.close()
+        self.transport.close()
+
+    def __enter__(self) -> FederationClient:
+        return self.open()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- state
+
+    @property
+    def sites(self) -> dict[str, SiteInfo]:
+        """Healthy sites and what they offer."""
+        with self._lock:
+            return {name: info for name, info in self._infos.items() if name not in self._down}
+
+    @property
+    def down(self) -> dict[str, str]:
+        """Sites that are currently unreachable, with the reason."""
+        with self._lock:
+            return dict(self._down)
+
+    def inflight(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._inflight)
+
+    def place(self, op: str, *, data: list[object], explicit: str | None = None, exclude: set[str] | frozenset[str] = frozenset()) -> Placement:
+        """Choose a site for ``op`` (see :mod:`dfm_prefect.placement`), re-describing down sites first."""
+        if self.down:
+            self.refresh()
+        sites = self.sites
+        if not sites:
+            raise PlacementError(f"no site is reachable; down: {self.down}")
+        return place(op, data=data, sites=sites, explicit=explicit, inflight=self.inflight(), exclude=exclude)
+
+    # -------------------------------------------------------------- requests
+
+    def request(self, site: str, message: ClientMessage) -> Future[SiteMessage]:
+        """Send one message to a site; the future holds its reply or the error it carried."""
+        if not self._opened or self._writer is None:
+            raise FederationError("the federation client is not open")
+        future: Future[SiteMessage] = Future()
+        with self._lock:
+            self._pending[message.id] = (site, future)
+            if isinstance(message, RunRequest):
+                self._inflight[site] += 1
+        self._writer.put((site, message))
+        return future
+
+    def run(
+        self,
+        site: str,
+        op: str,
+        params: dict[str, Any],
+        *,
+        version: str | None = None,
+        flow_run_id: str | None = None,
+        task_run_id: str | None = None,
+        attempt: int = 1,
+        timeout_s: float | None = None,
+    ) -> tuple[str, Future[SiteMessage]]:
+        """Run ``op`` at ``site``; return the request id and the future of its `RunResult`."""
+        request = RunRequest(
+            id=new_id(),
+            op=op,
+            version=version,
+            params=params,
+            flow_run_id=flow_run_id,
+            task_run_id=task_run_id,
+            attempt=attempt,
+            timeout_s=timeout_s,
+        )
+        return request.id, self.request(site, request)
+
+    def cancel(self, site: str, request_id: str) -> None:
+        """Ask the site to drop a request and fail its future here at once."""
+        with self._lock:
+            entry = self._pending.get(request_id)
+        if entry is not None:
+            self._resolve(request_id, error=RequestCancelledError("cancelled by the client", site=site))
+        if self._opened and self._writer is not None:
+            self._writer.put((site, CancelRequest(id=new_id(), target=request_id)))
+
+    def stats(self, site: str, timeout: float = 30.0) -> SiteStats:
+        reply = self.request(site, StatsRequest(id=new_id())).result(timeout=timeout)
+        assert isinstance(reply, StatsReply)
+        return reply.stats
+
+    def fetch_bytes(self, ref: DataRef, timeout: float = 300.0) -> bytes:
+        """Stream a stored result from its site in chunks (the site checks its export policy)."""
+        parts: list[bytes] = []
+        offset = 0
+        while True:
+            reply = self.request(ref.site, FetchRequest(id=new_id(), ref=ref, offset=offset, length=FETCH_CHUNK)).result(
+                timeout=timeout
+            )
+            assert isinstance(reply, FetchChunk)
+            data = b64decode(reply.data)
+            parts.append(data)
+            offset += len(data)
+            if reply.eof or not data:
+                break
+        return b"".join(parts)
+
+    # ------------------------------------------------------------- plumbing
+
+    def _send_batch(self, batch: list[tuple[str, ClientMessage]]) -> None:
+        by_site: dict[str, list[ClientMessage]] = {}
+        for site, message in batch:
+            by_site.setdefault(site, []).append(message)
+        for site, messages in by_site.items():
+            try:
+                self.transport.send(site, messages)
+            except FederationError as exc:
+                error = exc if isinstance(exc, SiteUnavailableError) else SiteUnavailableError(str(exc), site=site)
+                for message in messages:
+                    self._resolve(message.id, error=error)
+
+    def _on_message(self, site: str, message: SiteMessage) -> None:
+        if isinstance(message, RunResult) and message.payload:
+            self.bytes_in[site] += len(message.payload) * 3 // 4
+        elif isinstance(message, FetchChunk):
+            self.bytes_in[site] += len(message.data) * 3 // 4
+        if isinstance(message, ErrorReply):
+            error = error_class(message.error.code)(message.error.message, site=site)
+            if message.id is None:
+                log.warning("site %s could not read a frame: %s", site, message.error.message)
+                return
+            self._resolve(message.id, error=error)
+            return
+        self._resolve(message.id, value=message)
+
+    def _resolve(self, request_id: str, *, value: SiteMessage | None = None, error: BaseException | None = None) -> None:
+        with self._lock:
+            entry = self._pending.pop(request_id, None)
+            if entry is None:
+                return
+            site, future = entry
+            if self._inflight.get(site) and (isinstance(value, RunResult) or error is not None):
+                self._inflight[site] -= 1
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)  # type: ignore[arg-type]
+
+    def _mark_down(self, site: str, reason: str) -> None:
+        with self._lock:
+            self._down[site] = reason
+        log.warning("site %s is unavailable: %s", site, reason)
+
+    def _on_site_lost(self, site: str, reason: str) -> None:
+        self._mark_down(site, reason)
+        self._fail_pending(site, SiteUnavailableError(f"site lost while requests were in flight: {reason}", site=site))
+
+    def _fail_pending(self, site: str | None, error: FederationError) -> None:
+        with self._lock:
+            ids = [rid for rid, (s, _) in self._pending.items() if site is None or s == site]
+        for request_id in ids:
+            self._resolve(request_id, error=error)
+
+
+# ------------------------------------------------------------ process-wide clients
+
+_clients: dict[str, FederationClient] = {}
+_clients_lock = threading.Lock()
+
+
+def get_client(federation: Any = None) -> FederationClient:
+    """The open client for a federation (file, mapping, spec or ``None`` for ``$DFM_FEDERATION``).
+
+    Clients are shared by all flow runs in the process and closed at exit.
+    """
+    spec = load_spec(federation)
+    key = spec_key(spec)
+    with _clients_lock:
+        client = _clients.get(key)
+        if client is None:
+            transport = transport_class(spec.transport).from_spec(spec)  # type: ignore[attr-defined]
+            client = FederationClient(transport)
+            _clients[key] = client
+    return client.open()
+
+
+def current_client() -> FederationClient:
+    """The client of the running flow's `FederationTaskRunner`, else the only open client."""
+    try:
+        from prefect.context import FlowRunContext
+
+        ctx = FlowRunContext.get()
+        runner = getattr(ctx, "task_runner", None) if ctx else None
+        client = getattr(runner, "client", None)
+        if isinstance(client, FederationClient):
+            return client
+    except ImportError:
+        pass
+    with _clients_lock:
+        open_clients = [c for c in _clients.values() if c._opened]
+    if len(open_clients) == 1:
+        return open_clients[0]
+    raise FederationError(
+        "no federation client is active here; call ref.fetch(client=get_client(federation)) "
+        "or fetch inside a flow that uses FederationTaskRunner"
+    )
+
+
+def close_clients() -> None:
+    """Close every shared client (done automatically at exit)."""
+    with _clients_lock:
+        clients = list(_clients.values())
+        _clients.clear()
+    for client in clients:
+        client.close()
+
+
+atexit.register(close_clients)
+
+
+def describe_spec(spec: BaseModel) -> str:
+    """A one-line, secret-free description of a spec for logs."""
+    data = spec.model_dump(mode="json")
+    return ", ".join(f"{k}={v}" for k, v in data.items() if "key" not in k and "secret" not in k)

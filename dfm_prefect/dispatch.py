@@ -1,0 +1,145 @@
+"""One task run's remote call: the placement made for it and the wait for its result.
+
+The runner builds a :class:`Dispatch` in the task run's thread before Prefect's
+engine starts, and the operation stub's body calls :meth:`Dispatch.execute`.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from prefect.context import FlowRunContext, TaskRunContext
+from prefect.logging import get_run_logger
+from prefect.task_engine import TaskRunTimeoutError
+from pydantic_core import PydanticSerializationError, to_jsonable_python
+
+from dfm_prefect.errors import (
+    FederationError,
+    InvalidParametersError,
+    SiteUnavailableError,
+    error_class,
+)
+from dfm_prefect.placement import Placement
+from dfm_prefect.refs import DataRef
+from dfm_prefect.wire import RunResult, b64decode
+
+if TYPE_CHECKING:
+    from dfm_prefect.client import FederationClient
+    from dfm_prefect.operations import Operation
+    from dfm_prefect.task_runner import FederationTaskRunner
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """Where one operation ran and what it cost: the rows of the flow-run report."""
+
+    task_run_id: str
+    task_run_name: str
+    op: str
+    site: str
+    ok: bool
+    duration_s: float
+    bytes_out: int
+    stored_bytes: int
+    error: str | None = None
+
+
+@dataclass
+class Dispatch:
+    """The remote side of one operation task run."""
+
+    op: Operation
+    runner: FederationTaskRunner
+    client: FederationClient | None
+    placement: Placement | None
+    error: FederationError | None = None
+    timeout_s: float | None = None
+    failed_sites: set[str] = field(default_factory=set)
+
+    @property
+    def run_name(self) -> str:
+        return f"{self.op.name}@{self.placement.site if self.placement else '?'}"
+
+    def execute(self, params: dict[str, Any]) -> DataRef:
+        """Send the call to its site, wait for the result, return its `DataRef`."""
+        explicit = params.pop("site", None)
+        if self.error is not None:
+            raise self.error
+        assert self.client is not None and self.placement is not None
+        logger = get_run_logger()
+        try:
+            payload = to_jsonable_python(params)
+        except PydanticSerializationError as exc:
+            raise InvalidParametersError(
+                f"parameters of {self.op.name!r} must be JSON values or DataRefs: {exc}"
+            ) from None
+
+        site = self.placement.site
+        if site in self.failed_sites:
+            moved = self.client.place(
+                self.op.name,
+                data=[params.get(name) for name in self.op.data_fields],
+                explicit=explicit,
+                exclude=self.failed_sites,
+            )
+            if moved.site != site:
+                logger.info("site %s failed earlier; this attempt runs at %s (%s)", site, moved.site, moved.reason)
+            site = moved.site
+
+        task_ctx = TaskRunContext.get()
+        flow_ctx = FlowRunContext.get()
+        task_run = task_ctx.task_run if task_ctx else None
+        request_id, future = self.client.run(
+            site,
+            self.op.name,
+            payload,
+            version=self.op.version,
+            flow_run_id=str(flow_ctx.flow_run.id) if flow_ctx and flow_ctx.flow_run else None,
+            task_run_id=str(task_run.id) if task_run else None,
+            attempt=task_run.run_count if task_run else 1,
+            timeout_s=self.timeout_s,
+        )
+        self.runner.track(site, request_id, future)
+        started = time.monotonic()
+        try:
+            reply = future.result(timeout=self.timeout_s)
+        except FutureTimeout:
+            self.client.cancel(site, request_id)
+            raise TaskRunTimeoutError(
+                f"{self.op.name} at site {site!r} did not finish within {self.timeout_s}s; the site was asked to cancel it"
+            ) from None
+        except SiteUnavailableError:
+            self.failed_sites.add(site)
+            raise
+        finally:
+            self.runner.untrack(request_id)
+        assert isinstance(reply, RunResult)
+        for line in reply.logs:
+            logger.log(line.level, "[site %s] %s", site, line.message)
+        inline = b64decode(reply.payload) if reply.payload else None
+        bytes_out = len(inline) if inline is not None else 0
+        self.runner.record(
+            StepRecord(
+                task_run_id=str(task_run.id) if task_run else request_id,
+                task_run_name=task_run.name if task_run else self.run_name,
+                op=self.op.name,
+                site=site,
+                ok=reply.ok,
+                duration_s=reply.duration_s if reply.duration_s else time.monotonic() - started,
+                bytes_out=bytes_out,
+                stored_bytes=reply.ref.size if reply.ref else 0,
+                error=reply.error.message if reply.error else None,
+            )
+        )
+        if not reply.ok:
+            assert reply.error is not None
+            raise error_class(reply.error.code)(reply.error.message, site=site)
+        assert reply.ref is not None
+        if inline is not None:
+            reply.ref.attach_payload(inline)
+        logger.debug("%s ran at %s in %.3fs", self.op.name, site, reply.duration_s)
+        return reply.ref
+

@@ -1,0 +1,181 @@
+"""The site config file: what a site offers, where its data is, what may leave it.
+
+A site administrator writes one YAML file per site; :func:`load_site_config`
+validates it (unknown keys are errors) and resolves ``${env:NAME}`` references
+from the site's own environment, so credentials never sit in the file.
+
+Example (``north.yaml``):
+
+```yaml
+name: north
+operations: [core.echo, xarray.subset, xarray.moments]
+sources:
+  - name: temperature
+    url: file:///srv/data/north/temperature.zarr
+  - name: temperature-s3
+    url: s3://climate/north/temperature.zarr
+    storage_options:
+      endpoint_url: ${env:S3_ENDPOINT}
+      key: ${env:AWS_ACCESS_KEY_ID}
+      secret: ${env:AWS_SECRET_ACCESS_KEY}
+result_store:
+  url: file:///srv/dfm/north/results
+export:
+  kinds: [aggregate, value]
+  max_bytes: 10000000
+limits:
+  concurrency: 4
+```
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from dfm_prefect.errors import ConfigError
+from dfm_prefect.refs import ResultKind
+
+_ENV_REF = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)\}")
+_SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SourceConfig(_Model):
+    """A dataset the site publishes, by fsspec URL."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+    url: str = Field(min_length=1)
+    format: Literal["zarr", "netcdf", "parquet", "csv"] | None = None
+    storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
+    description: str = ""
+
+
+class RootConfig(_Model):
+    """A location under which operations may read any path (besides declared sources)."""
+
+    url: str = Field(min_length=1)
+    storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
+
+
+class StoreConfig(_Model):
+    """Where results are written (any fsspec URL the site can write to)."""
+
+    url: str = Field(min_length=1)
+    storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
+
+
+class ExportPolicy(_Model):
+    """What may leave the site.
+
+    ``kinds`` lists the result kinds that may be sent to a client at all;
+    ``max_bytes`` caps the size of any one result that leaves; results up to
+    ``inline_bytes`` (and allowed) come back together with their reference.
+    """
+
+    kinds: list[ResultKind] = Field(default_factory=lambda: ["aggregate", "value"])
+    max_bytes: int = Field(default=10 << 20, ge=0)
+    inline_bytes: int = Field(default=1 << 20, ge=0)
+    share_logs: bool = True
+
+
+class Limits(_Model):
+    """How much work the site takes on."""
+
+    concurrency: int = Field(default=4, ge=1, le=1024)
+    queue: int = Field(default=10_000, ge=0, description="Requests that may wait for a slot.")
+    max_params_bytes: int = Field(default=1 << 20, ge=1024)
+
+
+class ComputeConfig(_Model):
+    """Where the Dask work of operations runs."""
+
+    kind: Literal["threads", "cpu", "gpu", "auto"] = "threads"
+    workers: int | None = Field(default=None, ge=1)
+    memory_limit: str | None = None
+    scheduler_address: str | None = None
+
+
+class SiteConfig(_Model):
+    """A validated site config file."""
+
+    name: str
+    operations: list[str] = Field(description="The operations this site offers (its allow-list).")
+    operation_modules: list[str] = Field(
+        default_factory=list,
+        description="Extra installed modules to import operations from (besides entry points).",
+    )
+    sources: list[SourceConfig] = Field(default_factory=list)
+    data_roots: list[RootConfig] = Field(default_factory=list)
+    result_store: StoreConfig
+    export: ExportPolicy = ExportPolicy()
+    limits: Limits = Limits()
+    compute: ComputeConfig = ComputeConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, value: str) -> str:
+        if not _SITE_NAME.match(value):
+            raise ValueError("site names are lowercase letters, digits, '-' and '_' (at most 63)")
+        return value
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_sources(cls, value: list[SourceConfig]) -> list[SourceConfig]:
+        names = [source.name for source in value]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"source names must be unique; repeated: {duplicates}")
+        return value
+
+
+def _resolve_env(value: Any, where: str) -> Any:
+    if isinstance(value, str):
+
+        def lookup(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name not in os.environ:
+                raise ConfigError(f"{where}: environment variable {name} is not set at this site")
+            return os.environ[name]
+
+        return _ENV_REF.sub(lookup, value)
+    if isinstance(value, dict):
+        return {key: _resolve_env(item, f"{where}.{key}") for key, item in value.items()}
+    if isinstance(value, list):
+        return [_resolve_env(item, f"{where}[{i}]") for i, item in enumerate(value)]
+    return value
+
+
+def parse_site_config(data: Any, *, origin: str = "site config") -> SiteConfig:
+    """Validate an already-parsed config mapping."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return SiteConfig.model_validate(_resolve_env(data, "config"))
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc']) or '(top)'}: {error['msg']}" for error in exc.errors()
+        )
+        raise ConfigError(f"{origin} is invalid: {problems}") from None
+
+
+def load_site_config(path: str | Path) -> SiteConfig:
+    """Read and validate a site config YAML file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read site config {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    return parse_site_config(data, origin=str(path))

@@ -1,0 +1,105 @@
+"""What an operation sees while it runs at a site."""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from dfm_prefect.errors import AccessDeniedError, RequestCancelledError
+from dfm_prefect.refs import DataRef
+from dfm_prefect.wire import LogLine
+from site_workers.compute import ComputeBackend
+from site_workers.readers import open_location
+from site_workers.sources import SourceResolver
+from site_workers.store import ResultStore
+
+OPS_LOGGER = "dfm_prefect.site.ops"
+_lines: contextvars.ContextVar[list[LogLine] | None] = contextvars.ContextVar("dfm_site_log_lines", default=None)
+
+
+class _CapturingHandler(logging.Handler):
+    """Collects the log lines of the operation running in the current thread."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        lines = _lines.get()
+        if lines is not None:
+            lines.append(LogLine(level=record.levelno, message=record.getMessage()[:8192], time=record.created))
+
+
+logging.getLogger(OPS_LOGGER).addHandler(_CapturingHandler(logging.INFO))
+logging.getLogger(OPS_LOGGER).setLevel(logging.INFO)
+
+
+class SiteContext:
+    """Data access, compute and logging for one operation run."""
+
+    def __init__(
+        self,
+        *,
+        site: str,
+        request_id: str,
+        resolver: SourceResolver,
+        store: ResultStore,
+        compute: ComputeBackend,
+        cancelled: threading.Event,
+    ) -> None:
+        self.site = site
+        self.request_id = request_id
+        self._resolver = resolver
+        self._store = store
+        self._compute = compute
+        self._cancelled = cancelled
+        self.logs: list[LogLine] = []
+        self.log = logging.getLogger(OPS_LOGGER)
+        self.started = time.monotonic()
+
+    @contextmanager
+    def capturing_logs(self) -> Iterator[None]:
+        """Collect what the operation logs (through ``ctx.log``) into :attr:`logs`."""
+        token = _lines.set(self.logs)
+        try:
+            yield
+        finally:
+            _lines.reset(token)
+
+    # -- data ---------------------------------------------------------------------
+
+    def open(self, data: DataRef | str) -> Any:
+        """Open a `DataRef` held here or a data source, lazily (xarray or Dask dataframe)."""
+        self.check_cancelled()
+        if isinstance(data, DataRef):
+            return self._store.open_value(data)
+        return open_location(self._resolver.resolve(data))
+
+    def open_dataset(self, data: DataRef | str) -> Any:
+        """Like :meth:`open`, and insist on an xarray Dataset."""
+        import xarray as xr
+
+        value = self.open(data)
+        if isinstance(value, xr.DataArray):
+            value = value.to_dataset(name=value.name or "value")
+        if not isinstance(value, xr.Dataset):
+            raise AccessDeniedError(f"{data!r} is not gridded data (got {type(value).__name__})")
+        return value
+
+    # -- compute ------------------------------------------------------------------
+
+    def compute(self, *collections: Any) -> tuple[Any, ...]:
+        """Compute Dask collections on the site's compute backend."""
+        self.check_cancelled()
+        return self._compute.compute(*collections)
+
+    def sleep(self, seconds: float) -> None:
+        """Wait ``seconds``, waking at once (and raising) if the request is cancelled."""
+        if self._cancelled.wait(seconds):
+            self.check_cancelled()
+
+    def check_cancelled(self) -> None:
+        """Raise if the client cancelled this request (call between long steps)."""
+        if self._cancelled.is_set():
+            raise RequestCancelledError("the request was cancelled by the client", site=self.site)

@@ -1,0 +1,381 @@
+"""The site-worker core: decode, check, run and answer requests. Transports are thin around it.
+
+A transport hands :meth:`SiteWorker.handle_frame` the raw bytes of one frame and
+a ``reply`` callback; the worker answers every message it can identify, exactly
+once, through that callback (possibly from another thread). Nothing it receives
+is unpickled, imported or evaluated: operations are looked up by name in the
+site's own allow-list and run with parameters validated by their pydantic model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from dfm_prefect.errors import (
+    AccessDeniedError,
+    ConfigError,
+    ExportRefusedError,
+    FederationError,
+    InvalidParametersError,
+    MalformedRequestError,
+    OperationFailedError,
+    RequestCancelledError,
+    SiteOverloadedError,
+    UnknownOperationError,
+)
+from dfm_prefect.operations import Operation, load_operations
+from dfm_prefect.refs import DataRef
+from dfm_prefect.wire import (
+    CancelRequest,
+    Described,
+    DescribeRequest,
+    Envelope,
+    ErrorInfo,
+    ErrorReply,
+    ExportInfo,
+    FetchChunk,
+    FetchRequest,
+    OperationInfo,
+    RunRequest,
+    RunResult,
+    SiteInfo,
+    SiteLoad,
+    SiteMessage,
+    SiteStats,
+    StatsReply,
+    StatsRequest,
+    b64encode,
+)
+from site_workers.catalog import Catalog
+from site_workers.compute import make_backend
+from site_workers.config import SiteConfig
+from site_workers.context import SiteContext
+from site_workers.policy import ExportGate
+from site_workers.sources import SourceResolver
+from site_workers.store import ResultStore
+
+log = logging.getLogger("dfm_prefect.site")
+
+Reply = Callable[[SiteMessage], None]
+
+
+def _error(exc: BaseException) -> ErrorInfo:
+    if isinstance(exc, FederationError):
+        return ErrorInfo(code=exc.code, message=str(exc)[:8192])
+    return ErrorInfo(code=OperationFailedError.code, message=f"{type(exc).__name__}: {exc}"[:8192])
+
+
+def _validation_message(exc: ValidationError) -> str:
+    # Only locations and reasons: echoing the input could put data or secrets in logs.
+    return "; ".join(
+        f"{'.'.join(str(part) for part in error['loc']) or '(top)'}: {error['msg']}" for error in exc.errors()[:20]
+    )
+
+
+@dataclass
+class _Job:
+    request: RunRequest
+    peer: str
+    reply: Reply
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    future: Future[None] | None = None
+    answered: bool = False
+
+
+class SiteWorker:
+    """Runs the operations a site offers, for any transport."""
+
+    def __init__(self, config: SiteConfig) -> None:
+        self.config = config
+        self.name = config.name
+        registry = load_operations(config.operation_modules)
+        unknown = sorted(set(config.operations) - set(registry))
+        if unknown:
+            raise ConfigError(
+                f"site {config.name!r} lists operations that are not installed: {unknown}; installed: {sorted(registry)}"
+            )
+        self.operations: dict[str, Operation] = {name: registry[name] for name in config.operations}
+        self.resolver = SourceResolver(config)
+        self.store = ResultStore(config.name, config.result_store)
+        self.compute = make_backend(config.compute)
+        self.catalog = Catalog(self.resolver)
+        self.gate = ExportGate(config.name, config.export)
+        self._pool = ThreadPoolExecutor(max_workers=config.limits.concurrency, thread_name_prefix=f"site-{config.name}")
+        self._lock = threading.Lock()
+        self._jobs: dict[str, _Job] = {}
+        self._running = 0
+        self._stats = {"requests": 0, "completed": 0, "failed": 0, "rejected": 0, "bytes_out": 0, "bytes_stored": 0}
+        self._closed = False
+
+    # ------------------------------------------------------------------ frames
+
+    def handle_frame(self, frame: bytes | str, reply: Reply, peer: str = "local") -> None:
+        """Decode one frame and answer each of its messages through ``reply``."""
+        try:
+            envelope = Envelope.model_validate_json(frame)
+        except ValidationError as exc:
+            with self._lock:
+                self._stats["rejected"] += 1
+            message = f"the frame does not follow the dfm-prefect wire schema v1: {_validation_message(exc)}"
+            self._safe_reply(reply, ErrorReply(id=_guess_id(frame), error=ErrorInfo(code=MalformedRequestError.code, message=message[:8192])))
+            return
+        for message in envelope.messages:
+            self.handle_message(message, reply, peer)
+
+    def handle_message(self, message: Any, reply: Reply, peer: str = "local") -> None:
+        """Answer one decoded message."""
+        try:
+            if isinstance(message, RunRequest):
+                self._accept_run(message, reply, peer)
+            elif isinstance(message, DescribeRequest):
+                self._safe_reply(reply, Described(id=message.id, info=self.describe()))
+            elif isinstance(message, StatsRequest):
+                self._safe_reply(reply, StatsReply(id=message.id, stats=self.stats()))
+            elif isinstance(message, FetchRequest):
+                self._safe_reply(reply, self._fetch(message))
+            elif isinstance(message, CancelRequest):
+                self.cancel(message.target)
+        except Exception as exc:  # a bad request must never stop the site
+            log.warning("request %s refused: %s", getattr(message, "id", "?"), exc)
+            self._safe_reply(reply, ErrorReply(id=getattr(message, "id", None), error=_error(exc)))
+
+    @staticmethod
+    def _safe_reply(reply: Reply, message: SiteMessage) -> None:
+        try:
+            reply(message)
+        except Exception as exc:  # the peer went away; the site keeps serving others
+            log.info("could not deliver %s %s: %s", message.kind, getattr(message, "id", "?"), exc)
+
+    # ------------------------------------------------------------------- runs
+
+    def _accept_run(self, request: RunRequest, reply: Reply, peer: str) -> None:
+        with self._lock:
+            self._stats["requests"] += 1
+        try:
+            op = self._check(request)
+            params = self._validate(op, request)
+        except FederationError as exc:
+            with self._lock:
+                self._stats["rejected"] += 1
+            self._safe_reply(reply, self._failure(request, exc, 0.0))
+            return
+        job = _Job(request=request, peer=peer, reply=reply)
+        with self._lock:
+            if self._closed:
+                raise SiteOverloadedError("the site is shutting down", site=self.name)
+            waiting = len(self._jobs) - self._running
+            if waiting >= self.config.limits.queue + self.config.limits.concurrency:
+                self._stats["rejected"] += 1
+                overloaded = SiteOverloadedError(
+                    f"{len(self._jobs)} requests are queued or running; try again later", site=self.name
+                )
+                self._safe_reply(reply, self._failure(request, overloaded, 0.0))
+                return
+            if request.id in self._jobs:
+                raise MalformedRequestError(f"request id {request.id!r} is already in use", site=self.name)
+            self._jobs[request.id] = job
+            job.future = self._pool.submit(self._execute, job, op, params)
+
+    def _check(self, request: RunRequest) -> Operation:
+        op = self.operations.get(request.op)
+        if op is None:
+            raise UnknownOperationError(
+                f"operation {request.op!r} is not offered here; this site offers {sorted(self.operations)}",
+                site=self.name,
+            )
+        if request.version is not None and request.version != op.version:
+            raise UnknownOperationError(
+                f"operation {request.op!r} version {request.version!r} is not offered here (this site has version {op.version!r})",
+                site=self.name,
+            )
+        return op
+
+    def _validate(self, op: Operation, request: RunRequest) -> Any:
+        size = len(json.dumps(request.params, separators=(",", ":")))
+        if size > self.config.limits.max_params_bytes:
+            raise InvalidParametersError(
+                f"parameters of {op.name!r} are {size} bytes; this site accepts at most "
+                f"{self.config.limits.max_params_bytes}",
+                site=self.name,
+            )
+        try:
+            params = op.params.model_validate(request.params)
+        except ValidationError as exc:
+            raise InvalidParametersError(
+                f"invalid parameters for {op.name!r}: {_validation_message(exc)}", site=self.name
+            ) from None
+        for value in params.__dict__.values():
+            for ref in _refs_in(value):
+                self.store.check_owned(ref)
+        return params
+
+    def _execute(self, job: _Job, op: Operation, params: Any) -> None:
+        request = job.request
+        started = time.monotonic()
+        with self._lock:
+            self._running += 1
+        ctx = SiteContext(
+            site=self.name,
+            request_id=request.id,
+            resolver=self.resolver,
+            store=self.store,
+            compute=self.compute,
+            cancelled=job.cancelled,
+        )
+        try:
+            ctx.check_cancelled()
+            with ctx.capturing_logs():
+                value = op.run(params, ctx)
+            ctx.check_cancelled()
+            from site_workers.summaries import summarize
+
+            ref, payload = self.store.put(value, op=op.name, kind=op.result_kind, summary=summarize(value))
+            inline = self.gate.inline(ref, payload, self.store)
+            message = RunResult(
+                id=request.id,
+                site=self.name,
+                ok=True,
+                ref=ref,
+                payload=b64encode(inline) if inline is not None else None,
+                logs=ctx.logs if self.config.export.share_logs else [],
+                duration_s=time.monotonic() - started,
+                load=self.load(),
+            )
+            with self._lock:
+                self._stats["completed"] += 1
+                self._stats["bytes_stored"] += ref.size
+                self._stats["bytes_out"] += len(inline or b"")
+        except Exception as exc:
+            if not isinstance(exc, FederationError):
+                log.warning("operation %s (request %s) failed: %s: %s", op.name, request.id, type(exc).__name__, exc)
+            with self._lock:
+                self._stats["failed"] += 1
+            message = self._failure(request, exc, time.monotonic() - started, ctx.logs)
+        finally:
+            with self._lock:
+                self._running -= 1
+                self._jobs.pop(request.id, None)
+        self._safe_reply(job.reply, message)
+
+    def _failure(self, request: RunRequest, exc: BaseException, duration: float, logs: list[Any] | None = None) -> RunResult:
+        return RunResult(
+            id=request.id,
+            site=self.name,
+            ok=False,
+            error=_error(exc),
+            logs=(logs or []) if self.config.export.share_logs else [],
+            duration_s=duration,
+            load=self.load(),
+        )
+
+    # ---------------------------------------------------------------- control
+
+    def cancel(self, request_id: str) -> bool:
+        """Cancel a queued request (answered as cancelled) or flag a running one."""
+        with self._lock:
+            job = self._jobs.get(request_id)
+        if job is None:
+            return False
+        job.cancelled.set()
+        if job.future is not None and job.future.cancel():
+            with self._lock:
+                self._jobs.pop(request_id, None)
+            self._safe_reply(job.reply, self._failure(job.request, RequestCancelledError("cancelled before it started", site=self.name), 0.0))
+        return True
+
+    def cancel_peer(self, peer: str) -> int:
+        """Cancel everything a client sent (it disconnected); return how many requests."""
+        with self._lock:
+            targets = [rid for rid, job in self._jobs.items() if job.peer == peer]
+        for request_id in targets:
+            self.cancel(request_id)
+        return len(targets)
+
+    def load(self) -> SiteLoad:
+        with self._lock:
+            return SiteLoad(
+                running=self._running,
+                queued=len(self._jobs) - self._running,
+                capacity=self.config.limits.concurrency,
+            )
+
+    def describe(self) -> SiteInfo:
+        """What this site offers: operations with parameter schemas, sources, export policy, load."""
+        export = self.config.export
+        return SiteInfo(
+            name=self.name,
+            operations={
+                name: OperationInfo(
+                    name=name,
+                    version=op.version,
+                    result_kind=op.result_kind,
+                    description=op.description.split("\n\n")[0],
+                    params_schema=op.params.model_json_schema(),
+                )
+                for name, op in self.operations.items()
+            },
+            sources=self.catalog.entries(),
+            export=ExportInfo(
+                kinds=list(export.kinds),
+                max_bytes=export.max_bytes,
+                inline_bytes=export.inline_bytes,
+                share_logs=export.share_logs,
+            ),
+            load=self.load(),
+            compute=self.compute.name,
+        )
+
+    def stats(self) -> SiteStats:
+        with self._lock:
+            counters = dict(self._stats)
+        return SiteStats(**counters, load=self.load())
+
+    def _fetch(self, request: FetchRequest) -> FetchChunk:
+        self.gate.check_export(request.ref)
+        self.store.check_owned(request.ref)
+        data = self.store.read_bytes(request.ref, request.offset, request.length)
+        with self._lock:
+            self._stats["bytes_out"] += len(data)
+        end = request.offset + len(data)
+        return FetchChunk(
+            id=request.id, offset=request.offset, data=b64encode(data), total=request.ref.size, eof=end >= request.ref.size
+        )
+
+    def close(self) -> None:
+        """Stop taking work, cancel what is queued, wait for what runs."""
+        with self._lock:
+            self._closed = True
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self.compute.close()
+
+
+def _refs_in(value: Any) -> list[DataRef]:
+    if isinstance(value, DataRef):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [ref for item in value for ref in _refs_in(item)]
+    if isinstance(value, dict):
+        return [ref for item in value.values() for ref in _refs_in(item)]
+    return []
+
+
+def _guess_id(frame: bytes | str) -> str | None:
+    """Best effort: the id of a single-message frame, so the client can match the error."""
+    try:
+        data = json.loads(frame)
+        messages = data.get("messages") if isinstance(data, dict) else None
+        if isinstance(messages, list) and len(messages) == 1 and isinstance(messages[0], dict):
+            candidate = messages[0].get("id")
+            return candidate if isinstance(candidate, str) and len(candidate) <= 64 else None
+    except (ValueError, TypeError, AttributeError, RecursionError):
+        return None
+    return None
