@@ -46,6 +46,7 @@ from dfm_prefect.wire import (
     StatsReply,
     StatsRequest,
     b64decode,
+    b64size,
 )
 
 log = logging.getLogger("dfm_prefect.client")
@@ -182,6 +183,13 @@ class FederationClient:
         )
         return request.id, self.request(site, request)
 
+    def call(self, site: str, op: str, params: dict[str, Any], *, version: str | None = None, timeout: float | None = 300.0) -> DataRef:
+        """Run ``op`` at ``site`` and wait: the result's `DataRef`, or the site's error raised."""
+        _, future = self.run(site, op, params, version=version)
+        reply = future.result(timeout=timeout)
+        assert isinstance(reply, RunResult)
+        return unwrap(reply)
+
     def cancel(self, site: str, request_id: str) -> None:
         """Ask the site to drop a request and fail its future here at once."""
         with self._lock:
@@ -228,9 +236,9 @@ class FederationClient:
 
     def _on_message(self, site: str, message: SiteMessage) -> None:
         if isinstance(message, RunResult) and message.payload:
-            self.bytes_in[site] += len(message.payload) * 3 // 4
+            self.bytes_in[site] += b64size(message.payload)
         elif isinstance(message, FetchChunk):
-            self.bytes_in[site] += len(message.data) * 3 // 4
+            self.bytes_in[site] += b64size(message.data)
         if isinstance(message, ErrorReply):
             error = error_class(message.error.code)(message.error.message, site=site)
             if message.id is None:
@@ -269,6 +277,17 @@ class FederationClient:
             ids = [rid for rid, (s, _) in self._pending.items() if site is None or s == site]
         for request_id in ids:
             self._resolve(request_id, error=error)
+
+
+def unwrap(reply: RunResult) -> DataRef:
+    """The `DataRef` of a successful result (with its inline value attached), or raise its error."""
+    if not reply.ok or reply.ref is None:
+        error = reply.error
+        code, message = (error.code, error.message) if error else ("federation_error", "the site sent no result")
+        raise error_class(code)(message, site=reply.site)
+    if reply.payload:
+        reply.ref.attach_payload(b64decode(reply.payload))
+    return reply.ref
 
 
 # ------------------------------------------------------------ process-wide clients

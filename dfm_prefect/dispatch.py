@@ -16,15 +16,11 @@ from prefect.logging import get_run_logger
 from prefect.task_engine import TaskRunTimeoutError
 from pydantic_core import PydanticSerializationError, to_jsonable_python
 
-from dfm_prefect.errors import (
-    FederationError,
-    InvalidParametersError,
-    SiteUnavailableError,
-    error_class,
-)
+from dfm_prefect.client import unwrap
+from dfm_prefect.errors import FederationError, InvalidParametersError, SiteUnavailableError
 from dfm_prefect.placement import Placement
 from dfm_prefect.refs import DataRef
-from dfm_prefect.wire import RunResult, b64decode
+from dfm_prefect.wire import RunResult, b64size
 
 if TYPE_CHECKING:
     from dfm_prefect.client import FederationClient
@@ -92,6 +88,11 @@ class Dispatch:
         task_ctx = TaskRunContext.get()
         flow_ctx = FlowRunContext.get()
         task_run = task_ctx.task_run if task_ctx else None
+        if task_run is not None:
+            # Tags added here reach the API with the run's next state event. Tags set
+            # before the run starts would make Prefect check tag concurrency limits
+            # through the API for every run, which costs more than the remote call.
+            task_run.tags = sorted({*task_run.tags, f"op:{self.op.name}", f"site:{site}"})
         request_id, future = self.client.run(
             site,
             self.op.name,
@@ -119,8 +120,6 @@ class Dispatch:
         assert isinstance(reply, RunResult)
         for line in reply.logs:
             logger.log(line.level, "[site %s] %s", site, line.message)
-        inline = b64decode(reply.payload) if reply.payload else None
-        bytes_out = len(inline) if inline is not None else 0
         self.runner.record(
             StepRecord(
                 task_run_id=str(task_run.id) if task_run else request_id,
@@ -129,17 +128,9 @@ class Dispatch:
                 site=site,
                 ok=reply.ok,
                 duration_s=reply.duration_s if reply.duration_s else time.monotonic() - started,
-                bytes_out=bytes_out,
+                bytes_out=b64size(reply.payload) if reply.payload else 0,
                 stored_bytes=reply.ref.size if reply.ref else 0,
                 error=reply.error.message if reply.error else None,
             )
         )
-        if not reply.ok:
-            assert reply.error is not None
-            raise error_class(reply.error.code)(reply.error.message, site=site)
-        assert reply.ref is not None
-        if inline is not None:
-            reply.ref.attach_payload(inline)
-        logger.debug("%s ran at %s in %.3fs", self.op.name, site, reply.duration_s)
-        return reply.ref
-
+        return unwrap(reply)

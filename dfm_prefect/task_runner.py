@@ -170,23 +170,16 @@ class FederationTaskRunner(ThreadPoolTaskRunner):
         dependencies: dict[str, set[RunInput]] | None,
         cancel_event: threading.Event,
     ) -> Any:
-        from prefect import tags
-
-        dispatch = self._prepare(op, task, parameters)
-        CURRENT_DISPATCH.set(dispatch)
-        labels = [f"op:{op.name}"]
-        if dispatch.placement is not None:
-            labels.append(f"site:{dispatch.placement.site}")
-        with tags(*labels):
-            return run_task_sync(
-                task=self._engine_task(task),
-                task_run_id=task_run_id,
-                parameters=parameters,
-                wait_for=wait_for,
-                return_type="state",
-                dependencies=dependencies,
-                context=dict(cancel_event=cancel_event),
-            )
+        CURRENT_DISPATCH.set(self._prepare(op, task, parameters))
+        return run_task_sync(
+            task=self._engine_task(task),
+            task_run_id=task_run_id,
+            parameters=parameters,
+            wait_for=wait_for,
+            return_type="state",
+            dependencies=dependencies,
+            context=dict(cancel_event=cancel_event),
+        )
 
     def _prepare(self, op: Operation, task: Task[Any, Any], parameters: dict[str, Any]) -> Dispatch:
         """Place the task run before the engine names and tags it."""

@@ -226,5 +226,10 @@ def b64encode(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
+def b64size(text: str) -> int:
+    """The number of bytes a base64 text decodes to."""
+    return len(text) * 3 // 4 - text[-2:].count("=")
+
+
 def b64decode(text: str) -> bytes:
     return base64.b64decode(text.encode("ascii"), validate=True)

@@ -41,6 +41,12 @@ class Catalog:
             self._summaries[name] = summary
         return summary
 
+    def warm(self) -> threading.Thread:
+        """Summarize every source in the background, so the first describe is fast."""
+        thread = threading.Thread(target=self.entries, name="dfm-catalog-warm", daemon=True)
+        thread.start()
+        return thread
+
     def entries(self) -> list[SourceInfo]:
         """One entry per declared source."""
         entries = []

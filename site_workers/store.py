@@ -7,7 +7,6 @@ import os
 import tempfile
 import threading
 import uuid
-from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -51,16 +50,17 @@ class ResultStore:
         name = f"{uuid.uuid4().hex}.{codec.format}"
         target = f"{self.root}/{name}"
         payload: bytes | None = None
-        with tempfile.TemporaryDirectory(prefix="dfm-result-") as scratch:
-            local = os.path.join(scratch, name)
-            if codec.write_file is not None:
+        if codec.write_file is None:
+            payload = codec.encode(value)
+            size, sha = len(payload), hashlib.sha256(payload).hexdigest()
+            self.fs.pipe_file(target, payload)
+        else:
+            # Lazy values stream to a local file chunk by chunk, then move to the store.
+            with tempfile.TemporaryDirectory(prefix="dfm-result-") as scratch:
+                local = os.path.join(scratch, name)
                 codec.write_file(value, local)
-            else:
-                payload = codec.encode(value)
-                Path(local).write_bytes(payload)
-            size = os.path.getsize(local)
-            sha = _sha256_file(local)
-            self.fs.put_file(local, target)
+                size, sha = os.path.getsize(local), _sha256_file(local)
+                self.fs.put_file(local, target)
         stamp = self._stamp(target)
         ref = DataRef(
             site=self.site,

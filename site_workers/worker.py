@@ -108,6 +108,7 @@ class SiteWorker:
         self.store = ResultStore(config.name, config.result_store)
         self.compute = make_backend(config.compute)
         self.catalog = Catalog(self.resolver)
+        self.catalog.warm()
         self.gate = ExportGate(config.name, config.export)
         self._pool = ThreadPoolExecutor(max_workers=config.limits.concurrency, thread_name_prefix=f"site-{config.name}")
         self._lock = threading.Lock()

@@ -1,0 +1,253 @@
+"""The ``dfm-prefect`` command line.
+
+Exit codes: 0 success, 1 the command ran but its check failed (for example the
+demo's numbers disagree), 2 bad input (config, arguments), 3 a site or the
+federation is unreachable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from dfm_prefect.errors import ConfigError, FederationError, SiteUnavailableError
+
+app = typer.Typer(help="dfm-prefect: run Prefect flows where the data lives.", no_args_is_help=True)
+site_app = typer.Typer(help="Run or check one site.", no_args_is_help=True)
+federation_app = typer.Typer(help="Start, stop and inspect a federation.", no_args_is_help=True)
+app.add_typer(site_app, name="site")
+app.add_typer(federation_app, name="federation")
+console = Console()
+err = Console(stderr=True)
+
+EXIT_CHECK_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_UNREACHABLE = 3
+
+
+def _fail(exc: FederationError) -> typer.Exit:
+    err.print(f"[red]error:[/red] {exc}")
+    if isinstance(exc, ConfigError):
+        return typer.Exit(EXIT_BAD_INPUT)
+    if isinstance(exc, SiteUnavailableError):
+        return typer.Exit(EXIT_UNREACHABLE)
+    return typer.Exit(EXIT_CHECK_FAILED)
+
+
+# ------------------------------------------------------------------------ demo
+
+
+@app.command()
+def demo(
+    workdir: Annotated[Path, typer.Option(help="Where data, site configs and results go.")] = Path(".demo"),
+    years: Annotated[int, typer.Option(min=1, max=50)] = 4,
+    resolution: Annotated[float, typer.Option(min=0.25, max=10.0, help="Grid spacing in degrees.")] = 1.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Run the federated climate demo on two local sites (one on S3) and check the answer."""
+    from dfm_prefect.demo.data import ClimateSpec
+    from dfm_prefect.demo.run import RTOL, run_demo
+
+    spec = ClimateSpec(years=years, resolution=resolution)
+    try:
+        report = run_demo(workdir, spec, log=(lambda _msg: None) if as_json else (lambda msg: console.print(f"[dim]{msg}[/dim]")))
+    except FederationError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        print(report.to_json())
+        raise typer.Exit(0 if report.ok else EXIT_CHECK_FAILED)
+
+    answer = Table(title="Global area-weighted near-surface temperature (federated)")
+    for column in ("year", "mean [K]", "std [K]", "values", "direct mean [K]"):
+        answer.add_column(column, justify="right")
+    for year, row in sorted(report.answer.items()):
+        answer.add_row(str(year), f"{row['mean']:.6f}", f"{row['std']:.6f}", f"{row['n']:,}", f"{report.direct[year]['mean']:.6f}")
+    console.print(answer)
+
+    steps = Table(title="Where each step ran")
+    for column in ("task run", "site", "state", "seconds"):
+        steps.add_column(column)
+    for step in report.steps:
+        steps.add_row(step.name, step.site, step.state, f"{step.seconds:.2f}")
+    console.print(steps)
+
+    moved = Table(title="Bytes that left each site")
+    for column in ("site", "raw data", "left the site", "share"):
+        moved.add_column(column, justify="right")
+    for site in sorted(report.raw_bytes):
+        raw, out = report.raw_bytes[site], report.bytes_out.get(site, 0)
+        moved.add_row(site, f"{raw:,}", f"{out:,}", f"{out / raw:.2e}" if raw else "-")
+    console.print(moved)
+    console.print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in report.seconds.items()))
+    if report.ok:
+        console.print(f"[green]OK[/green]: the federated answer equals direct computation on the pooled data (max relative difference {report.max_rel_diff:.1e} <= {RTOL:.0e})")
+    else:
+        err.print(f"[red]MISMATCH[/red]: federated and direct answers differ (max relative difference {report.max_rel_diff:.3e})")
+        raise typer.Exit(EXIT_CHECK_FAILED)
+
+
+# ------------------------------------------------------------------------ site
+
+
+@site_app.command("check")
+def site_check(config: Path) -> None:
+    """Validate a site config and show what the site would offer."""
+    from site_workers.config import load_site_config
+    from site_workers.worker import SiteWorker
+
+    try:
+        worker = SiteWorker(load_site_config(config))
+        info = worker.describe()
+    except FederationError as exc:
+        raise _fail(exc) from None
+    finally:
+        if "worker" in locals():
+            worker.close()
+    console.print(f"site [bold]{info.name}[/bold]: config is valid")
+    _print_site(info)
+
+
+@site_app.command("start")
+def site_start(
+    config: Path,
+    port: Annotated[int, typer.Option(help="TCP port on 127.0.0.1 (0: any free port).")] = 0,
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+) -> None:
+    """Serve one site over the local transport (needs DFM_AUTHKEY)."""
+    from site_workers.local_server import main as serve
+
+    raise typer.Exit(serve([str(config), "--port", str(port), "--host", host]))
+
+
+# ------------------------------------------------------------------ federation
+
+
+def _state_file(workdir: Path) -> Path:
+    return workdir / "processes.json"
+
+
+@federation_app.command("up")
+def federation_up(
+    configs: Annotated[list[Path], typer.Argument(help="Site config YAML files, one per site.")],
+    workdir: Annotated[Path, typer.Option(help="Where the federation file and logs go.")] = Path(".dfm"),
+) -> None:
+    """Start one local site process per config and write WORKDIR/federation.json."""
+    from dfm_prefect.local_federation import LocalFederation
+
+    federation = LocalFederation(configs, workdir=workdir)
+    try:
+        with console.status("starting sites..."):
+            federation.start()
+    except FederationError as exc:
+        raise _fail(exc) from None
+    _state_file(workdir).write_text(json.dumps(federation.pids()))
+    console.print(f"federation is up: {', '.join(federation.sites)}")
+    console.print(f"use it with: export DFM_FEDERATION={federation.federation_file.resolve()}")
+
+
+@federation_app.command("down")
+def federation_down(workdir: Annotated[Path, typer.Option()] = Path(".dfm")) -> None:
+    """Stop the site processes that `federation up` started."""
+    state = _state_file(workdir)
+    if not state.exists():
+        err.print(f"no federation was started from {workdir}")
+        raise typer.Exit(EXIT_BAD_INPUT)
+    for site, pid in json.loads(state.read_text()).items():
+        try:
+            os.killpg(pid, signal.SIGTERM)
+            console.print(f"stopped {site} (pid {pid})")
+        except ProcessLookupError:
+            console.print(f"{site} (pid {pid}) was not running")
+    state.unlink()
+
+
+@federation_app.command("status")
+def federation_status(
+    federation: Annotated[Optional[Path], typer.Option(help="Federation file (default: $DFM_FEDERATION).")] = None,
+) -> None:
+    """Show each site's state, operations and load."""
+    from dfm_prefect.client import get_client
+
+    try:
+        client = get_client(federation)
+    except FederationError as exc:
+        raise _fail(exc) from None
+    table = Table(title="Sites")
+    for column in ("site", "state", "operations", "running", "queued", "capacity"):
+        table.add_column(column)
+    for name, info in sorted(client.sites.items()):
+        table.add_row(name, "[green]ready[/green]", ", ".join(sorted(info.operations)), str(info.load.running), str(info.load.queued), str(info.load.capacity))
+    for name, reason in sorted(client.down.items()):
+        table.add_row(name, f"[red]down[/red]: {reason}", "", "", "", "")
+    console.print(table)
+    if client.down:
+        raise typer.Exit(EXIT_UNREACHABLE)
+
+
+@app.command()
+def catalog(
+    site: Annotated[Optional[str], typer.Argument(help="Only this site.")] = None,
+    federation: Annotated[Optional[Path], typer.Option(help="Federation file (default: $DFM_FEDERATION).")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """List the operations (with parameter schemas) and data sources each site offers."""
+    from dfm_prefect.client import get_client
+
+    try:
+        client = get_client(federation)
+    except FederationError as exc:
+        raise _fail(exc) from None
+    sites = {k: v for k, v in client.sites.items() if site in (None, k)}
+    if site is not None and not sites:
+        err.print(f"no reachable site {site!r}; sites: {sorted(client.sites)}")
+        raise typer.Exit(EXIT_UNREACHABLE)
+    if as_json:
+        print(json.dumps({k: v.model_dump(mode="json") for k, v in sites.items()}, indent=2))
+        return
+    for info in sites.values():
+        _print_site(info)
+
+
+def _print_site(info: object) -> None:
+    from dfm_prefect.wire import SiteInfo
+
+    assert isinstance(info, SiteInfo)
+    ops = Table(title=f"{info.name}: operations")
+    for column in ("operation", "version", "result", "parameters", "description"):
+        ops.add_column(column)
+    for name, op in sorted(info.operations.items()):
+        params = ", ".join(op.params_schema.get("properties", {}))
+        ops.add_row(name, op.version, op.result_kind, params, op.description)
+    console.print(ops)
+    sources = Table(title=f"{info.name}: data sources")
+    for column in ("source", "url", "format", "dims", "variables", "size"):
+        sources.add_column(column)
+    for source in info.sources:
+        summary = source.summary
+        dims = ", ".join(f"{k}={v}" for k, v in summary.get("dims", {}).items())
+        variables = ", ".join(summary.get("data_vars", {}))
+        sources.add_row(source.name, source.url, source.format, dims, variables, f"{source.size:,}" if source.size else "?")
+    console.print(sources)
+    console.print(
+        f"export policy: kinds {', '.join(info.export.kinds) or 'none'}, at most {info.export.max_bytes:,} bytes per result"
+    )
+
+
+def main() -> None:
+    """Entry point of the console script."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
