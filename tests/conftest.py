@@ -5,79 +5,27 @@ Everything binds to 127.0.0.1 and is stopped when the session ends.
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
 
 from dfm_prefect.demo.data import ClimateSpec, make_region, write_zarr
 from dfm_prefect.demo.s3 import DEMO_CREDENTIALS, LocalS3
-from dfm_prefect.local_federation import LocalFederation, free_port
+from dfm_prefect.local_federation import LocalFederation
+from dfm_prefect.prefect_server import LocalPrefectServer
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ClimateSpec(years=2, resolution=5.0, chunk_days=120)
 
 
-def _wait_http(url: str, timeout: float, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + timeout
-    delay = 0.1
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited with code {process.returncode}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(delay)  # the server offers no readiness signal other than answering
-        delay = min(delay * 1.5, 1.0)
-    raise RuntimeError(f"{url} did not answer within {timeout}s")
-
-
 @pytest.fixture(scope="session")
 def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A `prefect server start` (sqlite) on a free loopback port, used by every flow in the session."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    home = tmp_path_factory.mktemp("prefect-home")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(home),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_ENABLED": "false",
-        "PREFECT_API_URL": "",
-    }
-    log = open(home / "server.log", "wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        _wait_http(f"{url}/health", 120, process)
-        os.environ["PREFECT_API_URL"] = url  # for subprocesses the tests start
-        with temporary_settings({PREFECT_API_URL: url}):
-            yield url
-    finally:
-        os.environ.pop("PREFECT_API_URL", None)
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(process.pid, signal.SIGKILL)
-        log.close()
+    with LocalPrefectServer(tmp_path_factory.mktemp("prefect-home")) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -193,6 +141,3 @@ def wait_for_task_runs(flow_run_id: str, count: int, predicate=lambda run: True,
 def repo_root() -> Path:
     return ROOT
 
-
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    shutil.rmtree(ROOT / ".pytest-demo", ignore_errors=True)

@@ -1,0 +1,65 @@
+"""Run the benchmarks side by side, print the table and rewrite BENCHMARKS.md.
+
+    python -m bench                 # everything
+    python -m bench --only dispatch # one benchmark (BENCHMARKS.md says which ran)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+import time
+from pathlib import Path
+
+from bench import dispatch
+from bench.env import BenchEnv
+from bench.harness import Row, machine
+from bench.report import markdown, table
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = {"dispatch": dispatch.run}
+NOTES = {
+    "dispatch": """
+**Dispatch overhead.** 200 no-op tasks submitted with `.map` inside one flow run,
+timed per round (first round is a warm-up). `FederationTaskRunner` runs Prefect's
+task engine on the client like `ThreadPoolTaskRunner` and adds one round trip to a
+site process plus the site storing the result with its sha256; `DaskTaskRunner`
+runs the engine in worker processes that each talk to the Prefect API.
+""",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="", help=f"comma-separated subset of {sorted(BENCHMARKS)}")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    args = parser.parse_args(argv)
+    chosen = [name.strip() for name in args.only.split(",") if name.strip()] or list(BENCHMARKS)
+    unknown = sorted(set(chosen) - set(BENCHMARKS))
+    if unknown:
+        parser.error(f"unknown benchmarks {unknown}; known: {sorted(BENCHMARKS)}")
+
+    started = dt.datetime.now()
+    t0 = time.perf_counter()
+    rows: list[Row] = []
+    with BenchEnv() as env:
+        for name in chosen:
+            print(f"running {name}...", file=sys.stderr, flush=True)
+            rows += BENCHMARKS[name](env, rounds=args.rounds)
+    seconds = time.perf_counter() - t0
+    print(table(rows))
+    command = "python -m bench" + (f" --only {','.join(chosen)}" if args.only else "")
+    (ROOT / "bench" / "results.json").write_text(
+        json.dumps({"command": command, "date": started.isoformat(), "machine": machine(), "rows": [r.as_dict() for r in rows]}, indent=2)
+    )
+    if not args.no_write:
+        notes = {name: NOTES[name] for name in chosen if name in NOTES}
+        (ROOT / "BENCHMARKS.md").write_text(markdown(rows, machine=machine(), command=command, notes=notes, started=started, seconds=seconds))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

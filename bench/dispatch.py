@@ -1,0 +1,68 @@
+"""Dispatch overhead: 200 no-op tasks through `.map`, timed inside one flow run per runner.
+
+Measured inside the flow (not whole flow runs, which cost ~1 s each in Prefect's
+heartbeat join), one warm-up round first, then the median of the timed rounds.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from bench.env import BenchEnv
+from bench.harness import Row, median, with_ratios
+
+TASKS = 200
+
+
+def _map_rounds(runner: Any, task: Any, rounds: int) -> list[float]:
+    from prefect import flow
+
+    @flow(name="bench-dispatch", task_runner=runner)
+    def rounds_of_map() -> list[float]:
+        times = []
+        for i in range(rounds + 1):
+            start = time.perf_counter()
+            futures = task.map(value=list(range(TASKS)))
+            futures.wait()
+            elapsed = time.perf_counter() - start
+            failed = [f for f in futures if not f.state.is_completed()]
+            if failed:
+                raise RuntimeError(f"{len(failed)} of {TASKS} tasks did not complete: {failed[0].state}")
+            if i:  # the first round warms connections, threads and workers
+                times.append(elapsed)
+        return times
+
+    return rounds_of_map()
+
+
+def run(env: BenchEnv, *, rounds: int = 5, include_dask: bool = True, extra: dict[str, Any] | None = None) -> list[Row]:
+    """Per-task overhead of each runner on the same 200 no-op tasks."""
+    from prefect import task
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from adapters.core import echo
+    from dfm_prefect.task_runner import FederationTaskRunner
+
+    @task
+    def noop(value: int) -> int:
+        return value
+
+    federation = env.local_federation()
+    variants: dict[str, tuple[Any, Any, int]] = {
+        "ThreadPoolTaskRunner": (ThreadPoolTaskRunner(), noop, rounds),
+        "FederationTaskRunner (local)": (FederationTaskRunner(federation.federation_file), echo, rounds),
+    }
+    for name, runner in (extra or {}).items():
+        variants[name] = (runner, echo, rounds)
+    if include_dask:
+        from prefect_dask import DaskTaskRunner
+
+        variants["DaskTaskRunner (LocalCluster)"] = (DaskTaskRunner(), noop, max(2, rounds // 2))
+
+    rows = []
+    for name, (runner, task_obj, n) in variants.items():
+        times = _map_rounds(runner, task_obj, n)
+        rows.append(Row("dispatch", name, "per-task overhead", median(times) / TASKS * 1e3, "ms", len(times)))
+        rows.append(Row("dispatch", name, f"{TASKS} tasks via .map", median(times), "s", len(times)))
+    return with_ratios(rows, "ThreadPoolTaskRunner")

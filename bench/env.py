@@ -1,0 +1,56 @@
+"""A benchmark environment: a local Prefect API and a two-site federation on 127.0.0.1."""
+
+from __future__ import annotations
+
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+
+import yaml
+
+from dfm_prefect.local_federation import LocalFederation
+from dfm_prefect.prefect_server import LocalPrefectServer
+
+SITES = ("north", "south")
+
+
+def write_site_configs(root: Path, *, concurrency: int = 4, sources: dict[str, list[dict]] | None = None) -> list[Path]:
+    paths = []
+    for name in SITES:
+        config = {
+            "name": name,
+            "operations": ["core.echo", "core.sleep", "xarray.subset", "xarray.moments", "xarray.reduce"],
+            "sources": (sources or {}).get(name, []),
+            "result_store": {"url": f"file://{root / 'store' / name}"},
+            "export": {"kinds": ["aggregate", "value"], "max_bytes": 1 << 20, "inline_bytes": 256 << 10},
+            "limits": {"concurrency": concurrency},
+        }
+        path = root / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        paths.append(path)
+    return paths
+
+
+class BenchEnv:
+    """Holds the Prefect server and the local federation for the benchmarks of one run."""
+
+    def __init__(self) -> None:
+        self._stack = ExitStack()
+        self.root = Path(self._stack.enter_context(tempfile.TemporaryDirectory(prefix="dfm-bench-")))
+        self.federation: LocalFederation | None = None
+
+    def __enter__(self) -> BenchEnv:
+        self._stack.enter_context(LocalPrefectServer(self.root / "prefect"))
+        return self
+
+    def local_federation(self) -> LocalFederation:
+        if self.federation is None:
+            configs = write_site_configs(self.root)
+            self.federation = self._stack.enter_context(LocalFederation(configs, workdir=self.root / "federation"))
+        return self.federation
+
+    def __exit__(self, *exc: object) -> None:
+        from dfm_prefect.client import close_clients
+
+        close_clients()
+        self._stack.close()
