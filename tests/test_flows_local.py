@@ -170,3 +170,15 @@ def test_map_of_two_hundred_operations_all_accounted_for(runner, prefect_api):
     runs = wait_for_task_runs(str(state.state_details.flow_run_id), 200, lambda r: r.state_name == "Completed")
     assert len(runs) == 200
     assert all(any(tag.startswith("site:") for tag in run.tags) for run in runs)
+
+
+def test_dataset_urls_are_placed_on_the_site_that_owns_them(runner, climate_data, prefect_api):
+    @flow(task_runner=runner)
+    def by_url():
+        south = subset.submit(data=climate_data["south"], points={"lat": -2.5})
+        north = subset.submit(data=climate_data["north"], points={"lat": 2.5})
+        return south.result(), north.result()
+
+    south, north = by_url()
+    assert south.site == "south" and north.site == "north"
+    assert south.summary["dims"]["lon"] == north.summary["dims"]["lon"]
