@@ -13,10 +13,9 @@ import logging
 import threading
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
-
-from pydantic import BaseModel
 
 from dfm_prefect.errors import (
     FederationError,
@@ -38,6 +37,7 @@ from dfm_prefect.wire import (
     ErrorReply,
     FetchChunk,
     FetchRequest,
+    ProgressUpdate,
     RunRequest,
     RunResult,
     SiteInfo,
@@ -65,6 +65,7 @@ class FederationClient:
         self.describe_timeout = describe_timeout
         self._lock = threading.Lock()
         self._pending: dict[str, tuple[str, Future[SiteMessage]]] = {}
+        self._progress: dict[str, Callable[[ProgressUpdate], None]] = {}
         self._infos: dict[str, SiteInfo] = {}
         self._down: dict[str, str] = {}
         self._inflight: Counter[str] = Counter()
@@ -146,13 +147,21 @@ class FederationClient:
 
     # -------------------------------------------------------------- requests
 
-    def request(self, site: str, message: ClientMessage) -> Future[SiteMessage]:
-        """Send one message to a site; the future holds its reply or the error it carried."""
+    def request(
+        self, site: str, message: ClientMessage, *, on_progress: Callable[[ProgressUpdate], None] | None = None
+    ) -> Future[SiteMessage]:
+        """Send one message to a site; the future holds its reply or the error it carried.
+
+        ``on_progress`` is called (from a transport thread: keep it quick) with each
+        progress update the site sends for this request.
+        """
         if not self._opened or self._writer is None:
             raise FederationError("the federation client is not open")
         future: Future[SiteMessage] = Future()
         with self._lock:
             self._pending[message.id] = (site, future)
+            if on_progress is not None:
+                self._progress[message.id] = on_progress
             if isinstance(message, RunRequest):
                 self._inflight[site] += 1
         self._writer.put((site, message))
@@ -169,6 +178,7 @@ class FederationClient:
         task_run_id: str | None = None,
         attempt: int = 1,
         timeout_s: float | None = None,
+        on_progress: Callable[[ProgressUpdate], None] | None = None,
     ) -> tuple[str, Future[SiteMessage]]:
         """Run ``op`` at ``site``; return the request id and the future of its `RunResult`."""
         request = RunRequest(
@@ -181,7 +191,7 @@ class FederationClient:
             attempt=attempt,
             timeout_s=timeout_s,
         )
-        return request.id, self.request(site, request)
+        return request.id, self.request(site, request, on_progress=on_progress)
 
     def call(self, site: str, op: str, params: dict[str, Any], *, version: str | None = None, timeout: float | None = 300.0) -> DataRef:
         """Run ``op`` at ``site`` and wait: the result's `DataRef`, or the site's error raised."""
@@ -239,6 +249,12 @@ class FederationClient:
             self.bytes_in[site] += b64size(message.payload)
         elif isinstance(message, FetchChunk):
             self.bytes_in[site] += b64size(message.data)
+        if isinstance(message, ProgressUpdate):
+            with self._lock:
+                callback = self._progress.get(message.id)
+            if callback is not None:
+                callback(message)
+            return
         if isinstance(message, ErrorReply):
             error = error_class(message.error.code)(message.error.message, site=site)
             if message.id is None:
@@ -251,6 +267,7 @@ class FederationClient:
     def _resolve(self, request_id: str, *, value: SiteMessage | None = None, error: BaseException | None = None) -> None:
         with self._lock:
             entry = self._pending.pop(request_id, None)
+            self._progress.pop(request_id, None)
             if entry is None:
                 return
             site, future = entry
@@ -312,18 +329,28 @@ def get_client(federation: Any = None) -> FederationClient:
     return client.open()
 
 
-def current_client() -> FederationClient:
-    """The client of the running flow's `FederationTaskRunner`, else the only open client."""
+def _current_runner() -> Any:
     try:
         from prefect.context import FlowRunContext
-
-        ctx = FlowRunContext.get()
-        runner = getattr(ctx, "task_runner", None) if ctx else None
-        client = getattr(runner, "client", None)
-        if isinstance(client, FederationClient):
-            return client
     except ImportError:
-        pass
+        return None
+    ctx = FlowRunContext.get()
+    runner = getattr(ctx, "task_runner", None) if ctx else None
+    return runner if getattr(runner, "dispatches_operations", False) else None
+
+
+def note_fetch(site: str, nbytes: int) -> None:
+    """Count a fetched value against the running flow's report (if a flow is running)."""
+    runner = _current_runner()
+    if runner is not None:
+        runner.record_fetch(site, nbytes)
+
+
+def current_client() -> FederationClient:
+    """The client of the running flow's `FederationTaskRunner`, else the only open client."""
+    runner = _current_runner()
+    if runner is not None:
+        return runner.client
     with _clients_lock:
         open_clients = [c for c in _clients.values() if c._opened]
     if len(open_clients) == 1:
@@ -345,8 +372,3 @@ def close_clients() -> None:
 
 atexit.register(close_clients)
 
-
-def describe_spec(spec: BaseModel) -> str:
-    """A one-line, secret-free description of a spec for logs."""
-    data = spec.model_dump(mode="json")
-    return ", ".join(f"{k}={v}" for k, v in data.items() if "key" not in k and "secret" not in k)

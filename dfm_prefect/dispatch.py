@@ -6,7 +6,9 @@ engine starts, and the operation stub's body calls :meth:`Dispatch.execute`.
 
 from __future__ import annotations
 
+import threading
 import time
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -20,27 +22,13 @@ from dfm_prefect.client import unwrap
 from dfm_prefect.errors import FederationError, InvalidParametersError, SiteUnavailableError
 from dfm_prefect.placement import Placement
 from dfm_prefect.refs import DataRef
-from dfm_prefect.wire import RunResult, b64size
+from dfm_prefect.report import ProgressReporter, StepRecord
+from dfm_prefect.wire import ProgressUpdate, RunResult, SiteMessage, b64size
 
 if TYPE_CHECKING:
     from dfm_prefect.client import FederationClient
     from dfm_prefect.operations import Operation
     from dfm_prefect.task_runner import FederationTaskRunner
-
-
-@dataclass(frozen=True)
-class StepRecord:
-    """Where one operation ran and what it cost: the rows of the flow-run report."""
-
-    task_run_id: str
-    task_run_name: str
-    op: str
-    site: str
-    ok: bool
-    duration_s: float
-    bytes_out: int
-    stored_bytes: int
-    error: str | None = None
 
 
 @dataclass
@@ -93,6 +81,7 @@ class Dispatch:
             # before the run starts would make Prefect check tag concurrency limits
             # through the API for every run, which costs more than the remote call.
             task_run.tags = sorted({*task_run.tags, f"op:{self.op.name}", f"site:{site}"})
+        progress = _ProgressSlot()
         request_id, future = self.client.run(
             site,
             self.op.name,
@@ -102,11 +91,18 @@ class Dispatch:
             task_run_id=str(task_run.id) if task_run else None,
             attempt=task_run.run_count if task_run else 1,
             timeout_s=self.timeout_s,
+            on_progress=progress.push,
         )
+        future.add_done_callback(lambda _: progress.wake.set())
         self.runner.track(site, request_id, future)
         started = time.monotonic()
+        reporter = ProgressReporter(
+            flow_ctx.flow_run.id if flow_ctx and flow_ctx.flow_run else None,
+            task_run.id if task_run else None,
+            f"{self.op.name} at {site}",
+        )
         try:
-            reply = future.result(timeout=self.timeout_s)
+            reply = self._wait(future, progress, reporter)
         except FutureTimeout:
             self.client.cancel(site, request_id)
             raise TaskRunTimeoutError(
@@ -133,4 +129,32 @@ class Dispatch:
                 error=reply.error.message if reply.error else None,
             )
         )
-        return unwrap(reply)
+        ref = unwrap(reply)
+        reporter.finish()
+        return ref
+
+    def _wait(self, future: Future[SiteMessage], progress: _ProgressSlot, reporter: ProgressReporter) -> SiteMessage:
+        """Wait for the reply within the task's timeout, mirroring progress reports meanwhile."""
+        deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
+        while not future.done():
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise FutureTimeout()
+            progress.wake.wait(remaining)
+            progress.wake.clear()
+            latest = progress.latest
+            if latest is not None and not future.done():
+                reporter.update(latest.fraction)
+        return future.result()
+
+
+class _ProgressSlot:
+    """The latest progress report of one request, and an event that wakes its waiter."""
+
+    def __init__(self) -> None:
+        self.latest: ProgressUpdate | None = None
+        self.wake = threading.Event()
+
+    def push(self, update: ProgressUpdate) -> None:
+        self.latest = update
+        self.wake.set()

@@ -88,6 +88,7 @@ class LocalPrefectServer:
         raise RuntimeError(f"prefect server did not answer on {self.api_url} within {self.timeout}s")
 
     def stop(self) -> None:
+        self._drain_clients()
         if self._previous_env is None:
             os.environ.pop("PREFECT_API_URL", None)
         else:
@@ -105,6 +106,18 @@ class LocalPrefectServer:
         self._stack.close()
         if self._tmp is not None:
             self._tmp.cleanup()
+
+    @staticmethod
+    def _drain_clients() -> None:
+        """Send the logs and events this process still holds before the server goes away."""
+        try:
+            from prefect.events.worker import EventsWorker
+            from prefect.logging.handlers import APILogWorker
+
+            APILogWorker.drain_all(timeout=5)
+            EventsWorker.drain_all(timeout=5)
+        except Exception:  # best effort: nothing depends on it
+            pass
 
     def __enter__(self) -> str:
         return self.start()

@@ -85,9 +85,10 @@ class DataRef(BaseModel):
 
     def fetch_bytes(self, client: FederationClient | None = None) -> bytes:
         """Like :meth:`fetch` but returns the encoded bytes (netCDF, parquet or JSON)."""
-        from dfm_prefect.client import current_client
+        from dfm_prefect.client import current_client, note_fetch
 
         if self._payload is None:
             active = client or current_client()
             self._payload = active.fetch_bytes(self)
+            note_fetch(self.site, len(self._payload))
         return self._payload

@@ -40,6 +40,7 @@ from __future__ import annotations
 import copy
 import threading
 import uuid
+from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import Future
 from contextvars import copy_context
@@ -47,6 +48,7 @@ from typing import Any
 
 from prefect import Task
 from prefect.client.schemas.objects import RunInput
+from prefect.context import FlowRunContext
 from prefect.futures import PrefectConcurrentFuture, PrefectFuture
 from prefect.task_engine import run_task_sync
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -54,7 +56,8 @@ from prefect.utilities.engine import resolve_inputs_sync
 from typing_extensions import Self
 
 from dfm_prefect.client import FederationClient, get_client
-from dfm_prefect.dispatch import Dispatch, StepRecord
+from dfm_prefect.dispatch import Dispatch
+from dfm_prefect.report import StepRecord, publish
 from dfm_prefect.errors import FederationError, RequestCancelledError
 from dfm_prefect.operations import Operation
 from dfm_prefect.tasks import CURRENT_DISPATCH
@@ -85,6 +88,8 @@ class FederationTaskRunner(ThreadPoolTaskRunner):
         self._client_lock = threading.Lock()
         self._inflight: dict[str, tuple[str, Future[Any]]] = {}
         self._records: list[StepRecord] = []
+        self._fetched: Counter[str] = Counter()
+        self._flow_run_id: uuid.UUID | None = None
         self._engine_tasks: dict[int, tuple[Task[Any, Any], Task[Any, Any]]] = {}
 
     def duplicate(self) -> Self:
@@ -120,6 +125,11 @@ class FederationTaskRunner(ThreadPoolTaskRunner):
         with self._client_lock:
             self._records.append(step)
 
+    def record_fetch(self, site: str, nbytes: int) -> None:
+        """Count bytes of a value fetched from ``site`` during this flow run."""
+        with self._client_lock:
+            self._fetched[site] += nbytes
+
     def track(self, site: str, request_id: str, future: Future[Any]) -> None:
         with self._client_lock:
             self._inflight[request_id] = (site, future)
@@ -143,6 +153,10 @@ class FederationTaskRunner(ThreadPoolTaskRunner):
             return super().submit(task, parameters, wait_for, dependencies)
         if not self._started or self._executor is None:
             raise RuntimeError("Task runner is not started")
+        if self._flow_run_id is None:
+            flow_ctx = FlowRunContext.get()
+            if flow_ctx is not None and flow_ctx.flow_run is not None:
+                self._flow_run_id = flow_ctx.flow_run.id
 
         task_run_id = uuid.uuid4()
         cancel_event = threading.Event()
@@ -236,10 +250,21 @@ class FederationTaskRunner(ThreadPoolTaskRunner):
         if exc_type is not None:
             self._cancel_remote()
         super().__exit__(exc_type, exc_value, traceback)
+        self._publish_report()
+
+    def _publish_report(self) -> None:
+        with self._client_lock:
+            steps, fetched, flow_run_id = list(self._records), Counter(self._fetched), self._flow_run_id
+        if not steps or flow_run_id is None:
+            return
+        try:
+            publish(flow_run_id, steps, fetched)
+        except Exception as exc:  # the flow's outcome must not depend on its report
+            self.logger.warning("could not attach the federation report to flow run %s: %s", flow_run_id, exc)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        for live in ("_client", "_client_lock", "_inflight", "_records", "_engine_tasks"):
+        for live in ("_client", "_client_lock", "_inflight", "_records", "_fetched", "_flow_run_id", "_engine_tasks"):
             state.pop(live, None)
         return state
 

@@ -201,6 +201,15 @@ class StatsReply(_Message):
     stats: SiteStats
 
 
+class ProgressUpdate(_Message):
+    """How far a running request has come (sent at most a few times a second)."""
+
+    kind: Literal["progress"] = "progress"
+    id: str
+    fraction: float = Field(ge=0.0, le=1.0)
+    message: str = Field(default="", max_length=512)
+
+
 class ErrorReply(_Message):
     """A request that failed before it could run (or could not be decoded at all)."""
 
@@ -210,7 +219,7 @@ class ErrorReply(_Message):
 
 
 SiteMessage = Annotated[
-    Union[RunResult, Described, FetchChunk, StatsReply, ErrorReply],
+    Union[RunResult, Described, FetchChunk, StatsReply, ProgressUpdate, ErrorReply],
     Field(discriminator="kind"),
 ]
 

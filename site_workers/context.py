@@ -6,7 +6,7 @@ import contextvars
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -47,6 +47,7 @@ class SiteContext:
         store: ResultStore,
         compute: ComputeBackend,
         cancelled: threading.Event,
+        on_progress: Callable[[float, str], None] | None = None,
     ) -> None:
         self.site = site
         self.request_id = request_id
@@ -54,6 +55,8 @@ class SiteContext:
         self._store = store
         self._compute = compute
         self._cancelled = cancelled
+        self._on_progress = on_progress
+        self._last_progress = 0.0
         self.logs: list[LogLine] = []
         self.log = logging.getLogger(OPS_LOGGER)
         self.started = time.monotonic()
@@ -90,16 +93,68 @@ class SiteContext:
     # -- compute ------------------------------------------------------------------
 
     def compute(self, *collections: Any) -> tuple[Any, ...]:
-        """Compute Dask collections on the site's compute backend."""
+        """Compute Dask collections on the site's compute backend, reporting progress."""
         self.check_cancelled()
-        return self._compute.compute(*collections)
+        with _DaskProgress(self):
+            return self._compute.compute(*collections)
+
+    def progress(self, fraction: float, message: str = "") -> None:
+        """Tell the client how far the operation has come (0..1); sent at most twice a second."""
+        now = time.monotonic()
+        fraction = min(max(float(fraction), 0.0), 1.0)
+        if self._on_progress is None or (now - self._last_progress < 0.5 and fraction < 1.0):
+            return
+        self._last_progress = now
+        self._on_progress(fraction, message[:512])
 
     def sleep(self, seconds: float) -> None:
-        """Wait ``seconds``, waking at once (and raising) if the request is cancelled."""
-        if self._cancelled.wait(seconds):
-            self.check_cancelled()
+        """Wait ``seconds``, waking at once (and raising) if the request is cancelled; reports progress."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            # Wake every half second only to report progress; cancellation wakes at once.
+            if self._cancelled.wait(min(left, 0.5)):
+                self.check_cancelled()
+            self.progress(1.0 - max(deadline - time.monotonic(), 0.0) / seconds if seconds else 1.0)
 
     def check_cancelled(self) -> None:
         """Raise if the client cancelled this request (call between long steps)."""
         if self._cancelled.is_set():
             raise RequestCancelledError("the request was cancelled by the client", site=self.site)
+
+
+class _DaskProgress:
+    """Reports finished Dask tasks as progress (local schedulers; a no-op elsewhere)."""
+
+    def __init__(self, ctx: SiteContext) -> None:
+        self._ctx = ctx
+        self._callback: Any = None
+
+    def __enter__(self) -> _DaskProgress:
+        if self._ctx._on_progress is None:
+            return self
+        from dask.callbacks import Callback
+
+        ctx = self._ctx
+        state = {"total": 0, "done": 0}
+        # Dask callbacks are process-wide; the local schedulers call them in the
+        # thread that called compute, so each operation keeps to its own thread.
+        owner = threading.get_ident()
+
+        def start_state(_dsk: Any, dask_state: dict[str, Any]) -> None:
+            if threading.get_ident() == owner:
+                state["total"] = max(1, sum(len(dask_state[key]) for key in ("ready", "waiting")))
+
+        def posttask(*_args: Any) -> None:
+            if threading.get_ident() != owner:
+                return
+            state["done"] += 1
+            ctx.progress(state["done"] / state["total"], f"{state['done']} of {state['total']} chunks")
+            ctx.check_cancelled()
+
+        self._callback = Callback(start_state=start_state, posttask=posttask)
+        self._callback.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._callback is not None:
+            self._callback.__exit__(*exc)

@@ -45,6 +45,7 @@ from dfm_prefect.wire import (
     FetchChunk,
     FetchRequest,
     OperationInfo,
+    ProgressUpdate,
     RunRequest,
     RunResult,
     SiteInfo,
@@ -231,6 +232,9 @@ class SiteWorker:
             store=self.store,
             compute=self.compute,
             cancelled=job.cancelled,
+            on_progress=lambda fraction, message: self._safe_reply(
+                job.reply, ProgressUpdate(id=request.id, fraction=fraction, message=message)
+            ),
         )
         try:
             ctx.check_cancelled()

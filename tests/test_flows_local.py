@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 
@@ -182,3 +183,31 @@ def test_dataset_urls_are_placed_on_the_site_that_owns_them(runner, climate_data
     south, north = by_url()
     assert south.site == "south" and north.site == "north"
     assert south.summary["dims"]["lon"] == north.summary["dims"]["lon"]
+
+
+def test_flow_runs_get_a_report_and_long_operations_show_progress(runner, prefect_api):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterTaskRunId
+
+    @flow(task_runner=runner)
+    def reported():
+        waited = sleep.submit(seconds=2.5, site="north")
+        small = echo.submit(value="x", site="south")
+        return waited.result().fetch(), small.result().fetch()
+
+    state = reported(return_state=True)
+    assert state.result() == (2.5, "x")
+    flow_run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as api:
+        artifacts = api.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+        by_type = {artifact.type: artifact for artifact in artifacts if artifact.task_run_id is None}
+        assert set(by_type) >= {"table", "markdown"}
+        rows = json.loads(by_type["table"].data)
+        assert {(row["op"], row["site"]) for row in rows} == {("core.sleep", "north"), ("core.echo", "south")}
+        assert "| north | 1 |" in by_type["markdown"].data
+        task_run_ids = [artifact.task_run_id for artifact in artifacts if artifact.type == "progress"]
+        assert task_run_ids, "the 2.5 s operation should have reported progress"
+        (progress,) = api.read_artifacts(
+            artifact_filter=ArtifactFilter(task_run_id=ArtifactFilterTaskRunId(any_=task_run_ids), type={"any_": ["progress"]})
+        )
+        assert progress.data == 100.0

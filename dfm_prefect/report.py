@@ -1,0 +1,124 @@
+"""What a flow run did in the federation, published as Prefect artifacts.
+
+At the end of each flow run that ran operations, `FederationTaskRunner` adds two
+artifacts to the run: a table of where every step ran, how long it took and what
+it sent back, and a markdown summary of the bytes that left each site. During a
+long operation, the site's progress reports update a progress artifact of the
+task run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+log = logging.getLogger("dfm_prefect.report")
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """Where one operation ran and what it cost: a row of the flow-run report."""
+
+    task_run_id: str
+    task_run_name: str
+    op: str
+    site: str
+    ok: bool
+    duration_s: float
+    bytes_out: int
+    stored_bytes: int
+    error: str | None = None
+
+
+def bytes_by_site(steps: Iterable[StepRecord], fetched: Counter[str]) -> Counter[str]:
+    """Bytes that left each site: values sent back with results plus values fetched later."""
+    total: Counter[str] = Counter(fetched)
+    for step in steps:
+        total[step.site] += step.bytes_out
+    return total
+
+
+def summary_markdown(steps: list[StepRecord], fetched: Counter[str]) -> str:
+    sites = sorted({step.site for step in steps} | set(fetched))
+    left = bytes_by_site(steps, fetched)
+    lines = [
+        "# Federation report",
+        "",
+        f"{len(steps)} operations on {len(sites)} site(s); {sum(not s.ok for s in steps)} failed attempts.",
+        "",
+        "| site | operations | seconds at the site | bytes stored at the site | bytes that left the site |",
+        "|---|---|---|---|---|",
+    ]
+    for site in sites:
+        mine = [step for step in steps if step.site == site]
+        lines.append(
+            f"| {site} | {len(mine)} | {sum(s.duration_s for s in mine):.2f} | "
+            f"{sum(s.stored_bytes for s in mine):,} | {left[site]:,} |"
+        )
+    return "\n".join(lines)
+
+
+def publish(flow_run_id: uuid.UUID, steps: list[StepRecord], fetched: Counter[str]) -> None:
+    """Attach the table and the summary to the flow run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import ArtifactCreate
+
+    rows = [{**asdict(step), "duration_s": round(step.duration_s, 4)} for step in steps]
+    with get_client(sync_client=True) as client:
+        client.create_artifact(
+            ArtifactCreate(type="table", data=json.dumps(rows), description="Where each operation ran", flow_run_id=flow_run_id)
+        )
+        client.create_artifact(
+            ArtifactCreate(
+                type="markdown",
+                data=summary_markdown(steps, fetched),
+                description="Bytes that left each site",
+                flow_run_id=flow_run_id,
+            )
+        )
+
+
+class ProgressReporter:
+    """Mirrors a site's progress reports into a progress artifact of the task run (at most once a second)."""
+
+    def __init__(self, flow_run_id: uuid.UUID | None, task_run_id: uuid.UUID | None, description: str) -> None:
+        self.flow_run_id = flow_run_id
+        self.task_run_id = task_run_id
+        self.description = description
+        self.artifact_id: uuid.UUID | None = None
+        self._last = 0.0
+
+    def finish(self) -> None:
+        """Show 100% once the operation succeeded (only if progress was shown at all)."""
+        if self.artifact_id is not None:
+            self.update(1.0, force=True)
+
+    def update(self, fraction: float, *, force: bool = False) -> None:
+        if self.task_run_id is None:
+            return
+        now = time.monotonic()
+        if not force and now - self._last < 1.0:
+            return
+        self._last = now
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.actions import ArtifactCreate, ArtifactUpdate
+
+        with get_client(sync_client=True) as client:
+            if self.artifact_id is None:
+                artifact = client.create_artifact(
+                    ArtifactCreate(
+                        type="progress",
+                        data=fraction * 100,
+                        description=self.description,
+                        flow_run_id=self.flow_run_id,
+                        task_run_id=self.task_run_id,
+                    )
+                )
+                self.artifact_id = artifact.id
+            else:
+                client.update_artifact(self.artifact_id, ArtifactUpdate(data=fraction * 100))
