@@ -25,6 +25,8 @@ site_app = typer.Typer(help="Run or check one site.", no_args_is_help=True)
 federation_app = typer.Typer(help="Start, stop and inspect a federation.", no_args_is_help=True)
 app.add_typer(site_app, name="site")
 app.add_typer(federation_app, name="federation")
+prefect_app = typer.Typer(help="Prepare a Prefect server for dfm-prefect deployments.", no_args_is_help=True)
+app.add_typer(prefect_app, name="prefect")
 console = Console()
 err = Console(stderr=True)
 
@@ -214,6 +216,41 @@ def catalog(
         return
     for info in sites.values():
         _print_site(info)
+
+
+@prefect_app.command("setup")
+def prefect_setup(
+    federation: Annotated[Path, typer.Option(help="Federation file to store as a block.")],
+    block: Annotated[str, typer.Option(help="Name of the Federation block.")] = "dfm",
+    pool: Annotated[str, typer.Option(help="Name of the process work pool to create.")] = "dfm-pool",
+) -> None:
+    """Register dfm-prefect's blocks, save FEDERATION as a Federation block, create a process work pool."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+    from prefect.workers.process import ProcessWorker
+
+    from dfm_prefect.blocks import DataSource, Federation
+
+    try:
+        document = Federation.from_file(federation)
+    except (OSError, ValueError, FederationError) as exc:
+        err.print(f"[red]error:[/red] cannot read federation file {federation}: {exc}")
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    with console.status("registering blocks..."):
+        Federation.register_type_and_schema()
+        DataSource.register_type_and_schema()
+        document.save(block, overwrite=True)
+    console.print(f"block types registered; Federation block [bold]{block}[/bold] saved ({document.transport} transport)")
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_work_pool(
+                WorkPoolCreate(name=pool, type="process", base_job_template=ProcessWorker.get_default_base_job_template())
+            )
+            console.print(f"process work pool [bold]{pool}[/bold] created")
+        except ObjectAlreadyExists:
+            console.print(f"process work pool [bold]{pool}[/bold] already exists")
+    console.print(f"next: prefect deploy --all && prefect worker start --pool {pool}")
 
 
 def _print_site(info: object) -> None:

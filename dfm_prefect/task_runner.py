@@ -38,6 +38,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import os
 import threading
 import uuid
 from collections import Counter
@@ -59,10 +60,28 @@ from dfm_prefect.client import FederationClient, get_client
 from dfm_prefect.dispatch import Dispatch
 from dfm_prefect.report import StepRecord, publish
 from dfm_prefect.errors import FederationError, RequestCancelledError
+from dfm_prefect.federation import FEDERATION_ENV
 from dfm_prefect.operations import Operation
 from dfm_prefect.tasks import CURRENT_DISPATCH
 
 DEFAULT_MAX_WORKERS = 64
+BLOCK_PREFIX = "block:"
+
+
+def resolve_federation(federation: Any) -> Any:
+    """Turn ``block:<name>`` (also in ``$DFM_FEDERATION``) and `Federation` blocks into a spec.
+
+    Blocks are loaded only here, when the first operation runs, never at import.
+    """
+    if federation is None:
+        federation = os.environ.get(FEDERATION_ENV)
+    if isinstance(federation, str) and federation.startswith(BLOCK_PREFIX):
+        from dfm_prefect.blocks import Federation
+
+        federation = Federation.load(federation[len(BLOCK_PREFIX) :])
+    if hasattr(federation, "federation_spec"):
+        federation = federation.federation_spec()
+    return federation
 
 
 class FederationTaskRunner(ThreadPoolTaskRunner):
@@ -71,7 +90,8 @@ class FederationTaskRunner(ThreadPoolTaskRunner):
     Args:
         federation: how to reach the federation: a federation file written by
             ``dfm-prefect federation up``, a spec mapping or model, a `Federation`
-            block, or ``None`` for the file named by ``$DFM_FEDERATION``.
+            block or ``"block:<name>"`` (loaded when the first operation runs), or
+            ``None`` for what ``$DFM_FEDERATION`` names (a file or ``block:<name>``).
         max_workers: task runs in flight at once (threads on the client). Remote
             work is also bounded by each site's own concurrency limit.
     """
@@ -109,10 +129,7 @@ class FederationTaskRunner(ThreadPoolTaskRunner):
         """The shared client of this runner's federation (connected on first use)."""
         with self._client_lock:
             if self._client is None:
-                federation = self.federation
-                if hasattr(federation, "federation_spec"):
-                    federation = federation.federation_spec()
-                self._client = get_client(federation)
+                self._client = get_client(resolve_federation(self.federation))
             return self._client
 
     @property

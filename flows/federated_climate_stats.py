@@ -37,7 +37,7 @@ def combine_yearly(parts: list[DataRef], variable: str) -> dict[int, dict[str, f
     }
 
 
-@flow(name="federated-climate-stats", task_runner=FederationTaskRunner())
+@flow(name="federated-climate-stats", task_runner=FederationTaskRunner(), persist_result=True)
 def federated_climate_stats(
     datasets: list[str],
     start: str = "2001-01-01",

@@ -1,1 +1,11 @@
-"""Prefect blocks for dfm-prefect (registered through the prefect.collections entry point)."""
+"""Prefect blocks for dfm-prefect.
+
+Register them with ``prefect block register -m dfm_prefect.blocks``; the
+``prefect.collections`` entry point makes them loadable in any process that has
+dfm-prefect installed.
+"""
+
+from dfm_prefect.blocks.data_source import DataSource
+from dfm_prefect.blocks.federation import Federation
+
+__all__ = ["DataSource", "Federation"]
