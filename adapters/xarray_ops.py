@@ -1,14 +1,17 @@
 """Operations on gridded data (xarray over Dask), run lazily next to the data.
 
+This module has the operations that open, select, reduce, derive and write; the
+exactly mergeable statistics (`moments`, `histogram`, ...) are in
+:mod:`adapters.xarray_stats` and re-exported here.
+
 Example:
 
 ```python
-from adapters.xarray_ops import subset, moments
-from dfm_prefect.combine import combine_moments
+from adapters.xarray_ops import derive, reduce, subset
 
 box = subset.submit(data="dfm://north/temperature", ranges={"time": {"start": "2001", "stop": "2002"}})
-agg = moments.submit(data=box, dims=["lat", "lon"], groupby="time.year", weights="area")
-stats = combine_moments([agg.result().fetch()])   # mean, var, std per year
+hot = derive.submit(data=box, variables={"celsius": "temperature - 273.15"})
+peak = reduce.submit(data=hot, dims=["time"], stat="max")        # runs where `hot` is
 ```
 """
 
@@ -16,21 +19,55 @@ from __future__ import annotations
 
 from typing import Any, Literal, Union
 
-import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field
 
+from adapters.expressions import parse
+from adapters.xarray_common import NAME, Dims, Label, Range, apply_stat, check_dims, on_device, select_variables
+from adapters.zarr_result import mark_zarr
+from adapters.xarray_stats import groupby_reduce, histogram, moments, resample, weighted_mean
 from dfm_prefect.errors import InvalidParametersError
 from dfm_prefect.operations import DataInput, OperationParams, operation
 
-Label = Union[float, int, str]
-_NAME = r"^[A-Za-z_][A-Za-z0-9_.-]{0,127}$"
+__all__ = [
+    "derive",
+    "groupby_reduce",
+    "histogram",
+    "moments",
+    "open_source",
+    "reduce",
+    "resample",
+    "subset",
+    "weighted_mean",
+    "write",
+]
+
+# A quantile over one chunk along the reduced dimensions holds that much in memory;
+# above this, ask for a smaller selection instead of exhausting the workers.
+_MAX_CONTIGUOUS_BYTES = 512 << 20
 
 
-class Range(OperationParams):
-    """An inclusive label range; either end may be open."""
+class OpenParams(OperationParams):
+    data: DataInput
+    variables: list[str] | None = Field(default=None, max_length=256)
 
-    start: Label | None = None
-    stop: Label | None = None
+
+@operation("xarray.open", version="1", result="value")
+def open_source(params: OpenParams, ctx: Any) -> dict[str, Any]:
+    """Open a source lazily and describe it (dims, coordinate ranges, variables, chunks, attributes); no data is read."""
+    from site_workers.summaries import summarize_xarray
+
+    ds = select_variables(ctx.open_dataset(params.data), params.variables)
+    described = summarize_xarray(ds)
+    described["attrs"] = {str(k): _plain(v) for k, v in list(ds.attrs.items())[:64]}
+    for name, info in described["data_vars"].items():
+        info["attrs"] = {str(k): _plain(v) for k, v in list(ds[name].attrs.items())[:32]}
+    return described
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)[:1000]
 
 
 class SubsetParams(OperationParams):
@@ -41,27 +78,12 @@ class SubsetParams(OperationParams):
     nearest: dict[str, Union[float, list[float]]] = Field(default_factory=dict, max_length=32)
 
 
-def _select_variables(ds: Any, variables: list[str] | None) -> Any:
-    if variables is None:
-        return ds
-    missing = sorted(set(variables) - set(ds.data_vars))
-    if missing:
-        raise InvalidParametersError(f"no variables {missing}; the data has {sorted(ds.data_vars)}")
-    return ds[variables]
-
-
-def _check_dims(ds: Any, dims: list[str] | dict[str, Any]) -> None:
-    missing = sorted(set(dims) - set(ds.dims))
-    if missing:
-        raise InvalidParametersError(f"no dimensions {missing}; the data has {sorted(ds.dims)}")
-
-
 @operation("xarray.subset", version="1", result="dataset")
 def subset(params: SubsetParams, ctx: Any) -> Any:
     """Select variables and label ranges, points or nearest points; the result stays at the site."""
-    ds = _select_variables(ctx.open_dataset(params.data), params.variables)
+    ds = select_variables(ctx.open_dataset(params.data), params.variables)
     for group in (params.ranges, params.points, params.nearest):
-        _check_dims(ds, group)
+        check_dims(ds, group)
     if params.ranges:
         ds = ds.sel({dim: slice(r.start, r.stop) for dim, r in params.ranges.items()})
     if params.points:
@@ -71,84 +93,110 @@ def subset(params: SubsetParams, ctx: Any) -> Any:
     return ds
 
 
-class MomentsParams(OperationParams):
-    data: DataInput
-    variables: list[str] | None = Field(default=None, max_length=256)
-    dims: list[str] = Field(min_length=1, max_length=16)
-    groupby: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.(year|month|season|dayofyear|hour))?$")
-    weights: Literal["none", "area"] = "none"
-    lat: str = Field(default="lat", pattern=_NAME)
-
-    @field_validator("dims")
-    @classmethod
-    def _unique(cls, value: list[str]) -> list[str]:
-        if len(set(value)) != len(value):
-            raise ValueError("dims must not repeat")
-        return value
-
-
-def _weights(ds: Any, params: MomentsParams) -> Any:
-    if params.weights == "none":
-        return 1.0
-    if params.lat not in ds.coords:
-        raise InvalidParametersError(f"area weights need a latitude coordinate {params.lat!r}")
-    return np.cos(np.deg2rad(ds[params.lat].astype("float64")))
-
-
-@operation("xarray.moments", version="1", result="aggregate")
-def moments(params: MomentsParams, ctx: Any) -> Any:
-    """Weight totals, weighted sums and sums of squares over ``dims`` (optionally per group).
-
-    The result is exactly mergeable across sites: `dfm_prefect.combine.combine_moments`
-    turns the results of several sites into the pooled mean, variance and count.
-    """
-    import xarray as xr
-
-    ds = _select_variables(ctx.open_dataset(params.data), params.variables)
-    _check_dims(ds, params.dims)
-    weight = _weights(ds, params)
-    terms = {}
-    for name, var in ds.data_vars.items():
-        x = var.astype("float64")
-        valid = x.notnull()
-        w = (valid * weight).astype("float64")
-        terms[f"{name}__w"] = w
-        terms[f"{name}__wx"] = (x * weight).fillna(0.0)
-        terms[f"{name}__wxx"] = (x * x * weight).fillna(0.0)
-        terms[f"{name}__n"] = valid.astype("int64")
-    frame = xr.Dataset(terms)
-    if params.groupby:
-        group_dim = params.groupby.split(".")[0]
-        if group_dim not in frame.dims:
-            raise InvalidParametersError(f"cannot group by {params.groupby!r}: no dimension {group_dim!r}")
-        reduced = frame.groupby(params.groupby).sum(dim=list(dict.fromkeys([group_dim, *params.dims])))
-    else:
-        reduced = frame.sum(dim=params.dims)
-    (result,) = ctx.compute(reduced)
-    result.attrs["dfm_moments"] = ",".join(ds.data_vars)
-    return result
-
-
 class ReduceParams(OperationParams):
     data: DataInput
     variables: list[str] | None = Field(default=None, max_length=256)
-    dims: list[str] = Field(min_length=1, max_length=16)
+    dims: Dims
     stat: Literal["mean", "sum", "min", "max", "std", "var", "count", "median", "quantile"] = "mean"
     q: float | None = Field(default=None, ge=0, le=1)
 
 
 @operation("xarray.reduce", version="1", result="aggregate")
 def reduce(params: ReduceParams, ctx: Any) -> Any:
-    """Reduce over ``dims`` with one statistic (``quantile`` needs ``q``)."""
-    ds = _select_variables(ctx.open_dataset(params.data), params.variables)
-    _check_dims(ds, params.dims)
-    if params.stat == "quantile":
-        if params.q is None:
+    """Reduce over ``dims`` with one statistic (``quantile`` needs ``q``).
+
+    mean, sum, min, max, std, var and count stream chunk by chunk (on the GPU at GPU
+    sites). median and quantile need each series along ``dims`` in one chunk: the
+    data is rechunked to whole ``dims`` and small pieces of the other dimensions,
+    so they stream over those; they run on host arrays.
+    """
+    ds = select_variables(ctx.open_dataset(params.data), params.variables)
+    check_dims(ds, params.dims)
+    if params.stat in ("median", "quantile"):
+        if params.stat == "quantile" and params.q is None:
             raise InvalidParametersError("stat 'quantile' needs q (0..1)")
-        reduced = ds.chunk({dim: -1 for dim in params.dims}).quantile(params.q, dim=params.dims)
-    elif params.stat == "median":
-        reduced = ds.chunk({dim: -1 for dim in params.dims}).median(dim=params.dims)
+        ds = _contiguous(ds, params.dims)
+        if params.stat == "median":
+            reduced = ds.median(dim=params.dims)
+        else:
+            reduced = ds.quantile(params.q, dim=params.dims)
     else:
-        reduced = getattr(ds, params.stat)(dim=params.dims)
+        reduced = apply_stat(on_device(ctx, ds), params.stat, params.dims)
     (result,) = ctx.compute(reduced)
     return result
+
+
+def _contiguous(ds: Any, dims: list[str]) -> Any:
+    """Rechunk so that ``dims`` are whole and the other dimensions are cut small enough."""
+    kept = [d for d in ds.dims if d not in dims]
+    per_series = max((var.dtype.itemsize for var in ds.data_vars.values()), default=8)
+    for dim in dims:
+        per_series *= ds.sizes[dim]
+    if not kept and per_series > _MAX_CONTIGUOUS_BYTES:
+        raise InvalidParametersError(
+            f"a median or quantile over every dimension needs all {per_series / 1e6:.0f} MB in one chunk; "
+            "keep a dimension, subset first, or use xarray.histogram for approximate quantiles"
+        )
+    chunks: dict[str, Any] = {dim: -1 for dim in dims}
+    budget = max(1, (64 << 20) // max(per_series, 1))
+    for dim in kept:
+        chunks[dim] = max(1, min(ds.sizes[dim], budget))
+        budget = max(1, budget // max(ds.sizes[dim], 1))
+    return ds.chunk(chunks)
+
+
+class DeriveParams(OperationParams):
+    data: DataInput
+    variables: dict[str, str] = Field(min_length=1, max_length=32, description="New variable name -> expression.")
+    keep: bool = Field(default=False, description="Keep the input variables next to the derived ones.")
+
+
+@operation("xarray.derive", version="1", result="dataset")
+def derive(params: DeriveParams, ctx: Any) -> Any:
+    """New variables from allow-listed expressions (``+ - * / **``, comparisons, `FUNCTIONS`); lazily.
+
+    Expressions name data variables and coordinates of the input, e.g.
+    ``{"celsius": "temperature - 273.15", "wind": "sqrt(u**2 + v**2)"}``. They are
+    parsed by `adapters.expressions`, never evaluated as Python.
+    """
+    import re
+
+    ds = ctx.open_dataset(params.data)
+    trees = {}
+    for name, text in params.variables.items():
+        if not re.match(NAME, name):
+            raise InvalidParametersError(f"{name!r} is not a valid variable name")
+        trees[name] = parse(text)
+    env = {str(k): v for k, v in ds.coords.items()} | {str(k): v for k, v in ds.data_vars.items()}
+    derived = {}
+    for name, tree in trees.items():
+        missing = sorted(tree.names() - set(env))
+        if missing:
+            raise InvalidParametersError(f"expression for {name!r} names {missing}; the data has {sorted(env)}")
+        value = tree.evaluate(env)
+        if not hasattr(value, "dims"):
+            raise InvalidParametersError(f"expression for {name!r} is a constant; it must read at least one variable")
+        derived[name] = value.rename(name)
+    base = ds if params.keep else ds.drop_vars(list(ds.data_vars))
+    return base.assign(derived)
+
+
+class WriteParams(OperationParams):
+    data: DataInput
+    variables: list[str] | None = Field(default=None, max_length=256)
+    format: Literal["netcdf", "zarr"] = "netcdf"
+    chunks: dict[str, int] | None = Field(default=None, max_length=32, description="Chunk sizes of the stored copy.")
+
+
+@operation("xarray.write", version="1", result="dataset")
+def write(params: WriteParams, ctx: Any) -> Any:
+    """Write (a part of) the data to the site's result store as netCDF or zarr; streams chunk by chunk.
+
+    Later operations on this site read the stored copy through its `DataRef`.
+    zarr results are one zip file (`adapters.zarr_result`).
+    """
+    ds = select_variables(ctx.open_dataset(params.data), params.variables)
+    if params.chunks:
+        check_dims(ds, params.chunks)
+        ds = ds.chunk(params.chunks)
+    return mark_zarr(ds) if params.format == "zarr" else ds

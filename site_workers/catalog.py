@@ -1,4 +1,12 @@
-"""The site's catalog: what each data source holds, described without reading its data."""
+"""The site's catalog: what each data source holds, described without reading its data.
+
+For gridded sources (zarr, netCDF) an entry shows dims, coordinate ranges,
+variables, dtypes, chunking and in-memory size; for tables (Parquet, CSV) the
+columns, dtypes and row count. Everything comes from metadata: zarr and netCDF
+headers, Parquet footers. CSV files have no row count in their metadata, so
+theirs is counted (parsed once, in the background) only when the files are at
+most `CSV_COUNT_LIMIT` bytes; otherwise ``rows`` stays null.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +16,34 @@ from typing import Any
 
 from dfm_prefect.wire import SourceInfo
 from site_workers.readers import open_location
-from site_workers.sources import SourceResolver
+from site_workers.sources import Location, SourceResolver
 from site_workers.summaries import summarize
 
 log = logging.getLogger("dfm_prefect.site.catalog")
+
+CSV_COUNT_LIMIT = 64 << 20
+
+
+def _storage_bytes(location: Location) -> int | None:
+    """Bytes the source takes in storage (all files under its path)."""
+    try:
+        return int(location.filesystem().du(location.path, total=True))
+    except (OSError, ValueError) as exc:
+        log.info("cannot size %s: %s", location.url, exc)
+        return None
+
+
+def _table_rows(location: Location, frame: Any, stored: int | None) -> int | None:
+    """Rows of a table source from its Parquet footers, or by counting a small CSV."""
+    if location.format == "parquet":
+        import pyarrow.dataset as pads
+
+        return int(pads.dataset(location.path, filesystem=location.filesystem(), format="parquet").count_rows())
+    if location.format == "csv" and stored is not None and stored <= CSV_COUNT_LIMIT:
+        import dask
+
+        return int(dask.compute(frame.shape[0], scheduler="threads")[0])
+    return None
 
 
 class Catalog:
@@ -31,6 +63,9 @@ class Catalog:
         try:
             value = open_location(location)
             summary = summarize(value)
+            summary["storage_bytes"] = _storage_bytes(location)
+            if summary.get("type") == "table":
+                summary["rows"] = _table_rows(location, value, summary["storage_bytes"])
             close = getattr(value, "close", None)
             if callable(close):
                 close()
@@ -58,7 +93,7 @@ class Catalog:
                     name=name,
                     url=source.url,
                     format=location.format or "unknown",
-                    size=summary.get("nbytes"),
+                    size=summary.get("nbytes") or summary.get("storage_bytes"),
                     summary=summary,
                 )
             )

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dfm_prefect.errors import ConfigError
 from dfm_prefect.refs import ResultKind
@@ -96,12 +96,40 @@ class Limits(_Model):
 
 
 class ComputeConfig(_Model):
-    """Where the Dask work of operations runs."""
+    """Where the Dask work of operations runs.
 
-    kind: Literal["threads", "cpu", "gpu", "auto"] = "threads"
-    workers: int | None = Field(default=None, ge=1)
-    memory_limit: str | None = None
-    scheduler_address: str | None = None
+    ``threads``: Dask's threaded scheduler in the site process (no memory limit).
+    ``cpu``: a `distributed.LocalCluster` of ``workers`` worker processes, each
+    held to ``memory_limit`` by its nanny. ``gpu``: a `dask_cuda.LocalCUDACluster`
+    (one worker per GPU, at most ``workers``) with CuPy chunks; needs the ``gpu``
+    extra. ``auto``: ``gpu`` when a GPU and dask-cuda are there, else ``cpu`` (and
+    the site log says why). With ``scheduler_address`` the site starts no cluster
+    and sends its work to that scheduler; ``kind`` then says whether its workers
+    get NumPy (``cpu``) or CuPy (``gpu``) chunks.
+
+    Example::
+
+        compute: {kind: cpu, workers: 2, threads_per_worker: 2, memory_limit: 2GiB}
+    """
+
+    kind: str = Field(default="threads", pattern=r"^[a-z][a-z0-9_-]{0,31}$", description="threads, cpu, gpu, auto or a registered backend.")
+    workers: int | None = Field(default=None, ge=1, le=1024)
+    threads_per_worker: int | None = Field(default=None, ge=1, le=1024)
+    memory_limit: str | None = Field(
+        default=None,
+        pattern=r"^(auto|0?\.\d+|\d+(\.\d+)?\s*([kKMGT]i?B|B)?)$",
+        description="Per worker process: bytes ('512MiB', '2GB'), a fraction of RAM ('0.25') or 'auto'.",
+    )
+    scheduler_address: str | None = Field(default=None, pattern=r"^(tcp|tls|inproc|ucx)://\S+$")
+
+    @model_validator(mode="after")
+    def _scheduler_needs_array_kind(self) -> ComputeConfig:
+        if self.scheduler_address is not None and self.kind not in ("cpu", "gpu"):
+            raise ValueError(
+                "compute.scheduler_address needs kind: cpu (its workers get NumPy chunks) "
+                "or kind: gpu (dask-cuda workers, CuPy chunks)"
+            )
+        return self
 
 
 class SiteConfig(_Model):

@@ -42,8 +42,8 @@ def _netcdf(location: Location) -> Any:
     import xarray as xr
 
     if location.protocol == "file":
-        return xr.open_dataset(location.path, engine="h5netcdf", chunks={})
-    return xr.open_dataset(location.filesystem().open(location.path, "rb"), engine="h5netcdf", chunks={})
+        return xr.open_dataset(location.path, engine="h5netcdf", chunks="auto")
+    return xr.open_dataset(location.filesystem().open(location.path, "rb"), engine="h5netcdf", chunks="auto")
 
 
 def _parquet(location: Location) -> Any:

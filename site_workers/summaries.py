@@ -27,35 +27,73 @@ def _coord_summary(coord: Any) -> dict[str, Any]:
     return info
 
 
+def _chunking(var: Any) -> dict[str, Any] | None:
+    """Chunk size along each dimension (the largest chunk) and how many chunks there are."""
+    if not var.chunks:
+        return None
+    return {
+        "shape": {str(dim): int(max(sizes)) for dim, sizes in zip(var.dims, var.chunks)},
+        "count": int(np.prod([len(sizes) for sizes in var.chunks])),
+    }
+
+
 def summarize_xarray(value: Any) -> dict[str, Any]:
-    """Dims, coordinate ranges, variables and dtypes of an xarray object (no data)."""
+    """Dims, coordinate ranges, variables, dtypes, chunking and size of an xarray object (no data read).
+
+    Example (one variable of a daily field)::
+
+        {"type": "xarray.Dataset", "dims": {"time": 730, "lat": 18, "lon": 72},
+         "coords": {"time": {"dtype": "datetime64[ns]", "size": 730, "min": "2000-01-01T00:00:00", ...}},
+         "data_vars": {"temperature": {"dims": ["time", "lat", "lon"], "dtype": "float32",
+                                      "chunks": {"shape": {"time": 120, "lat": 18, "lon": 72}, "count": 7},
+                                      "storage_chunks": [120, 18, 72], "units": "K", "nbytes": 3784320}},
+         "nbytes": 3790000}
+    """
     import xarray as xr
 
     ds = value.to_dataset(name=value.name or "value") if isinstance(value, xr.DataArray) else value
     variables = list(ds.data_vars.items())[:_MAX_VARIABLES]
+    data_vars: dict[str, Any] = {}
+    for name, var in variables:
+        info: dict[str, Any] = {"dims": [str(d) for d in var.dims], "dtype": str(var.dtype), "chunks": _chunking(var)}
+        stored = var.encoding.get("chunks") or var.encoding.get("chunksizes")
+        if stored:
+            info["storage_chunks"] = [int(size) for size in stored]
+        if "units" in var.attrs:
+            info["units"] = str(var.attrs["units"])[:64]
+        info["nbytes"] = int(var.nbytes)
+        data_vars[str(name)] = info
     return {
         "type": "xarray.Dataset",
         "dims": {str(name): int(size) for name, size in ds.sizes.items()},
         "coords": {str(name): _coord_summary(coord) for name, coord in ds.coords.items() if coord.ndim <= 1},
-        "data_vars": {
-            str(name): {
-                "dims": [str(d) for d in var.dims],
-                "dtype": str(var.dtype),
-                "chunks": [list(c) if len(c) <= 8 else [c[0], "...", len(c)] for c in var.chunks] if var.chunks else None,
-            }
-            for name, var in variables
-        },
+        "data_vars": data_vars,
         "nbytes": int(ds.nbytes),
     }
 
 
 def summarize_frame(value: Any) -> dict[str, Any]:
-    """Columns, dtypes and row count of a table."""
-    return {
+    """Columns, dtypes and row count of a table (pandas); for a Dask dataframe, rows stay unknown here.
+
+    Counting the rows of a Dask dataframe would read it: the catalog fills them in
+    from Parquet footers instead (`site_workers.catalog`).
+    """
+    summary: dict[str, Any] = {
         "type": "table",
         "columns": {str(name): str(dtype) for name, dtype in value.dtypes.items()},
-        "rows": int(len(value)),
+        "rows": None,
     }
+    if _is_dask_frame(value):
+        summary["partitions"] = int(value.npartitions)
+    else:
+        summary["rows"] = int(len(value))
+        summary["nbytes"] = int(value.memory_usage(index=True, deep=False).sum())
+    return summary
+
+
+def _is_dask_frame(value: Any) -> bool:
+    dd = sys.modules.get("dask.dataframe")
+    return dd is not None and isinstance(value, dd.DataFrame)
 
 
 def summarize(value: Any) -> dict[str, Any]:
@@ -64,7 +102,7 @@ def summarize(value: Any) -> dict[str, Any]:
     if xr is not None and isinstance(value, (xr.Dataset, xr.DataArray)):
         return summarize_xarray(value)
     pd = sys.modules.get("pandas")
-    if pd is not None and isinstance(value, pd.DataFrame):
+    if (pd is not None and isinstance(value, pd.DataFrame)) or _is_dask_frame(value):
         return summarize_frame(value)
     if isinstance(value, np.ndarray):
         return {"type": "ndarray", "shape": list(value.shape), "dtype": str(value.dtype)}

@@ -1,0 +1,78 @@
+"""Parameter types and helpers shared by the xarray operations (no operations here)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+import numpy as np
+from pydantic import AfterValidator, Field
+
+from dfm_prefect.errors import InvalidParametersError
+from dfm_prefect.operations import OperationParams
+
+Label = Union[float, int, str]
+NAME = r"^[A-Za-z_][A-Za-z0-9_.-]{0,127}$"
+GROUP = r"^[A-Za-z_][A-Za-z0-9_]*(\.(year|month|season|dayofyear|hour))?$"
+Stat = Literal["mean", "sum", "min", "max", "std", "var", "count"]
+"""Statistics that stream: Dask reduces each chunk, then combines the partial results."""
+
+class Range(OperationParams):
+    """An inclusive label range; either end may be open."""
+
+    start: Label | None = None
+    stop: Label | None = None
+
+
+def _distinct(value: list[str]) -> list[str]:
+    if len(set(value)) != len(value):
+        raise ValueError("dimensions must not repeat")
+    return value
+
+
+Dims = Annotated[list[str], Field(min_length=1, max_length=16), AfterValidator(_distinct)]
+"""One or more distinct dimension names."""
+
+
+def select_variables(ds: Any, variables: list[str] | None) -> Any:
+    """The dataset narrowed to ``variables`` (all if None), or a clear error naming what exists."""
+    if variables is None:
+        return ds
+    missing = sorted(set(variables) - set(ds.data_vars))
+    if missing:
+        raise InvalidParametersError(f"no variables {missing}; the data has {sorted(ds.data_vars)}")
+    return ds[variables]
+
+
+def numeric(ds: Any) -> Any:
+    """Only the numeric data variables (statistics of strings or dates make no sense)."""
+    return ds[[name for name, var in ds.data_vars.items() if var.dtype.kind in "biuf"]]
+
+
+def check_dims(ds: Any, dims: list[str] | dict[str, Any]) -> None:
+    missing = sorted(set(dims) - set(ds.dims))
+    if missing:
+        raise InvalidParametersError(f"no dimensions {missing}; the data has {sorted(ds.dims)}")
+
+
+def area_weights(ds: Any, lat: str) -> Any:
+    """cos(latitude): the relative area of a cell on a regular latitude-longitude grid."""
+    if lat not in ds.coords:
+        raise InvalidParametersError(
+            f"area weights need a latitude coordinate {lat!r}; the data has coordinates {sorted(ds.coords)}"
+        )
+    return np.cos(np.deg2rad(ds[lat].astype("float64")))
+
+
+def on_device(ctx: Any, value: Any) -> Any:
+    """``value`` with its chunks on the site's compute device: CuPy on GPU sites, unchanged elsewhere."""
+    # SiteContext has no public handle on its backend yet; see site_workers.compute.
+    backend = getattr(ctx, "compute_backend", None) or getattr(ctx, "_compute", None)
+    to_device = getattr(backend, "to_device", None)
+    return to_device(value) if callable(to_device) else value
+
+
+def apply_stat(obj: Any, stat: str, dims: list[str]) -> Any:
+    """``obj.<stat>(dim=dims)`` for the streaming statistics (NaNs skipped)."""
+    if stat == "count":
+        return obj.count(dim=dims)
+    return getattr(obj, stat)(dim=dims, skipna=True)

@@ -1,0 +1,286 @@
+"""Statistics over gridded data: partial sums and histograms that merge exactly across sites.
+
+`moments` and `histogram` return sums and counts, never averages: adding the
+results of several sites (`dfm_prefect.combine`) gives exactly the statistic of
+the pooled data. `weighted_mean`, `groupby_reduce` and `resample` give a site's
+own answer directly. Every one streams Dask chunks (on the GPU at GPU sites).
+
+Example:
+
+```python
+from adapters.xarray_stats import histogram, moments
+from dfm_prefect.combine import combine_histograms, combine_moments
+
+parts = [moments.submit(data=f"dfm://{s}/temperature", dims=["time", "lat", "lon"], weights="area") for s in sites]
+pooled = combine_moments([p.result().fetch() for p in parts])          # exact pooled mean and variance
+hists = [histogram.submit(data=f"dfm://{s}/temperature", bins={"start": 200, "stop": 330, "count": 130}) for s in sites]
+counts = combine_histograms([h.result().fetch() for h in hists])
+```
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field, field_validator, model_validator
+
+from adapters.xarray_common import GROUP, NAME, Dims, Stat, apply_stat, area_weights, check_dims, numeric, on_device, select_variables
+from dfm_prefect.errors import InvalidParametersError
+from dfm_prefect.operations import DataInput, OperationParams, operation
+
+
+class MomentsParams(OperationParams):
+    data: DataInput
+    variables: list[str] | None = Field(default=None, max_length=256)
+    dims: Dims
+    groupby: str | None = Field(default=None, pattern=GROUP)
+    weights: Literal["none", "area"] = "none"
+    lat: str = Field(default="lat", pattern=NAME)
+
+
+@operation("xarray.moments", version="1", result="aggregate")
+def moments(params: MomentsParams, ctx: Any) -> Any:
+    """Weight totals, weighted sums and sums of squares over ``dims`` (optionally per group).
+
+    The result is exactly mergeable across sites: `dfm_prefect.combine.combine_moments`
+    turns the results of several sites into the pooled mean, variance and count.
+    Area weights depend on latitude alone, so the data is first summed over the
+    other dimensions (float64 accumulators, one pass per term) and weighted after.
+    """
+    import xarray as xr
+
+    ds = numeric(select_variables(ctx.open_dataset(params.data), params.variables))
+    check_dims(ds, params.dims)
+    weighted = params.weights == "area"
+    area = area_weights(ds, params.lat) if weighted else None
+    ds = on_device(ctx, ds)
+    terms = {}
+    for name, var in ds.data_vars.items():
+        x = var.fillna(0.0) if var.dtype.kind == "f" else var
+        terms[f"{name}__n"] = var.notnull()
+        terms[f"{name}__wx"] = x
+        terms[f"{name}__wxx"] = x.astype("float64") ** 2
+    frame = xr.Dataset(terms)
+    reduced_lat = weighted and params.lat in params.dims
+    inner = [d for d in params.dims if not (reduced_lat and d == params.lat)]
+    if params.groupby:
+        group_dim = params.groupby.split(".")[0]
+        if group_dim not in frame.dims:
+            raise InvalidParametersError(f"cannot group by {params.groupby!r}: no dimension {group_dim!r}")
+        inner = list(dict.fromkeys([group_dim, *inner]))
+        partial = frame.groupby(params.groupby).sum(dim=inner, dtype="float64", skipna=False)
+    else:
+        partial = frame.sum(dim=inner, dtype="float64", skipna=False) if inner else frame.astype("float64")
+    weight = on_device(ctx, area) if weighted else None
+    out = {}
+    for name in ds.data_vars:
+        n, sx, sxx = partial[f"{name}__n"], partial[f"{name}__wx"], partial[f"{name}__wxx"]
+        if weight is not None:
+            n_w, sx, sxx = n * weight, sx * weight, sxx * weight
+        else:
+            n_w = n
+        if reduced_lat:
+            n, n_w, sx, sxx = (term.sum(dim=params.lat) for term in (n, n_w, sx, sxx))
+        out[f"{name}__w"], out[f"{name}__wx"], out[f"{name}__wxx"], out[f"{name}__n"] = n_w, sx, sxx, n
+    (result,) = ctx.compute(xr.Dataset(out))
+    for name in ds.data_vars:
+        result[f"{name}__n"] = result[f"{name}__n"].round().astype("int64")
+    result.attrs["dfm_moments"] = ",".join(ds.data_vars)
+    return result
+
+
+class WeightedMeanParams(OperationParams):
+    data: DataInput
+    variables: list[str] | None = Field(default=None, max_length=256)
+    dims: Dims
+    weights: str = Field(default="area", pattern=NAME, description="'area' (cos latitude) or a data variable of weights.")
+    lat: str = Field(default="lat", pattern=NAME)
+
+
+@operation("xarray.weighted_mean", version="1", result="aggregate")
+def weighted_mean(params: WeightedMeanParams, ctx: Any) -> Any:
+    """Weighted mean over ``dims``: by cell area (cos latitude) or by a weights variable; NaNs skipped."""
+    ds = ctx.open_dataset(params.data)
+    if params.weights == "area":
+        weight = on_device(ctx, area_weights(ds, params.lat))
+    elif params.weights in ds.data_vars:
+        weight = on_device(ctx, ds[params.weights].astype("float64").fillna(0.0))
+        ds = ds.drop_vars(params.weights)
+    else:
+        raise InvalidParametersError(f"weights must be 'area' or a data variable; the data has {sorted(ds.data_vars)}")
+    ds = numeric(select_variables(ds, params.variables))
+    check_dims(ds, params.dims)
+    x = on_device(ctx, ds).astype("float64")
+    total = (x * weight).fillna(0.0).sum(dim=params.dims)
+    mass = (x.notnull() * weight).sum(dim=params.dims)
+    (result,) = ctx.compute(total / mass)
+    return result
+
+
+class BinRange(OperationParams):
+    """``count`` equal bins from ``start`` to ``stop``."""
+
+    start: float
+    stop: float
+    count: int = Field(ge=1, le=100_000)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> BinRange:
+        if not (np.isfinite(self.start) and np.isfinite(self.stop) and self.stop > self.start):
+            raise ValueError("bins need finite start < stop")
+        return self
+
+
+class HistogramParams(OperationParams):
+    data: DataInput
+    variables: list[str] | None = Field(default=None, max_length=256)
+    bins: list[float] | BinRange = Field(description="Bin edges (increasing) or an equal-width range.")
+    weights: Literal["none", "area"] = "none"
+    lat: str = Field(default="lat", pattern=NAME)
+
+    @field_validator("bins")
+    @classmethod
+    def _edges(cls, value: list[float] | BinRange) -> list[float] | BinRange:
+        if isinstance(value, list):
+            edges = np.asarray(value, dtype="float64")
+            if not 2 <= edges.size <= 100_001 or not np.all(np.isfinite(edges)) or np.any(np.diff(edges) <= 0):
+                raise ValueError("bin edges must be 2 to 100001 finite, strictly increasing numbers")
+        return value
+
+
+def bin_edges(bins: list[float] | BinRange) -> np.ndarray:
+    """The edges a histogram uses: every site computes the same ones from the same parameters."""
+    if isinstance(bins, BinRange):
+        return np.linspace(bins.start, bins.stop, bins.count + 1)
+    return np.asarray(bins, dtype="float64")
+
+
+def _block_histogram(block: Any, weights: Any = None, *, edges: np.ndarray, ndim: int, weighted: bool) -> np.ndarray:
+    """Counts (and weight sums) per bin, then below, above and NaN, for one chunk; on the host."""
+    on_gpu = type(block).__module__.startswith("cupy")
+    xp = sys.modules["cupy"] if on_gpu else np
+    if not on_gpu:
+        block, weights = np.asarray(block), (np.asarray(weights) if weighted else None)
+    x = block.astype("float64").ravel()
+    w = xp.broadcast_to(xp.asarray(weights), block.shape).ravel() if weighted else None
+    nan = xp.isnan(x)
+    below = x < edges[0]
+    above = x > edges[-1]
+    inside = ~(nan | below | above)
+    out = [xp.histogram(x[inside], bins=xp.asarray(edges))[0].astype("float64")]
+    out.append(xp.stack([below.sum(), above.sum(), nan.sum()]).astype("float64"))
+    if weighted:
+        out.append(xp.histogram(x[inside], bins=xp.asarray(edges), weights=w[inside])[0])
+        out.append(xp.stack([w[below].sum(), w[above].sum(), w[nan].sum()]).astype("float64"))
+    result = xp.concatenate(out)
+    if on_gpu:
+        result = result.get()
+    return result.reshape((1,) * ndim + (-1,))
+
+
+def _histogram(var: Any, weight: Any, edges: np.ndarray) -> Any:
+    """A lazy 1-D array: per-bin counts, below, above, NaN (then the same for weights)."""
+    import dask.array as da
+
+    x = var.data if isinstance(var.data, da.Array) else da.from_array(var.data, chunks="auto")
+    ndim = x.ndim
+    weighted = weight is not None
+    width = (len(edges) - 1 + 3) * (2 if weighted else 1)
+    if weighted:
+        shape = [1] * ndim
+        axis = var.dims.index(weight.dims[0])
+        shape[axis] = x.shape[axis]
+        chunks = tuple((1,) if i != axis else x.chunks[axis] for i in range(ndim))
+        w = da.from_array(np.asarray(weight.values, dtype="float64").reshape(shape), chunks=chunks)
+    parts = da.map_blocks(
+        _block_histogram,
+        *([x, w] if weighted else [x]),
+        edges=edges,
+        ndim=ndim,
+        weighted=weighted,
+        new_axis=[ndim],
+        chunks=tuple((1,) * len(c) for c in x.chunks) + ((width,),),
+        dtype="float64",
+        meta=np.empty((0,) * (ndim + 1), dtype="float64"),
+    )
+    return parts.sum(axis=tuple(range(ndim)))
+
+
+@operation("xarray.histogram", version="1", result="aggregate")
+def histogram(params: HistogramParams, ctx: Any) -> Any:
+    """Counts per fixed bin (plus below-range, above-range and NaN counts), optionally area-weighted.
+
+    Counts are exact and add up across sites: `dfm_prefect.combine.combine_histograms`.
+    Bins are half-open ``[a, b)`` except the last, which includes its upper edge (as in NumPy).
+    """
+    import xarray as xr
+
+    ds = numeric(select_variables(ctx.open_dataset(params.data), params.variables))
+    edges = bin_edges(params.bins)
+    weight = area_weights(ds, params.lat) if params.weights == "area" else None
+    ds = on_device(ctx, ds)
+    names = list(ds.data_vars)
+    lazy = [_histogram(ds[name], weight if weight is not None and weight.dims[0] in ds[name].dims else None, edges) for name in names]
+    if weight is not None and any(weight.dims[0] not in ds[name].dims for name in names):
+        raise InvalidParametersError(f"area weights need every variable to have dimension {weight.dims[0]!r}")
+    computed = ctx.compute(*lazy)
+    nbins = len(edges) - 1
+    out: dict[str, Any] = {}
+    for name, values in zip(names, computed):
+        values = np.asarray(values)
+        out[f"{name}__count"] = ("bin", values[:nbins].astype("int64"))
+        for i, side in enumerate(("below", "above", "nan")):
+            out[f"{name}__{side}"] = ((), np.int64(values[nbins + i]))
+        if weight is not None:
+            start = nbins + 3
+            out[f"{name}__weight"] = ("bin", values[start : start + nbins])
+            for i, side in enumerate(("below", "above", "nan")):
+                out[f"{name}__weight_{side}"] = ((), values[start + nbins + i])
+    coords = {"bin": np.arange(nbins), "bin_start": ("bin", edges[:-1]), "bin_stop": ("bin", edges[1:])}
+    return xr.Dataset(out, coords=coords, attrs={"dfm_histogram": ",".join(names)})
+
+
+class GroupbyReduceParams(OperationParams):
+    data: DataInput
+    variables: list[str] | None = Field(default=None, max_length=256)
+    group: str = Field(pattern=GROUP, description="A coordinate, or time.year / time.month / time.season / ...")
+    stat: Stat = "mean"
+    dims: list[str] = Field(default_factory=list, max_length=16, description="Other dimensions reduced too.")
+
+
+@operation("xarray.groupby_reduce", version="1", result="aggregate")
+def groupby_reduce(params: GroupbyReduceParams, ctx: Any) -> Any:
+    """One statistic per group (e.g. per month of ``time``), over the group's dimension and ``dims``."""
+    ds = numeric(select_variables(ctx.open_dataset(params.data), params.variables))
+    group_dim = params.group.split(".")[0]
+    check_dims(ds, [*params.dims])
+    if group_dim not in ds.coords:
+        raise InvalidParametersError(f"cannot group by {params.group!r}: no coordinate {group_dim!r}")
+    ds = on_device(ctx, ds)
+    over = list(dict.fromkeys([*ds[group_dim].dims, *params.dims]))
+    reduced = apply_stat(ds.groupby(params.group), params.stat, over)
+    (result,) = ctx.compute(reduced)
+    return result
+
+
+class ResampleParams(OperationParams):
+    data: DataInput
+    variables: list[str] | None = Field(default=None, max_length=256)
+    freq: str = Field(pattern=r"^[1-9]?[0-9]{0,3}(h|D|W|MS|ME|QS|QE|YS|YE)$", description="e.g. 1D, 7D, MS, QS-like, YS")
+    stat: Stat = "mean"
+    time: str = Field(default="time", pattern=NAME)
+    dims: list[str] = Field(default_factory=list, max_length=16, description="Other dimensions reduced too.")
+
+
+@operation("xarray.resample", version="1", result="aggregate")
+def resample(params: ResampleParams, ctx: Any) -> Any:
+    """One statistic per time bin (``freq``: pandas offsets such as 7D, MS, QS, YS), over time and ``dims``."""
+    ds = numeric(select_variables(ctx.open_dataset(params.data), params.variables))
+    check_dims(ds, [params.time, *params.dims])
+    ds = on_device(ctx, ds)
+    over = list(dict.fromkeys([params.time, *params.dims]))
+    reduced = apply_stat(ds.resample({params.time: params.freq}), params.stat, over)
+    (result,) = ctx.compute(reduced)
+    return result
