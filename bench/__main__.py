@@ -13,13 +13,13 @@ import sys
 import time
 from pathlib import Path
 
-from bench import dispatch
+from bench import dispatch, peer_dfm
 from bench.env import BenchEnv
 from bench.harness import Row, machine
 from bench.report import markdown, table
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCHMARKS = {"dispatch": dispatch.run}
+BENCHMARKS = {"dispatch": dispatch.run, "peer": peer_dfm.run}
 NOTES = {
     "dispatch": """
 **Dispatch overhead.** 200 no-op tasks submitted with `.map` inside one flow run,
@@ -27,6 +27,15 @@ timed per round (first round is a warm-up). `FederationTaskRunner` runs Prefect'
 task engine on the client like `ThreadPoolTaskRunner` and adds one round trip to a
 site process plus the site storing the result with its sha256; `DaskTaskRunner`
 runs the engine in worker processes that each talk to the Prefect API.
+""",
+    "peer": """
+**NVIDIA DFM head to head.** The same pipeline (load a 24×90×180 grid at one site,
+cut a lat/lon box, mean, value to the client) on nv-dfm-core's local and FLARE POC
+targets (its own virtual environment, nvflare 2.6) and on dfm-prefect. DFM's local
+target keeps 12 warm worker processes and polls its queues every 0.1 s; on FLARE
+it starts one NVFlare job per execution, which costs seconds. A dfm-prefect flow
+run carries Prefect's own ~1 s flow-run overhead; inside a running flow the same
+pipeline is two round trips to a warm site.
 """,
 }
 

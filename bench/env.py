@@ -38,14 +38,24 @@ class BenchEnv:
         self._stack = ExitStack()
         self.root = Path(self._stack.enter_context(tempfile.TemporaryDirectory(prefix="dfm-bench-")))
         self.federation: LocalFederation | None = None
+        self.peer_expected: float | None = None
 
     def __enter__(self) -> BenchEnv:
         self._stack.enter_context(LocalPrefectServer(self.root / "prefect"))
         return self
 
+    def site_sources(self) -> dict[str, list[dict]]:
+        """Data every benchmark federation offers: the small grid of the DFM head-to-head, on north."""
+        from bench.peer_dfm import make_grid
+
+        grid = self.root / "peer" / "grid.nc"
+        if not grid.exists():
+            self.peer_expected = make_grid(grid)
+        return {"north": [{"name": "peer-grid", "url": f"file://{grid}"}]}
+
     def local_federation(self) -> LocalFederation:
         if self.federation is None:
-            configs = write_site_configs(self.root)
+            configs = write_site_configs(self.root, sources=self.site_sources())
             self.federation = self._stack.enter_context(LocalFederation(configs, workdir=self.root / "federation"))
         return self.federation
 
