@@ -157,7 +157,9 @@ def bin_edges(bins: list[float] | BinRange) -> np.ndarray:
     return np.asarray(bins, dtype="float64")
 
 
-def _block_histogram(block: Any, weights: Any = None, *, edges: np.ndarray, ndim: int, weighted: bool) -> np.ndarray:
+def _block_histogram(
+    block: Any, weights: Any = None, *, edges: np.ndarray, uniform: bool, ndim: int, weighted: bool
+) -> np.ndarray:
     """Counts (and weight sums) per bin, then below, above and NaN, for one chunk; on the host."""
     on_gpu = type(block).__module__.startswith("cupy")
     xp = sys.modules["cupy"] if on_gpu else np
@@ -169,10 +171,13 @@ def _block_histogram(block: Any, weights: Any = None, *, edges: np.ndarray, ndim
     below = x < edges[0]
     above = x > edges[-1]
     inside = ~(nan | below | above)
-    out = [xp.histogram(x[inside], bins=xp.asarray(edges))[0].astype("float64")]
+    # Equal bins take NumPy's (and CuPy's) arithmetic path, which checks against the same edges.
+    bins: dict[str, Any] = {"bins": len(edges) - 1, "range": (edges[0], edges[-1])} if uniform else {"bins": xp.asarray(edges)}
+    values = x[inside]
+    out = [xp.histogram(values, **bins)[0].astype("float64")]
     out.append(xp.stack([below.sum(), above.sum(), nan.sum()]).astype("float64"))
     if weighted:
-        out.append(xp.histogram(x[inside], bins=xp.asarray(edges), weights=w[inside])[0])
+        out.append(xp.histogram(values, weights=w[inside], **bins)[0])
         out.append(xp.stack([w[below].sum(), w[above].sum(), w[nan].sum()]).astype("float64"))
     result = xp.concatenate(out)
     if on_gpu:
@@ -180,7 +185,7 @@ def _block_histogram(block: Any, weights: Any = None, *, edges: np.ndarray, ndim
     return result.reshape((1,) * ndim + (-1,))
 
 
-def _histogram(var: Any, weight: Any, edges: np.ndarray) -> Any:
+def _histogram(var: Any, weight: Any, edges: np.ndarray, uniform: bool) -> Any:
     """A lazy 1-D array: per-bin counts, below, above, NaN (then the same for weights)."""
     import dask.array as da
 
@@ -198,6 +203,7 @@ def _histogram(var: Any, weight: Any, edges: np.ndarray) -> Any:
         _block_histogram,
         *([x, w] if weighted else [x]),
         edges=edges,
+        uniform=uniform,
         ndim=ndim,
         weighted=weighted,
         new_axis=[ndim],
@@ -222,7 +228,8 @@ def histogram(params: HistogramParams, ctx: Any) -> Any:
     weight = area_weights(ds, params.lat) if params.weights == "area" else None
     ds = on_device(ctx, ds)
     names = list(ds.data_vars)
-    lazy = [_histogram(ds[name], weight if weight is not None and weight.dims[0] in ds[name].dims else None, edges) for name in names]
+    uniform = isinstance(params.bins, BinRange)
+    lazy = [_histogram(ds[name], weight if weight is not None and weight.dims[0] in ds[name].dims else None, edges, uniform) for name in names]
     if weight is not None and any(weight.dims[0] not in ds[name].dims for name in names):
         raise InvalidParametersError(f"area weights need every variable to have dimension {weight.dims[0]!r}")
     computed = ctx.compute(*lazy)
