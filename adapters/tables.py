@@ -96,9 +96,9 @@ def _mask(frame: Any, condition: Condition) -> Any:
     column = frame[condition.column]
     value = _literal(frame, condition.column, condition.value)
     if condition.op == "is null":
-        return column.isna()
+        return column.isnull()
     if condition.op == "not null":
-        return column.notna()
+        return column.notnull()
     if condition.op == "in":
         return column.isin(value)
     if condition.op == "not in":
