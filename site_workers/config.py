@@ -33,10 +33,11 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from dfm_prefect.errors import ConfigError
 from dfm_prefect.refs import ResultKind
@@ -49,6 +50,20 @@ class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+def _no_password_in_url(url: str) -> str:
+    # Source URLs are published in the catalog: a password in one would leave the site.
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        password = None
+    if password:
+        raise ValueError(
+            "a URL must not carry a password (user:password@host); put credentials in "
+            "storage_options, read from the site's environment with ${env:NAME}"
+        )
+    return url
+
+
 class SourceConfig(_Model):
     """A dataset the site publishes, by fsspec URL."""
 
@@ -58,12 +73,16 @@ class SourceConfig(_Model):
     storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
     description: str = ""
 
+    _url = field_validator("url")(_no_password_in_url)
+
 
 class RootConfig(_Model):
     """A location under which operations may read any path (besides declared sources)."""
 
     url: str = Field(min_length=1)
     storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
+
+    _url = field_validator("url")(_no_password_in_url)
 
 
 class StoreConfig(_Model):
@@ -72,6 +91,8 @@ class StoreConfig(_Model):
     url: str = Field(min_length=1)
     storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
 
+    _url = field_validator("url")(_no_password_in_url)
+
 
 class ExportPolicy(_Model):
     """What may leave the site.
@@ -79,12 +100,30 @@ class ExportPolicy(_Model):
     ``kinds`` lists the result kinds that may be sent to a client at all;
     ``max_bytes`` caps the size of any one result that leaves; results up to
     ``inline_bytes`` (and allowed) come back together with their reference.
+
+    ``recipients`` narrows a kind to named clients: a result of a kind listed
+    there leaves only for a client whose identity the transport authenticated
+    and that is on the list (the local transport authenticates no individual
+    clients, so such kinds never leave through it). ``error_detail: type`` sends
+    only the exception type of an unexpected operation failure (its message may
+    hold data) and keeps the message in the site's log under an incident id.
+
+    Example::
+
+        export:
+          kinds: [aggregate, value, dataset]
+          recipients: {dataset: [alice@lab.example]}   # raw grids only to alice
+          error_detail: type
     """
 
     kinds: list[ResultKind] = Field(default_factory=lambda: ["aggregate", "value"])
     max_bytes: int = Field(default=10 << 20, ge=0)
     inline_bytes: int = Field(default=1 << 20, ge=0)
     share_logs: bool = True
+    recipients: dict[ResultKind, list[Annotated[str, Field(min_length=1, max_length=256)]]] = Field(
+        default_factory=dict, description="Per result kind, the only client identities it may leave for."
+    )
+    error_detail: Literal["message", "type"] = "message"
 
 
 class Limits(_Model):
@@ -93,6 +132,32 @@ class Limits(_Model):
     concurrency: int = Field(default=4, ge=1, le=1024)
     queue: int = Field(default=10_000, ge=0, description="Requests that may wait for a slot.")
     max_params_bytes: int = Field(default=1 << 20, ge=1024)
+
+
+USER_CODE_OPERATION = "code.python"
+"""The one operation that runs code sent by clients; offered only with ``user_code.enabled``."""
+
+
+class UserCodePolicy(_Model):
+    """Whether the site runs Python source sent by clients (``code.python``), and within what limits.
+
+    Off by default. Turning it on gives every client of the federation the power
+    to run programs as the site's OS user (see docs/security.md): the code runs in
+    a separate process with no site credentials in its environment and with CPU,
+    memory, output and wall-clock limits, but it can read whatever that user can.
+
+    Example::
+
+        operations: [core.echo, code.python]
+        user_code: {enabled: true, timeout_s: 30, memory_bytes: 536870912}
+    """
+
+    enabled: bool = False
+    timeout_s: float = Field(default=60.0, gt=0, le=3600, description="Wall-clock limit of one run.")
+    cpu_s: int = Field(default=60, ge=1, le=3600, description="CPU-seconds limit of one run.")
+    memory_bytes: int = Field(default=1 << 30, ge=64 << 20, description="Address-space limit of the process.")
+    max_source_bytes: int = Field(default=64 << 10, ge=1, le=16 << 20)
+    max_output_bytes: int = Field(default=1 << 20, ge=1024, le=256 << 20, description="Result and printed output, each.")
 
 
 class ComputeConfig(_Model):
@@ -147,6 +212,14 @@ class SiteConfig(_Model):
     export: ExportPolicy = ExportPolicy()
     limits: Limits = Limits()
     compute: ComputeConfig = ComputeConfig()
+    user_code: UserCodePolicy = UserCodePolicy()
+
+    _env_secrets: frozenset[str] = PrivateAttr(default=frozenset())
+
+    @property
+    def env_secrets(self) -> frozenset[str]:
+        """Values the config took from the site's environment (outside ``url`` fields): treated as secrets."""
+        return self._env_secrets
 
     @field_validator("name")
     @classmethod
@@ -164,21 +237,33 @@ class SiteConfig(_Model):
             raise ValueError(f"source names must be unique; repeated: {duplicates}")
         return value
 
+    @model_validator(mode="after")
+    def _user_code_is_opt_in(self) -> SiteConfig:
+        if USER_CODE_OPERATION in self.operations and not self.user_code.enabled:
+            raise ValueError(
+                f"operations lists {USER_CODE_OPERATION}, which runs code sent by clients; opt in with "
+                "user_code: {enabled: true} after reading docs/security.md, or remove it"
+            )
+        return self
 
-def _resolve_env(value: Any, where: str) -> Any:
+
+def _resolve_env(value: Any, where: str, found: set[str], key: str = "") -> Any:
+    """Substitute ``${env:NAME}``; collect the substituted values into ``found`` (except in URLs)."""
     if isinstance(value, str):
 
         def lookup(match: re.Match[str]) -> str:
             name = match.group(1)
             if name not in os.environ:
                 raise ConfigError(f"{where}: environment variable {name} is not set at this site")
+            if key != "url":  # URLs are published in the catalog; the rest may be credentials
+                found.add(os.environ[name])
             return os.environ[name]
 
         return _ENV_REF.sub(lookup, value)
     if isinstance(value, dict):
-        return {key: _resolve_env(item, f"{where}.{key}") for key, item in value.items()}
+        return {k: _resolve_env(item, f"{where}.{k}", found, str(k)) for k, item in value.items()}
     if isinstance(value, list):
-        return [_resolve_env(item, f"{where}[{i}]") for i, item in enumerate(value)]
+        return [_resolve_env(item, f"{where}[{i}]", found, key) for i, item in enumerate(value)]
     return value
 
 
@@ -186,13 +271,16 @@ def parse_site_config(data: Any, *, origin: str = "site config") -> SiteConfig:
     """Validate an already-parsed config mapping."""
     if not isinstance(data, dict):
         raise ConfigError(f"{origin}: expected a mapping at the top level, got {type(data).__name__}")
+    found: set[str] = set()
     try:
-        return SiteConfig.model_validate(_resolve_env(data, "config"))
+        config = SiteConfig.model_validate(_resolve_env(data, "config", found))
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(part) for part in error['loc']) or '(top)'}: {error['msg']}" for error in exc.errors()
         )
         raise ConfigError(f"{origin} is invalid: {problems}") from None
+    config._env_secrets = frozenset(found)
+    return config
 
 
 def load_site_config(path: str | Path) -> SiteConfig:

@@ -13,13 +13,26 @@ from typing import Any
 from dfm_prefect.errors import AccessDeniedError, RequestCancelledError
 from dfm_prefect.refs import DataRef
 from dfm_prefect.wire import LogLine
+from site_workers.answers import wire_text
 from site_workers.compute import ComputeBackend
+from site_workers.config import UserCodePolicy
 from site_workers.readers import open_location
 from site_workers.sources import SourceResolver
 from site_workers.store import ResultStore
 
 OPS_LOGGER = "dfm_prefect.site.ops"
 _lines: contextvars.ContextVar[list[LogLine] | None] = contextvars.ContextVar("dfm_site_log_lines", default=None)
+_redact: contextvars.ContextVar[Callable[[str], str] | None] = contextvars.ContextVar("dfm_site_redact", default=None)
+
+
+class _RedactingFilter(logging.Filter):
+    """Masks the site's credentials in what an operation logs, before any handler (the site's log included) sees it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        redact = _redact.get()
+        if redact is not None:
+            record.msg, record.args = redact(record.getMessage()), None
+        return True
 
 
 class _CapturingHandler(logging.Handler):
@@ -28,9 +41,10 @@ class _CapturingHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         lines = _lines.get()
         if lines is not None:
-            lines.append(LogLine(level=record.levelno, message=record.getMessage()[:8192], time=record.created))
+            lines.append(LogLine(level=record.levelno, message=wire_text(record.getMessage(), 8192), time=record.created))
 
 
+logging.getLogger(OPS_LOGGER).addFilter(_RedactingFilter())
 logging.getLogger(OPS_LOGGER).addHandler(_CapturingHandler(logging.INFO))
 logging.getLogger(OPS_LOGGER).setLevel(logging.INFO)
 
@@ -48,6 +62,8 @@ class SiteContext:
         compute: ComputeBackend,
         cancelled: threading.Event,
         on_progress: Callable[[float, str], None] | None = None,
+        user_code: UserCodePolicy | None = None,
+        redact: Callable[[str], str] | None = None,
     ) -> None:
         self.site = site
         self.request_id = request_id
@@ -56,6 +72,9 @@ class SiteContext:
         self._compute = compute
         self._cancelled = cancelled
         self._on_progress = on_progress
+        self._redact = redact
+        self.user_code = user_code or UserCodePolicy()
+        """The site's rules for running code sent by clients (``code.python``); disabled unless opted in."""
         self._last_progress = 0.0
         self.logs: list[LogLine] = []
         self.log = logging.getLogger(OPS_LOGGER)
@@ -63,11 +82,13 @@ class SiteContext:
 
     @contextmanager
     def capturing_logs(self) -> Iterator[None]:
-        """Collect what the operation logs (through ``ctx.log``) into :attr:`logs`."""
+        """Collect what the operation logs (through ``ctx.log``) into :attr:`logs`, credentials masked."""
         token = _lines.set(self.logs)
+        redact_token = _redact.set(self._redact)
         try:
             yield
         finally:
+            _redact.reset(redact_token)
             _lines.reset(token)
 
     # -- data ---------------------------------------------------------------------
@@ -115,6 +136,10 @@ class SiteContext:
             if self._cancelled.wait(min(left, 0.5)):
                 self.check_cancelled()
             self.progress(1.0 - max(deadline - time.monotonic(), 0.0) / seconds if seconds else 1.0)
+
+    def wait_cancelled(self, timeout: float) -> bool:
+        """Block up to ``timeout`` seconds; True as soon as the client cancels this request."""
+        return self._cancelled.wait(timeout)
 
     def check_cancelled(self) -> None:
         """Raise if the client cancelled this request (call between long steps)."""

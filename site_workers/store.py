@@ -1,9 +1,17 @@
-"""The site's result store: results written once, read back only if their sha256 matches."""
+"""The site's result store: results written once, read back only if their sha256 matches.
+
+A result's file name binds it to the kind and format the site gave it
+(``<uuid>.<kind>.<format>``), so a client cannot relabel a stored dataset as a
+``value`` to get it past the export policy: the name, not the reference the
+client sends, is what the site believes.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import posixpath
+import re
 import tempfile
 import threading
 import uuid
@@ -18,6 +26,8 @@ from site_workers.config import StoreConfig
 from site_workers.sources import canonical
 
 _CHUNK = 4 << 20
+_BOUND_NAME = re.compile(r"^[0-9a-f]{32}\.(value|aggregate|dataset|table)\.([a-z0-9_]+)$")
+_LEGACY_NAME = re.compile(r"^[0-9a-f]{32}\.([a-z0-9_]+)$")
 
 
 def _sha256_file(path: str) -> str:
@@ -47,7 +57,7 @@ class ResultStore:
     def put(self, value: Any, *, op: str, kind: ResultKind, summary: dict[str, Any]) -> tuple[DataRef, bytes | None]:
         """Store a value; return its reference and, for small values, the encoded bytes."""
         codec = codec_for(value)
-        name = f"{uuid.uuid4().hex}.{codec.format}"
+        name = f"{uuid.uuid4().hex}.{kind}.{codec.format}"
         target = f"{self.root}/{name}"
         payload: bytes | None = None
         if codec.write_file is None:
@@ -77,17 +87,38 @@ class ResultStore:
         return ref, payload
 
     def _stamp(self, path: str) -> Any:
+        """What must be unchanged for an earlier sha256 check to still hold (size first)."""
+        if self.is_local:
+            # ctime and the inode change on every write or replacement, and unlike mtime
+            # cannot be set back by a process that tampers with the file.
+            st = os.stat(path)
+            return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
         info = self.fs.info(path)
-        return (info.get("size"), info.get("mtime") or info.get("LastModified") or info.get("ETag"))
+        return (info.get("size"), info.get("mtime") or info.get("LastModified"), info.get("ETag"))
 
     def check_owned(self, ref: DataRef) -> str:
         """The path of a reference if it belongs to this store, else `AccessDeniedError`."""
         if ref.site != self.site:
             raise AccessDeniedError(f"{ref!r} is held by site {ref.site!r}, not by this site")
         protocol, path = canonical(ref.uri)
-        if protocol != self.protocol or not path.startswith(self.root.rstrip("/") + "/"):
+        if protocol != self.protocol or posixpath.dirname(path) != self.root.rstrip("/"):
             raise AccessDeniedError(f"{ref!r} does not point into this site's result store")
+        name = posixpath.basename(path)
+        bound = _BOUND_NAME.match(name)
+        if bound is not None:
+            if (bound.group(1), bound.group(2)) != (ref.kind, ref.format):
+                raise AccessDeniedError(
+                    f"{ref!r} claims kind {ref.kind!r} and format {ref.format!r}, but this site stored that result "
+                    f"as {bound.group(1)!r} in {bound.group(2)!r}: the reference was altered"
+                )
+        elif (legacy := _LEGACY_NAME.match(name)) is None or legacy.group(1) != ref.format:
+            raise AccessDeniedError(f"{ref!r} does not name a result of this site's store")
         return path
+
+    def bound_kind(self, ref: DataRef) -> ResultKind | None:
+        """The kind the site stored ``ref`` as (None for results stored before kinds were bound)."""
+        bound = _BOUND_NAME.match(posixpath.basename(self.check_owned(ref)))
+        return bound.group(1) if bound is not None else None  # type: ignore[return-value]
 
     def read_bytes(self, ref: DataRef, offset: int = 0, length: int | None = None) -> bytes:
         """Read (part of) a stored result after checking it is intact."""
@@ -102,18 +133,28 @@ class ResultStore:
         try:
             stamp = self._stamp(path)
         except FileNotFoundError:
-            raise ResultIntegrityError(f"result {ref!r} is missing from the store", site=self.site) from None
+            raise ResultIntegrityError(
+                f"result {ref!r} is missing from the store; run the operation that produced it again", site=self.site
+            ) from None
+        size = stamp[0]
+        if size != ref.size:
+            raise ResultIntegrityError(
+                f"result {ref!r} is corrupted or the reference was altered: {size} bytes are stored; "
+                "run the operation that produced it again",
+                site=self.site,
+            )
         with self._lock:
             if self._verified.get(ref.uri) == (ref.sha256, stamp):
                 return path
-        size = stamp[0]
         digest = hashlib.sha256()
         with self.fs.open(path, "rb") as handle:
             for block in iter(lambda: handle.read(_CHUNK), b""):
                 digest.update(block)
-        if size != ref.size or digest.hexdigest() != ref.sha256:
+        if digest.hexdigest() != ref.sha256:
             raise ResultIntegrityError(
-                f"result {ref!r} is corrupted: stored bytes do not match its sha256", site=self.site
+                f"result {ref!r} is corrupted: the stored bytes do not match its size and sha256; "
+                "run the operation that produced it again",
+                site=self.site,
             )
         with self._lock:
             self._verified[ref.uri] = (ref.sha256, stamp)

@@ -5,6 +5,11 @@ a ``reply`` callback; the worker answers every message it can identify, exactly
 once, through that callback (possibly from another thread). Nothing it receives
 is unpickled, imported or evaluated: operations are looked up by name in the
 site's own allow-list and run with parameters validated by their pydantic model.
+
+Every answer leaves through one place, :meth:`SiteWorker._safe_reply`, which
+masks the site's credentials in its free text (`site_workers.redaction`). A
+transport that authenticates individual clients passes the client's identity
+with each frame; the export policy's ``recipients`` rules decide on it.
 """
 
 from __future__ import annotations
@@ -21,19 +26,16 @@ from typing import Any
 from pydantic import ValidationError
 
 from dfm_prefect.errors import (
-    AccessDeniedError,
     ConfigError,
     ExportRefusedError,
     FederationError,
     InvalidParametersError,
     MalformedRequestError,
-    OperationFailedError,
     RequestCancelledError,
     SiteOverloadedError,
     UnknownOperationError,
 )
 from dfm_prefect.operations import Operation, load_operations
-from dfm_prefect.refs import DataRef
 from dfm_prefect.wire import (
     CancelRequest,
     Described,
@@ -56,11 +58,13 @@ from dfm_prefect.wire import (
     StatsRequest,
     b64encode,
 )
+from site_workers.answers import error_info, guess_id, refs_in, validation_message, wire_safe_id
 from site_workers.catalog import Catalog
 from site_workers.compute import make_backend
-from site_workers.config import SiteConfig
+from site_workers.config import USER_CODE_OPERATION, SiteConfig
 from site_workers.context import SiteContext
 from site_workers.policy import ExportGate
+from site_workers.redaction import Redactor
 from site_workers.sources import SourceResolver
 from site_workers.store import ResultStore
 
@@ -69,23 +73,11 @@ log = logging.getLogger("dfm_prefect.site")
 Reply = Callable[[SiteMessage], None]
 
 
-def _error(exc: BaseException) -> ErrorInfo:
-    if isinstance(exc, FederationError):
-        return ErrorInfo(code=exc.code, message=str(exc)[:8192])
-    return ErrorInfo(code=OperationFailedError.code, message=f"{type(exc).__name__}: {exc}"[:8192])
-
-
-def _validation_message(exc: ValidationError) -> str:
-    # Only locations and reasons: echoing the input could put data or secrets in logs.
-    return "; ".join(
-        f"{'.'.join(str(part) for part in error['loc']) or '(top)'}: {error['msg']}" for error in exc.errors()[:20]
-    )
-
-
 @dataclass
 class _Job:
     request: RunRequest
     peer: str
+    identity: str | None
     reply: Reply
     cancelled: threading.Event = field(default_factory=threading.Event)
     future: Future[None] | None = None
@@ -98,6 +90,8 @@ class SiteWorker:
     def __init__(self, config: SiteConfig) -> None:
         self.config = config
         self.name = config.name
+        if config.user_code.enabled:
+            import site_workers.user_code  # noqa: F401  (registers code.python, only on sites that opted in)
         registry = load_operations(config.operation_modules)
         unknown = sorted(set(config.operations) - set(registry))
         if unknown:
@@ -110,7 +104,8 @@ class SiteWorker:
         self.compute = make_backend(config.compute)
         self.catalog = Catalog(self.resolver)
         self.catalog.warm()
-        self.gate = ExportGate(config.name, config.export)
+        self.redactor = Redactor.for_config(config)
+        self.gate = ExportGate(config.name, config.export, self.redactor)
         self._pool = ThreadPoolExecutor(max_workers=config.limits.concurrency, thread_name_prefix=f"site-{config.name}")
         self._lock = threading.Lock()
         self._jobs: dict[str, _Job] = {}
@@ -120,46 +115,54 @@ class SiteWorker:
 
     # ------------------------------------------------------------------ frames
 
-    def handle_frame(self, frame: bytes | str, reply: Reply, peer: str = "local") -> None:
-        """Decode one frame and answer each of its messages through ``reply``."""
+    def handle_frame(self, frame: bytes | str, reply: Reply, peer: str = "local", identity: str | None = None) -> None:
+        """Decode one frame and answer each of its messages through ``reply``.
+
+        ``peer`` names the connection (its requests are cancelled together when it
+        goes away); ``identity`` is the client identity the transport authenticated
+        for it, or None where the transport has none.
+        """
         try:
             envelope = Envelope.model_validate_json(frame)
         except ValidationError as exc:
             with self._lock:
                 self._stats["rejected"] += 1
-            message = f"the frame does not follow the dfm-prefect wire schema v1: {_validation_message(exc)}"
-            self._safe_reply(reply, ErrorReply(id=_guess_id(frame), error=ErrorInfo(code=MalformedRequestError.code, message=message[:8192])))
+            message = f"the frame does not follow the dfm-prefect wire schema v1: {validation_message(exc)}"
+            self._safe_reply(reply, ErrorReply(id=guess_id(frame), error=ErrorInfo(code=MalformedRequestError.code, message=message[:8192])))
             return
         for message in envelope.messages:
-            self.handle_message(message, reply, peer)
+            self.handle_message(message, reply, peer, identity)
 
-    def handle_message(self, message: Any, reply: Reply, peer: str = "local") -> None:
+    def handle_message(self, message: Any, reply: Reply, peer: str = "local", identity: str | None = None) -> None:
         """Answer one decoded message."""
         try:
             if isinstance(message, RunRequest):
-                self._accept_run(message, reply, peer)
+                self._accept_run(message, reply, peer, identity)
             elif isinstance(message, DescribeRequest):
                 self._safe_reply(reply, Described(id=message.id, info=self.describe()))
             elif isinstance(message, StatsRequest):
                 self._safe_reply(reply, StatsReply(id=message.id, stats=self.stats()))
             elif isinstance(message, FetchRequest):
-                self._safe_reply(reply, self._fetch(message))
+                self._safe_reply(reply, self._fetch(message, identity))
             elif isinstance(message, CancelRequest):
                 self.cancel(message.target)
         except Exception as exc:  # a bad request must never stop the site
-            log.warning("request %s refused: %s", getattr(message, "id", "?"), exc)
-            self._safe_reply(reply, ErrorReply(id=getattr(message, "id", None), error=_error(exc)))
+            log.warning("request %s refused: %s", getattr(message, "id", "?"), self.redactor.text(str(exc)))
+            self._safe_reply(reply, ErrorReply(id=wire_safe_id(getattr(message, "id", None)), error=self._error(exc)))
 
-    @staticmethod
-    def _safe_reply(reply: Reply, message: SiteMessage) -> None:
+    def _error(self, exc: BaseException) -> ErrorInfo:
+        return error_info(exc, self.config.export.error_detail, self.name, self.redactor.text)
+
+    def _safe_reply(self, reply: Reply, message: SiteMessage) -> None:
+        """Send one answer, with the site's credentials masked; a peer that is gone is not an error."""
         try:
-            reply(message)
+            reply(self.redactor.message(message))
         except Exception as exc:  # the peer went away; the site keeps serving others
             log.info("could not deliver %s %s: %s", message.kind, getattr(message, "id", "?"), exc)
 
     # ------------------------------------------------------------------- runs
 
-    def _accept_run(self, request: RunRequest, reply: Reply, peer: str) -> None:
+    def _accept_run(self, request: RunRequest, reply: Reply, peer: str, identity: str | None) -> None:
         with self._lock:
             self._stats["requests"] += 1
         try:
@@ -170,15 +173,18 @@ class SiteWorker:
                 self._stats["rejected"] += 1
             self._safe_reply(reply, self._failure(request, exc, 0.0))
             return
-        job = _Job(request=request, peer=peer, reply=reply)
+        job = _Job(request=request, peer=peer, identity=identity, reply=reply)
+        limits = self.config.limits
         with self._lock:
             if self._closed:
                 raise SiteOverloadedError("the site is shutting down", site=self.name)
-            waiting = len(self._jobs) - self._running
-            if waiting >= self.config.limits.queue + self.config.limits.concurrency:
+            # The bound is on everything held: running plus waiting, never more.
+            if len(self._jobs) >= limits.queue + limits.concurrency:
                 self._stats["rejected"] += 1
                 overloaded = SiteOverloadedError(
-                    f"{len(self._jobs)} requests are queued or running; try again later", site=self.name
+                    f"{len(self._jobs)} requests are queued or running, this site's limit "
+                    f"(concurrency {limits.concurrency} + queue {limits.queue}); try again later",
+                    site=self.name,
                 )
                 self._safe_reply(reply, self._failure(request, overloaded, 0.0))
                 return
@@ -190,8 +196,15 @@ class SiteWorker:
     def _check(self, request: RunRequest) -> Operation:
         op = self.operations.get(request.op)
         if op is None:
+            if request.op == USER_CODE_OPERATION:
+                raise UnknownOperationError(
+                    f"operation {request.op!r} is not offered here: this site does not run code sent by clients "
+                    "(its administrator has not opted in with user_code.enabled; see docs/security.md)",
+                    site=self.name,
+                )
             raise UnknownOperationError(
-                f"operation {request.op!r} is not offered here; this site offers {sorted(self.operations)}",
+                f"operation {request.op!r} is not offered here (it is not in this site's allow-list); "
+                f"this site offers {sorted(self.operations)}",
                 site=self.name,
             )
         if request.version is not None and request.version != op.version:
@@ -213,10 +226,10 @@ class SiteWorker:
             params = op.params.model_validate(request.params)
         except ValidationError as exc:
             raise InvalidParametersError(
-                f"invalid parameters for {op.name!r}: {_validation_message(exc)}", site=self.name
+                f"invalid parameters for {op.name!r}: {validation_message(exc)}", site=self.name
             ) from None
         for value in params.__dict__.values():
-            for ref in _refs_in(value):
+            for ref in refs_in(value):
                 self.store.check_owned(ref)
         return params
 
@@ -232,6 +245,8 @@ class SiteWorker:
             store=self.store,
             compute=self.compute,
             cancelled=job.cancelled,
+            user_code=self.config.user_code,
+            redact=self.redactor.text if self.redactor.active else None,
             on_progress=lambda fraction, message: self._safe_reply(
                 job.reply, ProgressUpdate(id=request.id, fraction=fraction, message=message)
             ),
@@ -244,7 +259,7 @@ class SiteWorker:
             from site_workers.summaries import summarize
 
             ref, payload = self.store.put(value, op=op.name, kind=op.result_kind, summary=summarize(value))
-            inline = self.gate.inline(ref, payload, self.store)
+            inline = self.gate.inline(ref, payload, self.store, job.identity)
             message = RunResult(
                 id=request.id,
                 site=self.name,
@@ -261,7 +276,9 @@ class SiteWorker:
                 self._stats["bytes_out"] += len(inline or b"")
         except Exception as exc:
             if not isinstance(exc, FederationError):
-                log.warning("operation %s (request %s) failed: %s: %s", op.name, request.id, type(exc).__name__, exc)
+                log.warning(
+                    "operation %s (request %s) failed: %s: %s", op.name, request.id, type(exc).__name__, self.redactor.text(str(exc))
+                )
             with self._lock:
                 self._stats["failed"] += 1
             message = self._failure(request, exc, time.monotonic() - started, ctx.logs)
@@ -276,7 +293,7 @@ class SiteWorker:
             id=request.id,
             site=self.name,
             ok=False,
-            error=_error(exc),
+            error=self._error(exc),
             logs=(logs or []) if self.config.export.share_logs else [],
             duration_s=duration,
             load=self.load(),
@@ -344,16 +361,27 @@ class SiteWorker:
             counters = dict(self._stats)
         return SiteStats(**counters, load=self.load())
 
-    def _fetch(self, request: FetchRequest) -> FetchChunk:
-        self.gate.check_export(request.ref)
-        self.store.check_owned(request.ref)
-        data = self.store.read_bytes(request.ref, request.offset, request.length)
+    def _fetch(self, request: FetchRequest, identity: str | None) -> FetchChunk:
+        ref = request.ref
+        # What the site recorded decides, not what the reference claims: size and sha256
+        # are checked against the stored bytes, kind and format against the stored name.
+        self.store.verify(ref)
+        if self.store.bound_kind(ref) is None:
+            raise ExportRefusedError(
+                f"{ref!r} was stored before results were bound to their kind, so it cannot be exported; "
+                "run the operation that produced it again",
+                site=self.name,
+            )
+        self.gate.check_export(ref, identity)
+        if self.redactor.active:
+            # The whole result, not the chunk: a credential may straddle chunks. What may
+            # leave is at most export.max_bytes, so this read is bounded.
+            self.gate.check_content(ref, self.store.read_bytes(ref))
+        data = self.store.read_bytes(ref, request.offset, request.length)
         with self._lock:
             self._stats["bytes_out"] += len(data)
         end = request.offset + len(data)
-        return FetchChunk(
-            id=request.id, offset=request.offset, data=b64encode(data), total=request.ref.size, eof=end >= request.ref.size
-        )
+        return FetchChunk(id=request.id, offset=request.offset, data=b64encode(data), total=ref.size, eof=end >= ref.size)
 
     def close(self) -> None:
         """Stop taking work, cancel what is queued, wait for what runs."""
@@ -361,26 +389,3 @@ class SiteWorker:
             self._closed = True
         self._pool.shutdown(wait=True, cancel_futures=True)
         self.compute.close()
-
-
-def _refs_in(value: Any) -> list[DataRef]:
-    if isinstance(value, DataRef):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return [ref for item in value for ref in _refs_in(item)]
-    if isinstance(value, dict):
-        return [ref for item in value.values() for ref in _refs_in(item)]
-    return []
-
-
-def _guess_id(frame: bytes | str) -> str | None:
-    """Best effort: the id of a single-message frame, so the client can match the error."""
-    try:
-        data = json.loads(frame)
-        messages = data.get("messages") if isinstance(data, dict) else None
-        if isinstance(messages, list) and len(messages) == 1 and isinstance(messages[0], dict):
-            candidate = messages[0].get("id")
-            return candidate if isinstance(candidate, str) and len(candidate) <= 64 else None
-    except (ValueError, TypeError, AttributeError, RecursionError):
-        return None
-    return None

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import Counter
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
-from dfm_prefect.operations import OperationParams, operation
+from dfm_prefect.operations import DataInput, OperationParams, operation
 
 _attempts: Counter[str] = Counter()
 _lock = threading.Lock()
@@ -29,3 +30,47 @@ def flaky(params: FlakyParams, ctx: Any) -> int:
     if attempt <= params.failures:
         raise RuntimeError(f"planned failure {attempt} of {params.failures}")
     return attempt
+
+
+class LeakParams(OperationParams):
+    variable: str = Field(pattern=r"^DFM_TEST_[A-Z_]+$", description="The site environment variable to leak.")
+    mode: Literal["raise", "return", "progress"] = "raise"
+
+
+@operation("testing.leak", version="1", result="value")
+def leak(params: LeakParams, ctx: Any) -> Any:
+    """A careless operation: puts a site credential in a log line, a progress message, an error or its result."""
+    secret = os.environ.get(params.variable, "")
+    ctx.log.info("connecting with %s", secret)
+    if params.mode == "progress":
+        ctx.progress(1.0, f"token {secret}")
+        return "done"
+    if params.mode == "return":
+        return {"token": secret}
+    raise RuntimeError(f"login failed for token={secret} (row 17: patient_weight=81.4)")
+
+
+class WhereParams(OperationParams):
+    data: DataInput
+    seconds: float = Field(default=0.0, ge=0, le=600)
+
+
+@operation("testing.where", version="1", result="value")
+def where(params: WhereParams, ctx: Any) -> str:
+    """Open the data (so access is checked), wait (cancellably), and say which site ran it."""
+    ctx.open_dataset(params.data)
+    ctx.sleep(params.seconds)
+    return ctx.site
+
+
+class ReadParams(OperationParams):
+    data: DataInput
+
+
+@operation("testing.read", version="1", result="value")
+def read(params: ReadParams, ctx: Any) -> Any:
+    """Open an input (a stored result or a source) and return a small description of what was read."""
+    value = ctx.open(params.data)
+    if isinstance(value, (dict, list, str, int, float)) or value is None:
+        return value
+    return {"type": type(value).__name__, "variables": sorted(map(str, getattr(value, "data_vars", {})))}
