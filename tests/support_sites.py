@@ -54,11 +54,16 @@ class Answers:
 
     def __init__(self) -> None:
         self.messages: list[SiteMessage] = []
+        self.unsendable: list[str] = []
         self._cond = threading.Condition()
 
     def __call__(self, message: SiteMessage) -> None:
-        # Every answer must be sendable on the wire: encode it as the transports do.
-        ReplyEnvelope(messages=[message]).model_dump_json()
+        # Every answer must be sendable on the wire: encode and decode it as the transports do.
+        # (Raising here would be swallowed by the worker, so failures are recorded instead.)
+        try:
+            ReplyEnvelope.model_validate_json(ReplyEnvelope(messages=[message]).model_dump_json())
+        except Exception as exc:
+            self.unsendable.append(f"{message!r}: {exc}")
         if message.kind == "progress":
             return
         with self._cond:
@@ -69,6 +74,7 @@ class Answers:
         with self._cond:
             if not self._cond.wait_for(lambda: len(self.messages) >= count, timeout):
                 raise AssertionError(f"expected {count} answers, got {len(self.messages)}: {self.messages}")
+            assert not self.unsendable, f"answers that cannot travel: {self.unsendable}"
             return list(self.messages)
 
 
@@ -93,14 +99,16 @@ class RawSiteConnection:
     def send(self, frame: bytes) -> None:
         self.conn.send_bytes(frame)
 
-    def receive(self, timeout: float = 20.0) -> list[SiteMessage]:
-        """The messages of the next reply frame that is not only progress updates."""
+    def receive(self, count: int, timeout: float = 20.0) -> list[SiteMessage]:
+        """The next ``count`` answers (progress updates aside), from however many reply frames."""
         deadline = time.monotonic() + timeout
-        while self.conn.poll(max(deadline - time.monotonic(), 0)):
-            messages = [m for m in ReplyEnvelope.model_validate_json(self.conn.recv_bytes()).messages if m.kind != "progress"]
-            if messages:
-                return messages
-        raise AssertionError(f"the site sent no answer within {timeout}s")
+        messages: list[SiteMessage] = []
+        while len(messages) < count and self.conn.poll(max(deadline - time.monotonic(), 0)):
+            frame = ReplyEnvelope.model_validate_json(self.conn.recv_bytes())
+            messages.extend(m for m in frame.messages if m.kind != "progress")
+        if len(messages) < count:
+            raise AssertionError(f"expected {count} answers within {timeout}s, got {messages}")
+        return messages
 
     def close(self) -> None:
         self.conn.close()
