@@ -9,6 +9,7 @@ that comes back from each site.
 from __future__ import annotations
 
 import atexit
+import hashlib
 import logging
 import threading
 import uuid
@@ -21,6 +22,7 @@ from dfm_prefect.errors import (
     FederationError,
     PlacementError,
     RequestCancelledError,
+    ResultIntegrityError,
     SiteUnavailableError,
     error_class,
 )
@@ -228,7 +230,7 @@ class FederationClient:
             offset += len(data)
             if reply.eof or not data:
                 break
-        return b"".join(parts)
+        return check_integrity(ref, b"".join(parts))
 
     # ------------------------------------------------------------- plumbing
 
@@ -303,8 +305,21 @@ def unwrap(reply: RunResult) -> DataRef:
         code, message = (error.code, error.message) if error else ("federation_error", "the site sent no result")
         raise error_class(code)(message, site=reply.site)
     if reply.payload:
-        reply.ref.attach_payload(b64decode(reply.payload))
+        reply.ref.attach_payload(check_integrity(reply.ref, b64decode(reply.payload)))
     return reply.ref
+
+
+def check_integrity(ref: DataRef, data: bytes) -> bytes:
+    """``data`` if it is exactly the stored result ``ref`` names (size and sha256), else `ResultIntegrityError`.
+
+    The site verifies what it reads from its store; this check, end to end, also
+    covers what happened to the bytes on the way.
+    """
+    if len(data) != ref.size or hashlib.sha256(data).hexdigest() != ref.sha256:
+        raise ResultIntegrityError(
+            f"the bytes received for {ref!r} do not match its size and sha256; fetch it again", site=ref.site
+        )
+    return data
 
 
 # ------------------------------------------------------------ process-wide clients
