@@ -178,20 +178,24 @@ class SiteWorker:
         with self._lock:
             if self._closed:
                 raise SiteOverloadedError("the site is shutting down", site=self.name)
+            held = len(self._jobs)
             # The bound is on everything held: running plus waiting, never more.
-            if len(self._jobs) >= limits.queue + limits.concurrency:
+            full = held >= limits.queue + limits.concurrency
+            if full:
                 self._stats["rejected"] += 1
-                overloaded = SiteOverloadedError(
-                    f"{len(self._jobs)} requests are queued or running, this site's limit "
-                    f"(concurrency {limits.concurrency} + queue {limits.queue}); try again later",
-                    site=self.name,
-                )
-                self._safe_reply(reply, self._failure(request, overloaded, 0.0))
-                return
-            if request.id in self._jobs:
+            elif request.id in self._jobs:
                 raise MalformedRequestError(f"request id {request.id!r} is already in use", site=self.name)
-            self._jobs[request.id] = job
-            job.future = self._pool.submit(self._execute, job, op, params)
+            else:
+                self._jobs[request.id] = job
+                job.future = self._pool.submit(self._execute, job, op, params)
+        if full:
+            # Answered outside the lock: the answer reads the load, which takes the lock.
+            overloaded = SiteOverloadedError(
+                f"{held} requests are queued or running, this site's limit "
+                f"(concurrency {limits.concurrency} + queue {limits.queue}); try again later",
+                site=self.name,
+            )
+            self._safe_reply(reply, self._failure(request, overloaded, 0.0))
 
     def _check(self, request: RunRequest) -> Operation:
         op = self.operations.get(request.op)
