@@ -203,28 +203,35 @@ def test_a_frozen_site_is_bounded_by_the_task_timeout(twins, twins_client, twins
 
 # ----------------------------------------------------------------- clients die
 
-CLIENT = """
+CLIENT_FLOW = """
 import sys
-from dfm_prefect.client import get_client
-client = get_client(sys.argv[1])
-futures = [client.run("beta", "core.sleep", {"seconds": 300})[1] for _ in range(40)]
-print("submitted", flush=True)
-sys.stdin.read()
+from prefect import flow, unmapped
+from adapters.core import sleep
+from dfm_prefect.task_runner import FederationTaskRunner
+
+@flow(task_runner=FederationTaskRunner(sys.argv[1]))
+def hog():
+    futures = sleep.map(seconds=[300.0] * 40, site=unmapped("beta"))
+    print("submitted", flush=True)
+    futures.wait()
+
+hog()
 """
 
 
-def test_a_killed_client_frees_the_site(twins, twins_client):
-    before = twins_client.stats("beta")
+def test_a_client_killed_mid_flow_frees_the_site(twins, twins_client, prefect_api):
+    idle = twins_client.stats("beta").load
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
     client = subprocess.Popen(
-        [sys.executable, "-c", CLIENT, str(twins.federation_file)], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", CLIENT_FLOW, str(twins.federation_file)], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True
     )
     try:
         assert client.stdout is not None and client.stdout.readline().strip() == "submitted"
-        eventually(lambda: twins_client.stats("beta").load == before.load.model_copy(update={"running": 4, "queued": 36}), "40 requests held")
+        eventually(lambda: twins_client.stats("beta").load == idle.model_copy(update={"running": 4, "queued": 36}), "40 requests held")
     finally:
         client.kill()
         client.wait()
-    freed_after = eventually(lambda: twins_client.stats("beta").load.running + twins_client.stats("beta").load.queued == 0, "beta idle", 10)
+    freed_after = eventually(lambda: twins_client.stats("beta").load == idle, "beta idle again", 10)
     assert freed_after < 5
     assert twins_client.call("beta", "core.echo", {"value": "free"}).fetch() == "free"
 

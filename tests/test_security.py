@@ -152,6 +152,24 @@ def test_invalid_parameters_are_refused_before_any_work(vault_client, op, params
     refused(vault_client, "vault", op, params, InvalidParametersError, why)
 
 
+def test_a_flow_cannot_get_bad_parameters_past_the_site(vault, prefect_api):
+    from adapters.core import echo
+    from dfm_prefect.task_runner import FederationTaskRunner
+
+    @flow(task_runner=FederationTaskRunner(vault.federation_file))
+    def careless() -> list[str]:
+        futures = [
+            echo.submit(value="x" * 3000, site="vault"),
+            subset.submit(data="temperature", ranges="all of it", site="vault"),
+            subset.submit(data={"uri": "file:///etc/passwd"}, site="vault"),
+        ]
+        return [str(future.state.message) for future in futures if future.wait() is None]
+
+    messages = careless()
+    assert len(messages) == 3 and all("InvalidParametersError" in message for message in messages), messages
+    assert "at most 2048" in messages[0] and "ranges" in messages[1] and "data" in messages[2]
+
+
 # ------------------------------------------------------------ data confinement
 
 LOCAL_ATTACKS = [
