@@ -104,6 +104,19 @@ def refused(
     assert client.call(site, "core.echo", {"value": "still-serving"}).fetch() == "still-serving"
 
 
+# -------------------------------------------------------------- credentials
+
+
+def test_a_client_without_the_federation_key_is_refused(vault, vault_client):
+    from multiprocessing import AuthenticationError
+    from multiprocessing.connection import Client
+
+    host, port = vault.spec.sites["vault"].rsplit(":", 1)
+    with pytest.raises((AuthenticationError, EOFError, ConnectionError)):
+        Client((host, int(port)), family="AF_INET", authkey=b"not-the-federation-key").send_bytes(b"{}")
+    assert vault_client.call("vault", "core.echo", {"value": "still-serving"}).fetch() == "still-serving"
+
+
 # ------------------------------------------------------------------ allow-list
 
 
