@@ -13,13 +13,13 @@ import sys
 import time
 from pathlib import Path
 
-from bench import dispatch, peer_dfm
+from bench import dispatch, gpu, locality, peer_dfm
 from bench.env import BenchEnv
 from bench.harness import Row, machine
 from bench.report import markdown, table
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCHMARKS = {"dispatch": dispatch.run, "peer": peer_dfm.run}
+BENCHMARKS = {"dispatch": dispatch.run, "peer": peer_dfm.run, "locality": locality.run, "gpu": gpu.run}
 NOTES = {
     "dispatch": """
 **Dispatch overhead.** 200 no-op tasks submitted with `.map` inside one flow run,
@@ -36,6 +36,23 @@ target keeps 12 warm worker processes and polls its queues every 0.1 s; on FLARE
 it starts one NVFlare job per execution, which costs seconds. A dfm-prefect flow
 run carries Prefect's own ~1 s flow-run overhead; inside a running flow the same
 pipeline is two round trips to a warm site.
+""",
+    "locality": """
+**Locality.** Area-weighted yearly mean and variance plus a 90-bin histogram of a
+daily float32 field of `DFM_BENCH_LOCALITY_GB` (default 2) GB, one hemisphere per
+site: `north` local zarr, `south` zarr on S3 (moto on 127.0.0.1, real HTTP).
+Federated: a `FederationTaskRunner` flow runs `xarray.moments` and
+`xarray.histogram` at each site and merges the sums on the client; bytes moved are
+what left the sites. Download: the client reads both stores (local files, s3fs)
+and computes the same with Dask; bytes moved are the stored bytes read. Rounds
+alternate, are timed inside the flow run, and each checks that the answers agree.
+""",
+    "gpu": """
+**GPU.** `bench/gpu.py` on a GPU machine (`scripts/gpu_check.sh`): the same
+operations (`xarray.moments`, `xarray.histogram`, `xarray.reduce`) on the same
+`DFM_BENCH_GPU_GB` (default 10) GB float32 field, persisted in the cluster first
+(generation outside the timed region), on a dask-cuda `LocalCUDACluster` with CuPy
+chunks and on a CPU `distributed.LocalCluster` using every core.
 """,
 }
 
