@@ -8,11 +8,9 @@ federation is unreachable.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 from rich.console import Console
@@ -34,6 +32,8 @@ EXIT_CHECK_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_UNREACHABLE = 3
 
+Transport = Literal["flare", "local"]
+
 
 def _fail(exc: FederationError) -> typer.Exit:
     err.print(f"[red]error:[/red] {exc}")
@@ -53,14 +53,17 @@ def demo(
     years: Annotated[int, typer.Option(min=1, max=50)] = 4,
     resolution: Annotated[float, typer.Option(min=0.25, max=10.0, help="Grid spacing in degrees.")] = 1.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    transport: Annotated[Transport, typer.Option(help="flare: sites behind a FLARE POC (mTLS, mesh job); local: plain site processes.")] = "flare",
 ) -> None:
-    """Run the federated climate demo on two local sites (one on S3) and check the answer."""
+    """Run the federated climate demo on two sites (one on S3) over FLARE and check the answer."""
     from dfm_prefect.demo.data import ClimateSpec
     from dfm_prefect.demo.run import RTOL, run_demo
 
     spec = ClimateSpec(years=years, resolution=resolution)
     try:
-        report = run_demo(workdir, spec, log=(lambda _msg: None) if as_json else (lambda msg: console.print(f"[dim]{msg}[/dim]")))
+        report = run_demo(
+            workdir, spec, transport=transport, log=(lambda _msg: None) if as_json else (lambda msg: console.print(f"[dim]{msg}[/dim]"))
+        )
     except FederationError as exc:
         raise _fail(exc) from None
     if as_json:
@@ -132,66 +135,90 @@ def site_start(
 # ------------------------------------------------------------------ federation
 
 
-def _state_file(workdir: Path) -> Path:
-    return workdir / "processes.json"
-
-
 @federation_app.command("up")
 def federation_up(
     configs: Annotated[list[Path], typer.Argument(help="Site config YAML files, one per site.")],
-    workdir: Annotated[Path, typer.Option(help="Where the federation file and logs go.")] = Path(".dfm"),
+    workdir: Annotated[Path, typer.Option(help="Where the federation file, kits and logs go.")] = Path(".dfm"),
+    transport: Annotated[Transport, typer.Option(help="flare: a FLARE POC on this machine (mTLS, mesh job); local: plain site processes.")] = "flare",
 ) -> None:
-    """Start one local site process per config and write WORKDIR/federation.json."""
-    from dfm_prefect.local_federation import LocalFederation
+    """Start a federation of the given sites on this machine and write WORKDIR/federation.json."""
+    from dfm_prefect.federation_control import up
 
-    federation = LocalFederation(configs, workdir=workdir)
     try:
-        with console.status("starting sites..."):
-            federation.start()
+        with console.status(f"starting the {transport} federation (FLARE: server, sites, mesh job)..."):
+            started = up(configs, workdir, transport=transport)
     except FederationError as exc:
         raise _fail(exc) from None
-    _state_file(workdir).write_text(json.dumps(federation.pids()))
-    console.print(f"federation is up: {', '.join(federation.sites)}")
-    console.print(f"use it with: export DFM_FEDERATION={federation.federation_file.resolve()}")
+    console.print(f"federation is up over {transport}: {', '.join(started.sites)}")
+    console.print(f"use it with: export DFM_FEDERATION={started.federation_file}")
 
 
 @federation_app.command("down")
 def federation_down(workdir: Annotated[Path, typer.Option()] = Path(".dfm")) -> None:
-    """Stop the site processes that `federation up` started."""
-    state = _state_file(workdir)
-    if not state.exists():
-        err.print(f"no federation was started from {workdir}")
-        raise typer.Exit(EXIT_BAD_INPUT)
-    for site, pid in json.loads(state.read_text()).items():
-        try:
-            os.killpg(pid, signal.SIGTERM)
-            console.print(f"stopped {site} (pid {pid})")
-        except ProcessLookupError:
-            console.print(f"{site} (pid {pid}) was not running")
-    state.unlink()
+    """Stop every process that `federation up` started from WORKDIR."""
+    from dfm_prefect.federation_control import down
+
+    try:
+        for line in down(workdir):
+            console.print(line)
+    except FederationError as exc:
+        raise _fail(exc) from None
 
 
 @federation_app.command("status")
 def federation_status(
     federation: Annotated[Optional[Path], typer.Option(help="Federation file (default: $DFM_FEDERATION).")] = None,
 ) -> None:
-    """Show each site's state, operations and load."""
+    """Show each site's state, operations and load (exit 3 if a site is down)."""
     from dfm_prefect.client import get_client
 
     try:
         client = get_client(federation)
     except FederationError as exc:
         raise _fail(exc) from None
+    transport = client.transport.site_states()
     table = Table(title="Sites")
-    for column in ("site", "state", "operations", "running", "queued", "capacity"):
+    for column in ("site", "state", "operations", "running", "queued", "capacity", "transport"):
         table.add_column(column)
     for name, info in sorted(client.sites.items()):
-        table.add_row(name, "[green]ready[/green]", ", ".join(sorted(info.operations)), str(info.load.running), str(info.load.queued), str(info.load.capacity))
+        load = info.load
+        table.add_row(name, "[green]ready[/green]", ", ".join(sorted(info.operations)), str(load.running), str(load.queued), str(load.capacity), transport.get(name, ""))
     for name, reason in sorted(client.down.items()):
-        table.add_row(name, f"[red]down[/red]: {reason}", "", "", "", "")
+        table.add_row(name, f"[red]down[/red]: {reason}", "", "", "", "", transport.get(name, ""))
     console.print(table)
     if client.down:
         raise typer.Exit(EXIT_UNREACHABLE)
+
+
+@federation_app.command("join")
+def federation_join(
+    kit: Annotated[Path, typer.Argument(help="This site's FLARE startup kit (the folder holding startup/ and local/).")],
+    config: Annotated[Path, typer.Argument(help="This site's YAML config.")],
+) -> None:
+    """Run this site in a provisioned FLARE federation: harden the kit's policy, start its FLARE client."""
+    from dfm_prefect.flare.participant import run_site
+
+    try:
+        raise typer.Exit(run_site(kit, config, log=console.print))
+    except FederationError as exc:
+        raise _fail(exc) from None
+
+
+@federation_app.command("mesh")
+def federation_mesh(
+    admin_kit: Annotated[Path, typer.Option(help="The project admin's startup kit.")],
+    username: Annotated[str, typer.Option(help="The admin's name as in its certificate.")],
+    sites: Annotated[str, typer.Option(help="Comma-separated site names to wait for.")],
+    out: Annotated[Path, typer.Option(help="Federation file to write for flows.")] = Path("federation.json"),
+    supervise: Annotated[bool, typer.Option(help="Keep running and replace the mesh job when a site rejoins.")] = True,
+) -> None:
+    """Start the mesh job on a provisioned FLARE federation and write the federation file."""
+    from dfm_prefect.flare.participant import run_mesh
+
+    try:
+        run_mesh(admin_kit, username, [s for s in sites.split(",") if s], out, supervise=supervise, log=console.print)
+    except FederationError as exc:
+        raise _fail(exc) from None
 
 
 @app.command()

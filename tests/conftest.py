@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -70,10 +71,8 @@ S3_OPTIONS = {
 }
 
 
-@pytest.fixture(scope="session")
-def federation(tmp_path_factory: pytest.TempPathFactory, climate_data: dict[str, str], s3: LocalS3) -> Iterator[LocalFederation]:
-    """Two real site processes over the local transport: north (local zarr) and south (S3 zarr)."""
-    root = tmp_path_factory.mktemp("federation")
+def climate_site_configs(root: Path, climate_data: dict[str, str]) -> list[Path]:
+    """The two test sites: north (local zarr) and south (S3 zarr), with their stores under ``root``."""
     configs = []
     for name, sources in {
         "north": [{"name": "temperature", "url": climate_data["north"]}],
@@ -82,6 +81,14 @@ def federation(tmp_path_factory: pytest.TempPathFactory, climate_data: dict[str,
         path = root / f"{name}.yaml"
         path.write_text(yaml.safe_dump(site_config(name, root / "store" / name, sources)))
         configs.append(path)
+    return configs
+
+
+@pytest.fixture(scope="session")
+def federation(tmp_path_factory: pytest.TempPathFactory, climate_data: dict[str, str], s3: LocalS3) -> Iterator[LocalFederation]:
+    """Two real site processes over the local transport: north (local zarr) and south (S3 zarr)."""
+    root = tmp_path_factory.mktemp("federation")
+    configs = climate_site_configs(root, climate_data)
     env = {**DEMO_CREDENTIALS, "DFM_TEST_S3_ENDPOINT": s3.endpoint_url}
     fed = LocalFederation(configs, workdir=root, env=env, pythonpath=[str(ROOT)])
     fed.start()
@@ -92,6 +99,37 @@ def federation(tmp_path_factory: pytest.TempPathFactory, climate_data: dict[str,
 
         close_clients()
         fed.stop()
+
+
+@pytest.fixture(scope="session")
+def flare_federation(tmp_path_factory: pytest.TempPathFactory, climate_data: dict[str, str], s3: LocalS3) -> Iterator[Any]:
+    """The same two sites behind NVIDIA FLARE: a POC on 127.0.0.1 (mTLS kits, one supervised mesh job).
+
+    Started once per session, on first use, and stopped with every process it started.
+    """
+    from dfm_prefect.flare_federation import FlareFederation
+
+    root = tmp_path_factory.mktemp("flare-federation")
+    configs = climate_site_configs(root, climate_data)
+    env = {**DEMO_CREDENTIALS, "DFM_TEST_S3_ENDPOINT": s3.endpoint_url}
+    fed = FlareFederation(configs, workdir=root, env=env, pythonpath=[str(ROOT)])
+    fed.start()
+    try:
+        yield fed
+    finally:
+        from dfm_prefect.client import close_clients
+
+        close_clients()
+        fed.stop()
+
+
+TRANSPORTS = ["local", pytest.param("flare", marks=pytest.mark.flare)]
+
+
+@pytest.fixture(params=TRANSPORTS)
+def any_federation(request: pytest.FixtureRequest) -> Any:
+    """The session's two-site federation over each transport in turn (for tests that must pass on both)."""
+    return request.getfixturevalue("federation" if request.param == "local" else "flare_federation")
 
 
 @pytest.fixture

@@ -1,4 +1,9 @@
-"""End-to-end flows over real site processes (local transport) and a real Prefect API."""
+"""End-to-end flows over real sites and a real Prefect API, on every transport.
+
+Each test runs twice: over the local transport (site processes on loopback) and
+over NVIDIA FLARE (a POC on 127.0.0.1 with the long-lived mesh job). Only the
+federation file the runner is given differs.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +28,21 @@ from tests.conftest import wait_for_task_runs
 from tests.site_ops import flaky
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def runner(any_federation, prefect_api):
+    """A FederationTaskRunner for the session federation of the transport under test."""
+    from dfm_prefect.task_runner import FederationTaskRunner
+
+    return FederationTaskRunner(any_federation.federation_file)
+
+
+@pytest.fixture
+def client(any_federation):
+    from dfm_prefect.client import get_client
+
+    return get_client(any_federation.federation_file)
 
 
 def test_operations_run_at_their_site_and_plain_tasks_on_the_client(runner, prefect_api):

@@ -48,6 +48,7 @@ class DemoReport:
     raw_bytes: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     flow_run_id: str | None = None
+    transport: str = "flare"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, default=str)
@@ -164,10 +165,30 @@ def _steps(flow_run_id: str) -> list[StepRow]:
     return rows
 
 
-def run_demo(workdir: Path, spec: ClimateSpec = ClimateSpec(), *, start: str | None = None, stop: str | None = None, log: Any = print) -> DemoReport:
+def _federation(transport: str) -> Any:
+    """The class that starts a federation of site processes over ``transport`` on this machine."""
+    from dfm_prefect.flare_federation import FlareFederation
+    from dfm_prefect.local_federation import LocalFederation
+
+    kinds = {"flare": FlareFederation, "local": LocalFederation}
+    if transport not in kinds:
+        from dfm_prefect.errors import ConfigError
+
+        raise ConfigError(f"unknown transport {transport!r}; the demo runs on {sorted(kinds)}")
+    return kinds[transport]
+
+
+def run_demo(
+    workdir: Path,
+    spec: ClimateSpec = ClimateSpec(),
+    *,
+    start: str | None = None,
+    stop: str | None = None,
+    log: Any = print,
+    transport: str = "flare",
+) -> DemoReport:
     """Set everything up under ``workdir``, run the flow, compare with the direct answer."""
     from dfm_prefect.client import close_clients, get_client
-    from dfm_prefect.local_federation import LocalFederation
     from dfm_prefect.task_runner import FederationTaskRunner
     from flows.federated_climate_stats import federated_climate_stats
 
@@ -187,9 +208,9 @@ def run_demo(workdir: Path, spec: ClimateSpec = ClimateSpec(), *, start: str | N
         configs = site_configs(workdir, paths["north"], south_url)
         env = {**DEMO_CREDENTIALS, "DFM_DEMO_S3_ENDPOINT": s3.endpoint_url}
         t0 = time.perf_counter()
-        with LocalFederation(configs, workdir=workdir / "federation", env=env) as federation:
+        with _federation(transport)(configs, workdir=workdir / "federation", env=env) as federation:
             seconds["federation_up"] = time.perf_counter() - t0
-            log(f"federation: sites north (local zarr) and south ({south_url} via {s3.endpoint_url}) are up")
+            log(f"federation over {transport}: sites north (local zarr) and south ({south_url} via {s3.endpoint_url}) are up")
             client = get_client(federation.federation_file)
             before = {site: client.stats(site).bytes_out for site in client.sites}
             raw = {site: sum(s.size or 0 for s in info.sources) for site, info in client.sites.items()}
@@ -220,4 +241,5 @@ def run_demo(workdir: Path, spec: ClimateSpec = ClimateSpec(), *, start: str | N
         raw_bytes=raw,
         seconds=seconds,
         flow_run_id=flow_run_id,
+        transport=transport,
     )

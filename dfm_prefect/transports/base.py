@@ -48,3 +48,7 @@ class Transport(ABC):
     @abstractmethod
     def close(self) -> None:
         """Disconnect and stop every thread the transport started."""
+
+    def site_states(self) -> dict[str, str]:
+        """What the transport itself knows about each site (for ``federation status``); empty if nothing."""
+        return {}

@@ -1,0 +1,264 @@
+"""The mesh controller's core, without FLARE: site states, per-site outboxes, client mailboxes.
+
+:class:`~site_workers.flare.controller.MeshController` is a thin FLARE shell
+around one :class:`Router`: its app commands call :meth:`Router.exchange` and
+:meth:`Router.status`, its aux handlers call :meth:`Router.hello`,
+:meth:`Router.heartbeat` and :meth:`Router.reply`, one dispatcher thread per
+site loops on :meth:`Router.next_batch`, and its control flow calls
+:meth:`Router.check_liveness`. The router moves frames; it never decodes them.
+
+A site is ``starting`` until its job process says hello, ``ready`` while it
+sends heartbeats, and ``dead`` (with a reason) when heartbeats stop, a dispatch
+fails, FLARE reports it gone, or it could not start. Frames for a site that is
+not ready are refused at once (``rejected``) and frames still queued for a site
+that dies are dropped; clients learn both from the site states every exchange
+returns and fail their requests on that site.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from dfm_prefect.flare.protocol import (
+    DispatchBatch,
+    ExchangeReply,
+    ExchangeRequest,
+    Heartbeat,
+    Hello,
+    PeerFrame,
+    ReplyAck,
+    ReplyChunk,
+    SiteState,
+    SiteStateName,
+    StatusReply,
+    StatusRequest,
+)
+from dfm_prefect.wire import SiteLoad
+from site_workers.flare.mailbox import Mailboxes
+
+SEEN_FRAMES = 100_000
+"""How many recent frame ids are remembered to make resent frames no-ops."""
+
+
+@dataclass
+class _Site:
+    name: str
+    state: SiteStateName = "starting"
+    incarnation: str | None = None
+    reason: str | None = None
+    load: SiteLoad = field(default_factory=SiteLoad)
+    pid: int | None = None
+    last_seen: float | None = None
+    outbox: deque[PeerFrame] = field(default_factory=deque)
+    closed_peers: list[str] = field(default_factory=list)
+
+
+class Router:
+    """Routes frames between clients and sites for one mesh job.
+
+    Args:
+        sites: the sites of the job (more may join by saying hello).
+        site_timeout: a ready site not heard from for this long is dead.
+        mailboxes: where replies wait for their clients.
+        max_dispatch_frames: most frames sent to a site in one aux message.
+        on_new_site: called (outside the lock) with a site name first seen by hello.
+    """
+
+    def __init__(
+        self,
+        sites: Iterable[str],
+        *,
+        site_timeout: float = 3.0,
+        mailboxes: Mailboxes | None = None,
+        max_dispatch_frames: int = 500,
+        on_new_site: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.site_timeout = site_timeout
+        self.mailboxes = mailboxes or Mailboxes()
+        self.max_dispatch_frames = max_dispatch_frames
+        self._on_new_site = on_new_site
+        self._clock = clock
+        self._started = clock()
+        self._cond = threading.Condition()
+        self._sites: dict[str, _Site] = {name: _Site(name) for name in sites}
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._stopped: str | None = None
+
+    @property
+    def sites(self) -> list[str]:
+        with self._cond:
+            return list(self._sites)
+
+    # ------------------------------------------------------------ clients
+
+    def exchange(self, request: ExchangeRequest) -> ExchangeReply:
+        """Queue the request's frames, then collect the client's replies (see `Mailboxes.collect`)."""
+        rejected: dict[str, str] = {}
+        with self._cond:
+            for frame in request.frames:
+                if frame.id in self._seen:
+                    continue
+                site = self._sites.get(frame.site)
+                reason = self._undeliverable(frame.site, site)
+                if reason is not None:
+                    rejected[frame.site] = reason
+                    continue
+                assert site is not None
+                self._remember(frame.id)
+                site.outbox.append(PeerFrame(peer=request.client, data=frame.data))
+            if request.closing:
+                for site in self._sites.values():
+                    site.closed_peers.append(request.client)
+            self._cond.notify_all()
+        if request.closing:
+            self.mailboxes.close(request.client)
+            return ExchangeReply(sites=self.states(), rejected=rejected)
+        pieces, more = self.mailboxes.collect(
+            request.client, ack=request.ack, wait=0.0 if rejected else request.wait, max_bytes=request.max_bytes
+        )
+        return ExchangeReply(pieces=pieces, more=more, sites=self.states(), rejected=rejected)
+
+    def _undeliverable(self, name: str, site: _Site | None) -> str | None:
+        if self._stopped is not None:
+            return self._stopped
+        if site is None:
+            return f"site {name!r} is not part of this mesh job; sites: {sorted(self._sites)}"
+        if site.state == "starting":
+            return f"site {name!r} has not said hello yet (its job process is starting)"
+        if site.state == "dead":
+            return f"site {name!r} is dead: {site.reason}"
+        return None
+
+    def _remember(self, frame_id: str) -> None:
+        self._seen[frame_id] = None
+        if len(self._seen) > SEEN_FRAMES:
+            self._seen.popitem(last=False)
+
+    def status(self, request: StatusRequest) -> StatusReply:
+        """Site states; with ``wait_ready``, first wait (up to ``wait``) until those sites are ready."""
+        if request.wait_ready and request.wait > 0:
+            with self._cond:
+                self._cond.wait_for(
+                    lambda: self._stopped is not None
+                    or all(self._sites.get(n) is not None and self._sites[n].state == "ready" for n in request.wait_ready),
+                    timeout=request.wait,
+                )
+        return StatusReply(
+            sites=self.states(),
+            clients=self.mailboxes.clients,
+            buffered_bytes=self.mailboxes.buffered_bytes,
+            uptime_s=self._clock() - self._started,
+        )
+
+    def states(self) -> dict[str, SiteState]:
+        now = self._clock()
+        with self._cond:
+            return {
+                site.name: SiteState(
+                    state=site.state,
+                    incarnation=site.incarnation,
+                    reason=site.reason,
+                    load=site.load,
+                    pid=site.pid,
+                    seen_s=None if site.last_seen is None else round(now - site.last_seen, 3),
+                )
+                for site in self._sites.values()
+            }
+
+    # -------------------------------------------------------------- sites
+
+    def hello(self, hello: Hello) -> None:
+        """A site's job process announced itself (ready, or failed to start)."""
+        with self._cond:
+            new = hello.site not in self._sites
+            site = self._sites.setdefault(hello.site, _Site(hello.site))
+            if site.incarnation != hello.incarnation:
+                site.outbox.clear()  # meant for the previous process; its clients fail those requests
+            site.incarnation = hello.incarnation
+            site.pid = hello.pid
+            site.last_seen = self._clock()
+            site.load = SiteLoad(capacity=hello.capacity)
+            if hello.error:
+                site.state, site.reason = "dead", f"could not start: {hello.error}"
+            else:
+                site.state, site.reason = "ready", None
+            self._cond.notify_all()
+        self.mailboxes.wake()
+        if new and self._on_new_site is not None:
+            self._on_new_site(hello.site)
+
+    def heartbeat(self, beat: Heartbeat) -> bool:
+        """Record a heartbeat; False asks the site to say hello again (it was marked dead or replaced)."""
+        with self._cond:
+            site = self._sites.get(beat.site)
+            if site is None or site.state != "ready" or site.incarnation != beat.incarnation:
+                return False
+            site.last_seen = self._clock()
+            site.load = beat.load
+            return True
+
+    def reply(self, chunk: ReplyChunk) -> ReplyAck:
+        """Put a reply chunk in its client's mailbox."""
+        with self._cond:
+            site = self._sites.get(chunk.site)
+            if site is not None and site.incarnation == chunk.incarnation and site.state == "ready":
+                site.last_seen = self._clock()
+        if self.mailboxes.deliver(chunk.peer, chunk.site, chunk.frame, chunk.index, chunk.count, chunk.data):
+            return ReplyAck(accepted=True)
+        return ReplyAck(accepted=False, reason="the controller's reply buffer is full; resend later")
+
+    def next_batch(self, name: str, stop: threading.Event) -> DispatchBatch | None:
+        """Block until ``name`` has frames or notices to send; None when stopping."""
+        with self._cond:
+            site = self._sites[name]
+            self._cond.wait_for(lambda: stop.is_set() or site.outbox or site.closed_peers)
+            if stop.is_set():
+                return None
+            frames = [site.outbox.popleft() for _ in range(min(len(site.outbox), self.max_dispatch_frames))]
+            closed, site.closed_peers = site.closed_peers, []
+            return DispatchBatch(frames=frames, closed_peers=closed)
+
+    def dispatch_failed(self, name: str, reason: str) -> None:
+        self.mark_dead(name, f"dispatch failed: {reason}")
+
+    def mark_dead(self, name: str, reason: str) -> bool:
+        """Mark a site dead (dropping its queued frames); True if it was not dead already."""
+        with self._cond:
+            site = self._sites.get(name)
+            if site is None or site.state == "dead":
+                return False
+            site.state, site.reason = "dead", reason
+            site.outbox.clear()
+            self._cond.notify_all()
+        self.mailboxes.wake()
+        return True
+
+    def check_liveness(self) -> list[str]:
+        """Mark ready sites without a recent heartbeat dead; return them."""
+        now = self._clock()
+        with self._cond:
+            late = [
+                (s.name, now - s.last_seen)
+                for s in self._sites.values()
+                if s.state == "ready" and s.last_seen is not None and now - s.last_seen > self.site_timeout
+            ]
+        dead = [name for name, age in late if self.mark_dead(name, f"no heartbeat for {age:.1f}s")]
+        gone = self.mailboxes.expire()
+        if gone:  # clients that stopped collecting: their remaining work is cancelled
+            with self._cond:
+                for site in self._sites.values():
+                    site.closed_peers.extend(gone)
+                self._cond.notify_all()
+        return dead
+
+    def stop(self, reason: str) -> None:
+        """Refuse new frames with ``reason`` and release every waiter."""
+        with self._cond:
+            self._stopped = reason
+            self._cond.notify_all()
+        self.mailboxes.stop()
