@@ -15,7 +15,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_demo_agrees_with_direct_computation(tmp_path, prefect_api):
-    report = run_demo(tmp_path, ClimateSpec(years=3, resolution=4.0), log=lambda _: None)
+    # The command's default, FLARE, is covered below; the same demo on the local transport here.
+    report = run_demo(tmp_path, ClimateSpec(years=3, resolution=4.0), log=lambda _: None, transport="local")
     assert report.ok, report.to_json()
     assert sorted(report.answer) == [2001, 2002]
     # Trend in the synthetic data: the later year is warmer.
@@ -36,6 +37,7 @@ def test_demo_command_prints_a_checked_report(tmp_path, prefect_api):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
     assert report["ok"] is True and report["max_rel_diff"] <= 1e-9
+    assert report["transport"] == "flare"  # the README's `./dev demo` runs over FLARE
 
 
 def test_the_check_catches_a_wrong_answer():

@@ -1,0 +1,228 @@
+"""The FLARE transport's parts that do not need FLARE: chunks, mailboxes, the router, reply sending,
+the client's job link, kit hardening and the job folder."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from dfm_prefect.errors import MalformedRequestError
+from dfm_prefect.flare.chunks import Reassembler, split
+from dfm_prefect.flare.job import ALLOW_PREFIX, MeshJobConfig, write_job
+from dfm_prefect.flare.kits import harden_kit, kit_policy_problems
+from dfm_prefect.flare.link import JobLink
+from dfm_prefect.flare.protocol import (
+    ClientFrame,
+    ExchangeReply,
+    ExchangeRequest,
+    Heartbeat,
+    Hello,
+    Piece,
+    ReplyAck,
+    ReplyChunk,
+    SiteState,
+    StatusRequest,
+)
+from dfm_prefect.wire import DescribeRequest, ErrorInfo, ErrorReply, ProgressUpdate, ReplyEnvelope, RunRequest, SiteLoad
+from site_workers.flare.mailbox import Mailboxes
+from site_workers.flare.replies import ReplySender
+from site_workers.flare.router import Router
+
+
+def test_chunks_split_and_rejoin_interleaved_frames():
+    joiner = Reassembler()
+    a, b = split("a" * 10, 4), split("b" * 5, 4)
+    assert [len(p) for p in a] == [4, 4, 2]
+    assert joiner.add(("north", "A"), 0, 3, a[0]) is None
+    assert joiner.add(("south", "B"), 0, 2, b[0]) is None
+    assert joiner.add(("north", "A"), 1, 3, a[1]) is None
+    assert joiner.add(("south", "B"), 1, 2, b[1]) == "b" * 5
+    assert joiner.add(("north", "A"), 2, 3, a[2]) == "a" * 10
+    assert joiner.pending_bytes == 0
+    with pytest.raises(MalformedRequestError, match="piece 2 of 3"):
+        joiner.add(("north", "C"), 2, 3, "x")
+
+
+def test_mailboxes_redeliver_until_acknowledged_and_keep_clients_apart():
+    boxes = Mailboxes()
+    boxes.deliver("c1", "north", "f1", 0, 1, "one")
+    boxes.deliver("c2", "north", "f2", 0, 1, "other client")
+    first, _ = boxes.collect("c1", ack=0, wait=0, max_bytes=1 << 20)
+    again, _ = boxes.collect("c1", ack=0, wait=0, max_bytes=1 << 20)
+    assert [p.data for p in first] == [p.data for p in again] == ["one"]
+    boxes.deliver("c1", "north", "f3", 0, 1, "two")
+    after_ack, _ = boxes.collect("c1", ack=first[-1].seq, wait=0, max_bytes=1 << 20)
+    assert [p.data for p in after_ack] == ["two"]
+    assert [p.data for p in boxes.collect("c2", ack=0, wait=0, max_bytes=1 << 20)[0]] == ["other client"]
+
+
+def test_mailbox_long_poll_returns_when_a_reply_arrives_and_limits_bytes():
+    boxes = Mailboxes(max_bytes=10)
+    threading.Timer(0.1, lambda: boxes.deliver("c", "north", "f", 0, 1, "12345")).start()
+    started = time.monotonic()
+    pieces, more = boxes.collect("c", ack=0, wait=5.0, max_bytes=1 << 20)
+    assert [p.data for p in pieces] == ["12345"] and not more
+    assert time.monotonic() - started < 2.0
+    assert boxes.deliver("c", "north", "g", 0, 1, "67890")
+    assert not boxes.deliver("c", "north", "h", 0, 1, "x")  # over budget: the site resends later
+    pieces, more = boxes.collect("c", ack=0, wait=0, max_bytes=6)
+    assert len(pieces) == 1 and more
+
+
+def _router(clock: list[float]) -> Router:
+    return Router(["north", "south"], site_timeout=3.0, clock=lambda: clock[0])
+
+
+def _frame(site: str, frame_id: str = "f1") -> ClientFrame:
+    return ClientFrame(id=frame_id, site=site, data="{}")
+
+
+def test_router_refuses_frames_until_a_site_said_hello_and_drops_them_when_it_dies():
+    clock = [100.0]
+    router = _router(clock)
+    reply = router.exchange(ExchangeRequest(client="c", frames=[_frame("north")]))
+    assert "has not said hello" in reply.rejected["north"] and reply.sites["north"].state == "starting"
+    router.hello(Hello(site="north", incarnation="i1", pid=7, capacity=4))
+    reply = router.exchange(ExchangeRequest(client="c", frames=[_frame("north", "f2"), _frame("mars", "f3")]))
+    assert reply.sites["north"].state == "ready" and "not part of this mesh job" in reply.rejected["mars"]
+    stop = threading.Event()
+    batch = router.next_batch("north", stop)
+    assert batch is not None and [f.peer for f in batch.frames] == ["c"]
+    router.exchange(ExchangeRequest(client="c", frames=[_frame("north", "f4")]))
+    clock[0] += 3.5
+    assert router.check_liveness() == ["north"]
+    reply = router.exchange(ExchangeRequest(client="c", frames=[_frame("north", "f5")]))
+    assert reply.sites["north"].reason.startswith("no heartbeat") and "is dead" in reply.rejected["north"]
+    stop.set()
+    assert router.next_batch("north", stop) is None  # f4 was dropped with the dead site
+
+
+def test_router_ignores_resent_frames_and_tracks_heartbeats_and_incarnations():
+    clock = [0.0]
+    router = _router(clock)
+    router.hello(Hello(site="south", incarnation="a", pid=1))
+    router.exchange(ExchangeRequest(client="c", frames=[_frame("south", "same")]))
+    router.exchange(ExchangeRequest(client="c", frames=[_frame("south", "same")]))
+    assert len(router.next_batch("south", threading.Event()).frames) == 1
+    assert router.heartbeat(Heartbeat(site="south", incarnation="a", load=SiteLoad(running=2, capacity=4)))
+    assert router.states()["south"].load.running == 2
+    assert not router.heartbeat(Heartbeat(site="south", incarnation="old"))  # asks it to say hello again
+    router.hello(Hello(site="south", incarnation="b", pid=2))
+    assert router.states()["south"].incarnation == "b"
+    router.hello(Hello(site="north", incarnation="x", pid=3, error="config names 'mars'"))
+    assert router.status(StatusRequest()).sites["north"].reason == "could not start: config names 'mars'"
+
+
+def test_router_status_waits_for_readiness_and_replies_reach_the_right_mailbox():
+    router = _router([0.0])
+    threading.Timer(0.1, lambda: router.hello(Hello(site="north", incarnation="i", pid=1))).start()
+    started = time.monotonic()
+    status = router.status(StatusRequest(wait_ready=["north"], wait=5.0))
+    assert status.sites["north"].state == "ready" and time.monotonic() - started < 2.0
+    ack = router.reply(ReplyChunk(site="north", incarnation="i", peer="c9", frame="r", index=0, count=1, data="hi"))
+    assert ack.accepted
+    assert [p.data for p in router.exchange(ExchangeRequest(client="c9")).pieces] == ["hi"]
+    assert router.exchange(ExchangeRequest(client="other")).pieces == []
+
+
+def test_reply_sender_batches_into_bounded_frames_and_resends_refused_chunks():
+    sent: list[ReplyChunk] = []
+    refusals = [True]
+
+    def send(chunk: ReplyChunk) -> ReplyAck:
+        if refusals and chunk.index == 1:
+            refusals.pop()
+            return ReplyAck(accepted=False, reason="full")
+        sent.append(chunk)
+        return ReplyAck(accepted=True)
+
+    stop = threading.Event()
+    sender = ReplySender("north", "inc", send, stop=stop, chunk_bytes=100, frame_bytes=300)
+    messages = [ErrorReply(id=f"r{i}", error=ErrorInfo(code="x", message="m" * 50)) for i in range(6)]
+    frames = sender.frames(messages)
+    assert len(frames) > 1 and all(len(f) < 300 + 200 for f in frames)
+    reply = sender.reply_for("client-1")
+    for message in messages:
+        reply(message)
+    sender.close()
+    joiner = Reassembler()
+    got = []
+    for chunk in sent:
+        assert len(chunk.data) <= 100 and chunk.peer == "client-1"
+        whole = joiner.add(chunk.frame, chunk.index, chunk.count, chunk.data)
+        if whole is not None:
+            got += [m.id for m in ReplyEnvelope.model_validate_json(whole).messages]
+    assert got == [f"r{i}" for i in range(6)]
+    assert sender.counters.resends == 1
+
+
+def _pieces(frame: str, site: str = "north", start: int = 1, size: int = 10) -> list[Piece]:
+    parts = split(frame, size)
+    return [Piece(seq=start + i, site=site, frame="F", index=i, count=len(parts), data=p) for i, p in enumerate(parts)]
+
+
+def test_job_link_reassembles_skips_duplicates_and_waits_past_progress():
+    link = JobLink("job-1")
+    ready = {"north": SiteState(state="ready", incarnation="i")}
+    link.set_states(ready)
+    link.expect("north", [RunRequest(id="r1", op="core.echo"), DescribeRequest(id="d1")])
+    progress = ReplyEnvelope(messages=[ProgressUpdate(id="r1", fraction=0.5)]).model_dump_json()
+    digest = link.absorb(ExchangeReply(pieces=_pieces(progress), sites=ready))
+    assert [m.kind for _, m in digest.messages] == ["progress"] and "r1" in link.awaiting
+    done = ReplyEnvelope(messages=[ErrorReply(id="r1", error=ErrorInfo(code="x", message="y"))]).model_dump_json()
+    pieces = _pieces(done, start=link.ack + 1)
+    assert [m.id for _, m in link.absorb(ExchangeReply(pieces=pieces, sites=ready)).messages] == ["r1"]
+    assert link.absorb(ExchangeReply(pieces=pieces, sites=ready)).messages == []  # already acknowledged
+    assert list(link.awaiting) == ["d1"]
+
+
+def test_job_link_reports_sites_lost_by_death_restart_or_refusal():
+    link = JobLink("job-1")
+    link.set_states({"north": SiteState(state="ready", incarnation="a"), "south": SiteState(state="ready", incarnation="b")})
+    link.expect("south", [RunRequest(id="s1", op="core.echo")])
+    digest = link.absorb(
+        ExchangeReply(
+            sites={"north": SiteState(state="dead", reason="no heartbeat for 3.1s"), "south": SiteState(state="ready", incarnation="b2")},
+        )
+    )
+    assert "no heartbeat" in digest.lost["north"] and "restarted" in digest.lost["south"]
+    assert link.awaiting == {} and link.last_dead == "north: no heartbeat for 3.1s"
+    link.expect("south", [RunRequest(id="s2", op="core.echo")])
+    digest = link.absorb(ExchangeReply(sites=link.states, rejected={"south": "queue refused"}))
+    assert digest.lost == {"south": "queue refused"}
+
+
+def _kit(root: Path, role_rights: dict) -> Path:
+    local = root / "local"
+    local.mkdir(parents=True)
+    (local / "resources.json.default").write_text(json.dumps({"class_allow_list": ["nvflare.app_common."], "components": []}))
+    (local / "authorization.json.default").write_text(json.dumps({"format_version": "1.0", "permissions": role_rights}))
+    return root
+
+
+def test_hardened_kits_refuse_code_for_every_role_and_allow_only_the_mesh(tmp_path):
+    kit = _kit(tmp_path / "north", {"project_admin": "any", "lead": {"submit_job": "any", "byoc": "any"}, "member": {"view": "any"}})
+    assert "role 'project_admin' may submit jobs with code (byoc='any')" in kit_policy_problems(kit)
+    changes = harden_kit(kit)
+    assert any(ALLOW_PREFIX in c for c in changes)
+    assert kit_policy_problems(kit) == []
+    permissions = json.loads((kit / "local" / "authorization.json").read_text())["permissions"]
+    assert {role: rights["byoc"] for role, rights in permissions.items()} == {"project_admin": "none", "lead": "none", "member": "none"}
+    assert permissions["project_admin"]["submit_job"] == "any" and permissions["lead"]["app_command"] == "any"
+    assert harden_kit(kit) == []  # idempotent
+
+
+def test_the_mesh_job_is_config_only_and_names_allowed_classes(tmp_path):
+    folder = write_job(tmp_path / "job", MeshJobConfig(site_timeout=2.5))
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    assert files == ["app/config/config_fed_client.json", "app/config/config_fed_server.json", "meta.json"]
+    server = json.loads((folder / "app/config/config_fed_server.json").read_text())
+    client = json.loads((folder / "app/config/config_fed_client.json").read_text())
+    paths = [server["workflows"][0]["path"], client["executors"][0]["executor"]["path"]]
+    assert all(path.startswith(ALLOW_PREFIX) for path in paths)
+    assert server["workflows"][0]["args"]["site_timeout"] == 2.5
+    assert json.loads((folder / "meta.json").read_text())["min_clients"] == 1
