@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import signal
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -101,6 +102,14 @@ def down(workdir: str | os.PathLike[str]) -> list[str]:
                 lines.append(f"stopped {site} (pid {pid})")
             except ProcessLookupError:
                 lines.append(f"{site} (pid {pid}) was not running")
+        deadline = time.monotonic() + 15
+        while any(_alive(pid) for pid in started.pids.values()) and time.monotonic() < deadline:
+            time.sleep(0.1)  # not our children: there is nothing to wait() on
+        for site, pid in started.pids.items():
+            if _alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
+                lines.append(f"killed {site} (pid {pid}): it did not stop within 15s")
     else:
         from dfm_prefect.flare_federation import shutdown
 
@@ -112,3 +121,11 @@ def down(workdir: str | os.PathLike[str]) -> list[str]:
     with contextlib.suppress(FileNotFoundError):
         state_file(workdir).unlink()
     return lines
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
