@@ -198,7 +198,7 @@ def test_a_frozen_site_is_bounded_by_the_task_timeout(twins, twins_client, twins
     assert state.result() == "FAILED"
     runs = assert_every_task_run_ended(state.state_details.flow_run_id, 1)
     assert runs[0].state_name == "TimedOut"
-    assert twins_client.call("alpha", "core.echo", {"value": "thawed"}).fetch() == "thawed"
+    assert twins_client.call("alpha", "core.echo", {"value": "thawed"}).fetch(client=twins_client) == "thawed"
 
 
 # ----------------------------------------------------------------- clients die
@@ -233,7 +233,7 @@ def test_a_client_killed_mid_flow_frees_the_site(twins, twins_client, prefect_ap
         client.wait()
     freed_after = eventually(lambda: twins_client.stats("beta").load == idle, "beta idle again", 10)
     assert freed_after < 5
-    assert twins_client.call("beta", "core.echo", {"value": "free"}).fetch() == "free"
+    assert twins_client.call("beta", "core.echo", {"value": "free"}).fetch(client=twins_client) == "free"
 
 
 # ------------------------------------------------------------------ durability

@@ -101,7 +101,7 @@ def refused(
         client.call(site, op, params, **kw)
     after = client.stats(site)
     assert after.completed == before.completed, "nothing may complete for a refused request"
-    assert client.call(site, "core.echo", {"value": "still-serving"}).fetch() == "still-serving"
+    assert client.call(site, "core.echo", {"value": "still-serving"}).fetch(client=client) == "still-serving"
 
 
 # -------------------------------------------------------------- credentials
@@ -114,7 +114,7 @@ def test_a_client_without_the_federation_key_is_refused(vault, vault_client):
     host, port = vault.spec.sites["vault"].rsplit(":", 1)
     with pytest.raises((AuthenticationError, EOFError, ConnectionError)):
         Client((host, int(port)), family="AF_INET", authkey=b"not-the-federation-key").send_bytes(b"{}")
-    assert vault_client.call("vault", "core.echo", {"value": "still-serving"}).fetch() == "still-serving"
+    assert vault_client.call("vault", "core.echo", {"value": "still-serving"}).fetch(client=vault_client) == "still-serving"
 
 
 # ------------------------------------------------------------------ allow-list

@@ -75,7 +75,7 @@ def test_an_opted_in_site_runs_the_code_in_another_process_without_its_credentia
 def test_user_code_is_held_to_its_limits_and_the_site_keeps_serving(lab_client, source, params, why):
     with pytest.raises(OperationFailedError, match=why):
         python(lab_client, source, **params)
-    assert lab_client.call("lab", "core.echo", {"value": 1}).fetch() == 1
+    assert lab_client.call("lab", "core.echo", {"value": 1}).fetch(client=lab_client) == 1
 
 
 def test_processes_started_by_user_code_end_with_it(lab_client):
