@@ -13,20 +13,32 @@ import sys
 import time
 from pathlib import Path
 
-from bench import dispatch, gpu, locality, peer_dfm
+from bench import dispatch, gpu, latency, locality, peer_dfm
 from bench.env import BenchEnv
 from bench.harness import Row, machine
 from bench.report import markdown, table
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCHMARKS = {"dispatch": dispatch.run, "peer": peer_dfm.run, "locality": locality.run, "gpu": gpu.run}
+BENCHMARKS = {"dispatch": dispatch.run, "latency": latency.run, "peer": peer_dfm.run, "locality": locality.run, "gpu": gpu.run}
 NOTES = {
     "dispatch": """
 **Dispatch overhead.** 200 no-op tasks submitted with `.map` inside one flow run,
 timed per round (first round is a warm-up). `FederationTaskRunner` runs Prefect's
 task engine on the client like `ThreadPoolTaskRunner` and adds one round trip to a
 site process plus the site storing the result with its sha256; `DaskTaskRunner`
-runs the engine in worker processes that each talk to the Prefect API.
+runs the engine in worker processes that each talk to the Prefect API. On FLARE
+the same requests go through the long-lived mesh job: batched into admin app
+commands (`dfm.exchange`, which also long-polls for replies) and pushed to the
+sites with aux messages.
+""",
+    "latency": """
+**Latency per transport.** First result on a warm mesh: after a 0.5 s pause (an
+idle transport), one `core.echo` to a site and back, called directly and as one
+task run inside a running flow. Client connect: a new client opens the transport
+and describes every site (on FLARE this includes the admin login, about 1 s of
+which is FLARE's authenticator retry interval). Federation up: a fresh two-site
+federation until every site is ready (FLARE: provision mTLS kits, start server
+and clients, submit the mesh job, wait for each site's hello), median of 3.
 """,
     "peer": """
 **NVIDIA DFM head to head.** The same pipeline (load a 24×90×180 grid at one site,

@@ -2,6 +2,8 @@
 
 Measured inside the flow (not whole flow runs, which cost ~1 s each in Prefect's
 heartbeat join), one warm-up round first, then the median of the timed rounds.
+`FederationTaskRunner` runs over both transports: local site processes, and the
+same sites behind a FLARE POC (one long-lived mesh job, admin app commands).
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ def _map_rounds(runner: Any, task: Any, rounds: int) -> list[float]:
     return rounds_of_map()
 
 
-def run(env: BenchEnv, *, rounds: int = 5, include_dask: bool = True, extra: dict[str, Any] | None = None) -> list[Row]:
+def run(
+    env: BenchEnv, *, rounds: int = 5, include_dask: bool = True, include_flare: bool = True, extra: dict[str, Any] | None = None
+) -> list[Row]:
     """Per-task overhead of each runner on the same 200 no-op tasks."""
     from prefect import task
     from prefect.task_runners import ThreadPoolTaskRunner
@@ -53,6 +57,9 @@ def run(env: BenchEnv, *, rounds: int = 5, include_dask: bool = True, extra: dic
         "ThreadPoolTaskRunner": (ThreadPoolTaskRunner(), noop, rounds),
         "FederationTaskRunner (local)": (FederationTaskRunner(federation.federation_file), echo, rounds),
     }
+    if include_flare:
+        flare = env.flare_federation()
+        variants["FederationTaskRunner (FLARE)"] = (FederationTaskRunner(flare.federation_file), echo, rounds)
     for name, runner in (extra or {}).items():
         variants[name] = (runner, echo, rounds)
     if include_dask:

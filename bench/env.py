@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from dfm_prefect.flare_federation import FlareFederation
 from dfm_prefect.local_federation import LocalFederation
 from dfm_prefect.prefect_server import LocalPrefectServer
 
@@ -38,6 +39,7 @@ class BenchEnv:
         self._stack = ExitStack()
         self.root = Path(self._stack.enter_context(tempfile.TemporaryDirectory(prefix="dfm-bench-")))
         self.federation: LocalFederation | None = None
+        self.flare: FlareFederation | None = None
         self.peer_expected: float | None = None
 
     def __enter__(self) -> BenchEnv:
@@ -58,6 +60,15 @@ class BenchEnv:
             configs = write_site_configs(self.root, sources=self.site_sources())
             self.federation = self._stack.enter_context(LocalFederation(configs, workdir=self.root / "federation"))
         return self.federation
+
+    def flare_federation(self) -> FlareFederation:
+        """The same two sites behind a FLARE POC on 127.0.0.1 (mesh job started once, shared by benchmarks)."""
+        if self.flare is None:
+            root = self.root / "flare"
+            root.mkdir(exist_ok=True)
+            configs = write_site_configs(root, sources=self.site_sources())
+            self.flare = self._stack.enter_context(FlareFederation(configs, workdir=root / "federation"))
+        return self.flare
 
     def __exit__(self, *exc: object) -> None:
         from dfm_prefect.client import close_clients
