@@ -65,7 +65,15 @@ def _no_password_in_url(url: str) -> str:
 
 
 class SourceConfig(_Model):
-    """A dataset the site publishes, by fsspec URL."""
+    """A dataset the site publishes, by fsspec URL: a local path, ``s3://`` (any endpoint),
+    ``memory://`` or any other protocol fsspec has registered.
+
+    ``format`` is inferred from the extension (.zarr, .nc, .parquet, .csv) unless
+    given. ``storage_options`` go to the fsspec filesystem; take credentials from
+    the site's environment with ``${env:NAME}``. A ``memory://`` source lives in the
+    site process only, so it needs ``compute: threads`` (worker processes of the
+    other kinds cannot see it).
+    """
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
     url: str = Field(min_length=1)
