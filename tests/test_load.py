@@ -37,6 +37,7 @@ SITE_LIMITS = {"concurrency": 2, "queue": 30}
 MiB = 1 << 20
 # Generous ceilings on a 2-core CI machine; the measured peaks are reported with each run.
 CLIENT_RSS_LIMIT = 1536 * MiB
+CLIENT_GROWTH_LIMIT = 512 * MiB
 SITE_RSS_LIMIT = 768 * MiB
 SERVER_RSS_LIMIT = 1536 * MiB
 
@@ -101,6 +102,7 @@ def test_two_thousand_operations_over_two_sites_all_accounted_for_with_bounded_m
         **{f"{site}_rss": (lambda pid=pid: _rss(pid)) for site, pid in pids.items()},
         **{f"{site}_held": (lambda site=site: _held(client, site)) for site in pids},
     }
+    client_rss_before = _rss(os.getpid())  # the test process also holds what earlier tests loaded
     started = time.monotonic()
     # Sampling goes on until the API has recorded every run: the server's backlog counts too.
     with Sampler(probes, interval=0.1) as sampler:
@@ -131,6 +133,7 @@ def test_two_thousand_operations_over_two_sites_all_accounted_for_with_bounded_m
         "samples": sampler.samples,
         "api_lag_seconds": round(api_lag, 1),
         **{name: (round(value / MiB, 1) if name.endswith("_rss") else value) for name, value in peaks.items()},
+        "client_rss_growth": round((peaks["client_rss"] - client_rss_before) / MiB, 1),
     }
     record_property("load", report)
     print("load report (RSS in MiB):", json.dumps(report))
@@ -141,6 +144,7 @@ def test_two_thousand_operations_over_two_sites_all_accounted_for_with_bounded_m
     assert all(peaks[f"{site}_held"] <= bound for site in pids), peaks
     assert 0 < peaks["client_inflight"] <= MAX_WORKERS, peaks
     assert peaks["client_rss"] < CLIENT_RSS_LIMIT, report
+    assert peaks["client_rss"] - client_rss_before < CLIENT_GROWTH_LIMIT, report
     assert all(peaks[f"{site}_rss"] < SITE_RSS_LIMIT for site in pids), report
     assert peaks["server_rss"] < SERVER_RSS_LIMIT, report
 
