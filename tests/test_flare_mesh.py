@@ -15,6 +15,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -64,13 +65,21 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
     workdir = root / "fed"
     started = cli("federation", "up", *configs, "--workdir", str(workdir))
     assert started.returncode == 0, started.stderr[-3000:]
-    state = SimpleNamespace(workdir=workdir, file=workdir / "federation.json", prod=workdir / "flare" / "dfm" / "prod_00")
+    state = SimpleNamespace(
+        workdir=workdir,
+        file=workdir / "federation.json",
+        prod=workdir / "flare" / "dfm" / "prod_00",
+        configs=dict(zip(SITES, configs)),
+        joined=[],
+    )
     try:
         yield state
     finally:
         close_clients()
         if (workdir / "processes.json").exists():
             cli("federation", "down", "--workdir", str(workdir))
+        for process in state.joined:
+            process.wait(30)
 
 
 def test_up_waits_until_every_site_is_ready_and_status_shows_it(mesh):
@@ -137,6 +146,46 @@ def test_a_site_whose_job_process_dies_fails_its_tasks_by_name_then_rejoins(mesh
     assert json.loads(mesh.file.read_text())["job_id"] != job_before  # the supervisor replaced the mesh job
     assert client.call("south", "core.echo", {"value": key}).fetch(client=client) == key
     assert set(job_pids(mesh.prod / "north")).isdisjoint(killed)
+
+
+def _client_parent(prod: Path, site: str) -> int:
+    kit = str(prod / site).encode()
+    for pid in workspace_pids(prod):
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        if b"client_train" in cmdline and kit in cmdline:
+            return pid
+    raise AssertionError(f"no FLARE client process for {site}")
+
+
+def test_a_restarted_site_joins_a_new_mesh_job_while_the_old_one_drains(mesh):
+    client = get_client(mesh.file)
+    job_before = json.loads(mesh.file.read_text())["job_id"]
+    _, draining = client.run("south", "core.sleep", {"seconds": 8})  # in flight on the old job during the switch
+    os.kill(_client_parent(mesh.prod, "north"), 9)
+    deadline = time.monotonic() + 30
+    with pytest.raises(SiteUnavailableError, match="north"):
+        while time.monotonic() < deadline:
+            client.call("north", "core.echo", {"value": 0}, timeout=30)
+            time.sleep(0.5)  # until the mesh notices the missing heartbeats
+    # The site's administrator starts it again from its kit and YAML, as on a real site.
+    join = subprocess.Popen(
+        [sys.executable, "-m", "dfm_prefect.cli", "federation", "join", str(mesh.prod / "north"), str(mesh.configs["north"])],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    mesh.joined.append(join)
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            client.refresh()
+            assert client.call("north", "core.echo", {"value": 7}, timeout=60).fetch(client=client) == 7
+            break
+        except SiteUnavailableError:
+            assert time.monotonic() < deadline, "north did not rejoin"
+            time.sleep(0.5)  # the supervisor is starting a new mesh job
+    assert json.loads(mesh.file.read_text())["job_id"] != job_before
+    assert draining.result(timeout=60).ok  # the old job finished what it had before it was aborted
 
 
 def test_sites_refuse_jobs_that_bring_code(mesh, tmp_path):

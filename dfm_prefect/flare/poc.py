@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -33,6 +35,7 @@ import yaml
 from dfm_prefect.errors import ConfigError, SiteUnavailableError
 from dfm_prefect.flare.kits import harden_kit
 
+log = logging.getLogger("dfm_prefect.flare.poc")
 ADMIN_USER = "admin@nvidia.com"
 SERVER = "server"
 PROJECT = "dfm"
@@ -167,7 +170,14 @@ class Poc:
                 start_new_session=True,
             )
         self.processes[name] = process
+        # Reap it the moment it exits: FLARE's job processes stop only when their parent's pid is
+        # gone, and an unreaped (zombie) parent still has one.
+        threading.Thread(target=self._reap, args=(name, process), name=f"dfm-flare-reap-{name}", daemon=True).start()
         return process
+
+    def _reap(self, name: str, process: subprocess.Popen[bytes]) -> None:
+        code = process.wait()
+        log.info("FLARE participant %s exited with code %s", name, code)
 
     def wait_server(self, timeout: float = 60.0) -> None:
         """Wait until the server accepts connections on both of its ports."""

@@ -54,7 +54,7 @@ class MeshSupervisor:
         job_id: str,
         on_new_job: Callable[[str], None] = lambda _job: None,
         interval: float = 1.0,
-        ready_timeout: float = 90.0,
+        ready_timeout: float = 45.0,
         drain_timeout: float = 60.0,
     ) -> None:
         self.session = session
@@ -105,7 +105,7 @@ class MeshSupervisor:
         except admin.AdminUnreachableError as exc:
             log.info("mesh job %s does not answer status: %s", self.job_id, exc)
             return
-        alive = self._connected()
+        heard = self._last_heard()
         now = time.monotonic()
         lacking = []
         for site in self.sites:
@@ -113,8 +113,11 @@ class MeshSupervisor:
             if state is not None and state.state != "dead":
                 self._backoff.pop(site, None)
                 continue
-            if site not in alive or (state is not None and (state.reason or "").startswith("could not start")):
-                continue  # a new job would not help: the site is down, or its config is broken
+            # Worth a new job only if the site's FLARE client has been heard from since it fell out of
+            # the mesh (it restarted, or only its job process died), and its config loads.
+            fell_out = time.time() - (state.seen_s or 0.0) if state is not None else 0.0
+            if heard.get(site, 0.0) <= fell_out or (state is not None and (state.reason or "").startswith("could not start")):
+                continue
             retry_at, _ = self._backoff.get(site, (0.0, 0.0))
             if now >= retry_at:
                 lacking.append(site)
@@ -122,17 +125,26 @@ class MeshSupervisor:
             for site in lacking:
                 _, delay = self._backoff.get(site, (0.0, 2.5))
                 self._backoff[site] = (now + delay * 2, min(delay * 2, 300.0))
-            self._replace(f"sites {lacking} fell out of mesh job {self.job_id} but are connected", blue_green=True)
+            serving = {site for site, state in sites.items() if state.state == "ready"}
+            self._replace(
+                f"sites {lacking} fell out of mesh job {self.job_id} but are connected",
+                blue_green=True,
+                wanted=sorted((serving | set(lacking)) & set(self.sites)),
+            )
+
+    def _last_heard(self) -> dict[str, float]:
+        """When the FLARE server last heard from each client (its clock; clients beat every few seconds)."""
+        info = self.session.get_system_info()
+        return {c.name: float(c.last_connect_time) for c in info.client_info if c.last_connect_time}
 
     def _connected(self) -> set[str]:
-        info = self.session.get_system_info()
         now = time.time()
-        return {c.name for c in info.client_info if c.last_connect_time and now - float(c.last_connect_time) < ALIVE_S}
+        return {name for name, when in self._last_heard().items() if now - when < ALIVE_S}
 
-    def _replace(self, reason: str, *, blue_green: bool) -> None:
+    def _replace(self, reason: str, *, blue_green: bool, wanted: list[str] | None = None) -> None:
         log.warning("replacing the mesh job: %s", reason)
         old = self.job_id
-        wanted = sorted(self._connected() & set(self.sites))
+        wanted = wanted if wanted is not None else sorted(self._connected() & set(self.sites))
         new = admin.submit_mesh_job(self.session, self.job_folder)
         try:
             admin.wait_ready(self.session, new, wanted, self.ready_timeout)
