@@ -71,6 +71,27 @@ def on_device(ctx: Any, value: Any) -> Any:
     return to_device(value) if callable(to_device) else value
 
 
+def nan_to_zero(value: Any) -> Any:
+    """Replace NaN by 0 on whatever device holds the data.
+
+    ``fillna`` on Dask-backed data hands each chunk a host (NumPy) 0-d array as the
+    fill value, which CuPy refuses; this keeps the whole operation in the chunk's
+    own array module.
+    """
+    import xarray as xr
+
+    return xr.apply_ufunc(_nan_to_zero_block, value, dask="allowed", keep_attrs=True)
+
+
+def _nan_to_zero_block(block: Any) -> Any:
+    if hasattr(block, "map_blocks") and hasattr(block, "dask"):
+        return block.map_blocks(_nan_to_zero_block, dtype=block.dtype)
+    if block.dtype.kind not in "fc":
+        return block
+    xp = block.__array_namespace__() if hasattr(block, "__array_namespace__") else np
+    return xp.where(xp.isnan(block), 0.0, block)
+
+
 def apply_stat(obj: Any, stat: str, dims: list[str]) -> Any:
     """``obj.<stat>(dim=dims)`` for the streaming statistics (NaNs skipped)."""
     if stat == "count":

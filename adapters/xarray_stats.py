@@ -26,7 +26,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
-from adapters.xarray_common import GROUP, NAME, Dims, Stat, apply_stat, area_weights, check_dims, numeric, on_device, select_variables
+from adapters.xarray_common import GROUP, NAME, Dims, Stat, apply_stat, area_weights, check_dims, nan_to_zero, numeric, on_device, select_variables
 from dfm_prefect.errors import InvalidParametersError
 from dfm_prefect.operations import DataInput, OperationParams, operation
 
@@ -58,7 +58,7 @@ def moments(params: MomentsParams, ctx: Any) -> Any:
     ds = on_device(ctx, ds)
     terms = {}
     for name, var in ds.data_vars.items():
-        x = var.fillna(0.0) if var.dtype.kind == "f" else var
+        x = nan_to_zero(var) if var.dtype.kind == "f" else var
         terms[f"{name}__n"] = var.notnull()
         terms[f"{name}__wx"] = x
         terms[f"{name}__wxx"] = x.astype("float64") ** 2
@@ -113,7 +113,7 @@ def weighted_mean(params: WeightedMeanParams, ctx: Any) -> Any:
     ds = numeric(select_variables(ds, params.variables))
     check_dims(ds, params.dims)
     x = on_device(ctx, ds).astype("float64")
-    total = (x * weight).fillna(0.0).sum(dim=params.dims)
+    total = nan_to_zero(x * weight).sum(dim=params.dims)
     mass = (x.notnull() * weight).sum(dim=params.dims)
     (result,) = ctx.compute(total / mass)
     return result

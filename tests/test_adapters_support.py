@@ -43,6 +43,9 @@ class InProcessSite:
         config = {
             "name": overrides.pop("name", "lab"),
             "operations": overrides.pop("operations", ALL_OPERATIONS),
+            # Named explicitly so the site also works from a source tree on PYTHONPATH
+            # (the GPU check), where the package's entry points are not installed.
+            "operation_modules": ["adapters.core", "adapters.xarray_ops", "adapters.xarray_stats", "adapters.tables"],
             "sources": sources,
             "result_store": {"url": f"file://{store}"},
             "export": {"kinds": ["aggregate", "value", "table", "dataset"], "max_bytes": 1 << 30, "inline_bytes": 1 << 30},
