@@ -65,10 +65,7 @@ def area_weights(ds: Any, lat: str) -> Any:
 
 def on_device(ctx: Any, value: Any) -> Any:
     """``value`` with its chunks on the site's compute device: CuPy on GPU sites, unchanged elsewhere."""
-    # SiteContext has no public handle on its backend yet; see site_workers.compute.
-    backend = getattr(ctx, "compute_backend", None) or getattr(ctx, "_compute", None)
-    to_device = getattr(backend, "to_device", None)
-    return to_device(value) if callable(to_device) else value
+    return ctx.to_device(value)
 
 
 def nan_to_zero(value: Any) -> Any:

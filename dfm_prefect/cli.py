@@ -292,12 +292,17 @@ def _print_site(info: object) -> None:
         ops.add_row(name, op.version, op.result_kind, params, op.description)
     console.print(ops)
     sources = Table(title=f"{info.name}: data sources")
-    for column in ("source", "url", "format", "dims", "variables", "size"):
+    for column in ("source", "url", "format", "dims / rows", "variables / columns", "size"):
         sources.add_column(column)
     for source in info.sources:
         summary = source.summary
-        dims = ", ".join(f"{k}={v}" for k, v in summary.get("dims", {}).items())
-        variables = ", ".join(summary.get("data_vars", {}))
+        if "columns" in summary:  # a table
+            rows = summary.get("rows")
+            dims = f"rows={rows:,}" if isinstance(rows, int) else "rows=?"
+            variables = ", ".join(f"{name}:{dtype}" for name, dtype in summary["columns"].items())
+        else:
+            dims = ", ".join(f"{k}={v}" for k, v in summary.get("dims", {}).items())
+            variables = ", ".join(summary.get("data_vars", {}))
         sources.add_row(source.name, source.url, source.format, dims, variables, f"{source.size:,}" if source.size else "?")
     console.print(sources)
     console.print(

@@ -119,6 +119,10 @@ class SiteContext:
         with _DaskProgress(self):
             return self._compute.compute(*collections)
 
+    def to_device(self, value: Any) -> Any:
+        """``value`` with its chunks on the site's compute device (CuPy on GPU sites, unchanged elsewhere)."""
+        return self._compute.to_device(value)
+
     def progress(self, fraction: float, message: str = "") -> None:
         """Tell the client how far the operation has come (0..1); sent at most twice a second."""
         now = time.monotonic()

@@ -9,6 +9,7 @@ The federation spec names each site's loopback address and the shared key that
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from collections.abc import Sequence
 from multiprocessing import AuthenticationError
@@ -74,6 +75,16 @@ class _Link:
 
     def close(self) -> None:
         self.alive = False
+        try:
+            # Closing a descriptor does not wake a thread blocked reading it; a
+            # shutdown does (the reader then sees end-of-file and exits).
+            sock = socket.socket(fileno=self.conn.fileno())
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            finally:
+                sock.detach()
+        except OSError:
+            pass  # already closed by the site
         try:
             self.conn.close()
         except OSError:
