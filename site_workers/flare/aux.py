@@ -46,26 +46,25 @@ def unpack(shareable: Any, model: type[M]) -> M:
 
 
 def send(engine: Any, targets: list[str] | None, topic: str, message: BaseModel, timeout: float, model: type[M]) -> dict[str, M | str]:
-    """Send an aux request and wait for the replies: target -> reply message, or the reason it failed.
+    """Send an aux request and wait for the replies: target -> reply message, or why there is none.
 
-    ``targets=None`` from a site job means the server job.
+    ``targets=None`` from a site job means the server job (its reply is keyed ``"server"`` here).
     """
     with engine.new_context() as fl_ctx:
         replies = engine.send_aux_request(targets=targets, topic=topic, request=pack(message), timeout=timeout, fl_ctx=fl_ctx)
-    out: dict[str, M | str] = {}
-    for target in targets or list(replies or {}) or ["server"]:
-        answer = (replies or {}).get(target)
-        if answer is None and targets is None and replies:
-            answer = next(iter(replies.values()))
-        if answer is None:
-            out[target] = "no reply (unreachable or timed out)"
-            continue
-        code = answer.get_return_code()
-        if code != ReturnCode.OK:
-            out[target] = f"return code {code}"
-            continue
-        try:
-            out[target] = unpack(answer, model)
-        except ValidationError as exc:
-            out[target] = f"unreadable reply: {exc.errors()[0]['msg']}"
-    return out
+    replies = dict(replies or {})
+    if targets is None:
+        replies = {"server": next(iter(replies.values()))} if replies else {}
+    return {target: _read(replies.get(target), model) for target in targets or ["server"]}
+
+
+def _read(answer: Any, model: type[M]) -> M | str:
+    if answer is None:
+        return "no reply (unreachable or timed out)"
+    code = answer.get_return_code()
+    if code != ReturnCode.OK:
+        return f"return code {code}"
+    try:
+        return unpack(answer, model)
+    except ValidationError as exc:
+        return f"unreadable reply: {exc.errors()[0]['msg']}"
