@@ -94,6 +94,20 @@ def test_up_waits_until_every_site_is_ready_and_status_shows_it(mesh):
     assert shown.stdout.count(f"ready: mesh job {spec['job_id'][:8]}") == 2
 
 
+def test_mesh_command_finds_the_running_job_and_writes_a_federation_file_for_flows(mesh, tmp_path):
+    out = tmp_path / "federation.json"
+    found = cli(
+        "federation", "mesh", "--admin-kit", str(mesh.prod / ADMIN_USER), "--username", ADMIN_USER,
+        "--sites", ",".join(SITES), "--out", str(out), "--no-supervise",
+    )  # fmt: skip
+    assert found.returncode == 0, found.stderr[-2000:]
+    assert "already running" in found.stdout  # no second mesh job
+    spec = json.loads(out.read_text())
+    assert spec["job_id"] == json.loads(mesh.file.read_text())["job_id"] and spec["sites"] == list(SITES)
+    client = get_client(out)
+    assert [client.call(site, "core.echo", {"value": site}).fetch(client=client) for site in SITES] == list(SITES)
+
+
 def test_a_large_result_crosses_in_bounded_chunks_and_is_counted(mesh):
     client = get_client(mesh.file)
     before_site = client.stats("north").bytes_out
