@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -100,6 +101,11 @@ class Poc:
 
         from dfm_prefect.flare.admin import quiet_flare
 
+        if workspace_pids(self.workspace):
+            raise ConfigError(f"a FLARE deployment from {self.workspace} is still running; stop it before provisioning anew")
+        # Provisioning again into an old workspace would add prod_01 next to stale kits: start clean.
+        for old in (PROJECT, "server-storage", "logs"):
+            shutil.rmtree(self.workspace / old, ignore_errors=True)
         self.workspace.mkdir(parents=True, exist_ok=True)
         source = self.workspace / "project.src.yml"
         gen_default_project_config("dummy_project.yml", str(source))
