@@ -237,7 +237,6 @@ class MeshPump:
             "exchange with %s: %d frames out, %d pieces in, %d awaiting, %.1f ms",
             link.job_id[:8], len(deliver), len(reply.pieces), len(link.awaiting), (time.perf_counter() - started) * 1e3,
         )
-        assert self._on_message is not None
         for site, message in digest.messages:
             self._on_message(site, message)
         for problem in digest.unreadable:
@@ -257,7 +256,6 @@ class MeshPump:
     def _lose(self, link: JobLink | None, site: str, reason: str) -> None:
         if link is not None:
             link.forget(site)
-        assert self._on_lost is not None
         self._on_lost(site, reason)
 
     def _job_gone(self, link: JobLink, reason: str, *, requeue: list[Outgoing]) -> None:
