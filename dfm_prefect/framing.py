@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -16,14 +17,18 @@ _STOP = object()
 class BatchingWriter(Generic[T]):
     """A thread that drains a queue and hands each batch to ``send``.
 
-    No timers: a lone item is sent at once; items that arrive while a send is in
-    progress are sent together next, which batches naturally under load.
+    A lone item is sent at once; items that arrive while a send is in progress
+    are sent together next, which batches naturally under load. With
+    ``linger`` > 0 a batch also waits that long for company after its first
+    item (worth it where each send has a high fixed cost, as a FLARE aux message
+    does).
     """
 
-    def __init__(self, send: Callable[[list[T]], None], *, name: str, max_batch: int = 1000) -> None:
+    def __init__(self, send: Callable[[list[T]], None], *, name: str, max_batch: int = 1000, linger: float = 0.0) -> None:
         self._send = send
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._max_batch = max_batch
+        self._linger = linger
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -37,9 +42,11 @@ class BatchingWriter(Generic[T]):
                 return
             batch = [first]
             stop = False
+            deadline = time.monotonic() + self._linger
             while len(batch) < self._max_batch:
                 try:
-                    item = self._queue.get_nowait()
+                    wait = deadline - time.monotonic()
+                    item = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if item is _STOP:

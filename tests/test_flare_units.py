@@ -226,3 +226,16 @@ def test_the_mesh_job_is_config_only_and_names_allowed_classes(tmp_path):
     assert all(path.startswith(ALLOW_PREFIX) for path in paths)
     assert server["workflows"][0]["args"]["site_timeout"] == 2.5
     assert json.loads((folder / "meta.json").read_text())["min_clients"] == 1
+
+
+def test_a_lingering_writer_sends_replies_that_arrive_together_as_one_batch():
+    from dfm_prefect.framing import BatchingWriter
+
+    batches: list[list[int]] = []
+    writer: BatchingWriter[int] = BatchingWriter(batches.append, name="test-linger", linger=0.5)
+    writer.put(1)
+    threading.Timer(0.05, writer.put, args=(2,)).start()
+    time.sleep(0.2)  # inside the linger window
+    writer.put(3)
+    writer.close()
+    assert batches == [[1, 2, 3]]

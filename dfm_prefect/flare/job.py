@@ -40,6 +40,7 @@ class MeshJobConfig(BaseModel):
     dispatch_timeout: float = Field(default=10.0, gt=0)
     max_buffer_bytes: int = Field(default=256 << 20, gt=0)
     chunk_bytes: int = Field(default=1 << 20, gt=0, description="Largest piece of a reply frame in one message.")
+    reply_linger: float = Field(default=0.002, ge=0, le=0.1, description="Seconds a site's reply waits for others to batch with.")
 
 
 def write_job(folder: str | os.PathLike[str], config: MeshJobConfig = MeshJobConfig()) -> Path:
@@ -80,6 +81,7 @@ def write_job(folder: str | os.PathLike[str], config: MeshJobConfig = MeshJobCon
                         "heartbeat_interval": config.heartbeat_interval,
                         "chunk_bytes": config.chunk_bytes,
                         "frame_bytes": config.chunk_bytes,
+                        "reply_linger": config.reply_linger,
                     },
                 },
             }

@@ -116,6 +116,7 @@ class StatusReply(_Model):
     clients: int = Field(description="Client mailboxes open in the controller.")
     buffered_bytes: int
     uptime_s: float
+    counters: dict[str, int] = Field(default_factory=dict, description="Exchanges, frames, dispatches, reply chunks so far.")
 
 
 class CommandError(_Model):

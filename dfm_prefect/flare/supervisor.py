@@ -30,6 +30,8 @@ from dfm_prefect.flare import admin
 
 log = logging.getLogger("dfm_prefect.flare.supervisor")
 
+HEAL_S = 8.0
+"""A dead site silent for less than this may just have stalled; it is given time to say hello again."""
 ALIVE_S = 15.0
 """A FLARE client heard from within this many seconds counts as connected (clients beat every 5 s)."""
 
@@ -118,6 +120,8 @@ class MeshSupervisor:
             fell_out = time.time() - (state.seen_s or 0.0) if state is not None else 0.0
             if heard.get(site, 0.0) <= fell_out or (state is not None and (state.reason or "").startswith("could not start")):
                 continue
+            if state is not None and (state.seen_s or 0.0) < HEAL_S:
+                continue  # a short stall heals by itself: the site says hello again
             retry_at, _ = self._backoff.get(site, (0.0, 0.0))
             if now >= retry_at:
                 lacking.append(site)

@@ -50,12 +50,14 @@ class ReplySender:
         chunk_bytes: int = 1 << 20,
         frame_bytes: int = 1 << 20,
         max_backoff: float = 2.0,
+        linger: float = 0.0,
     ) -> None:
         self.site = site
         self.incarnation = incarnation
         self.chunk_bytes = chunk_bytes
         self.frame_bytes = frame_bytes
         self.max_backoff = max_backoff
+        self.linger = linger
         self.counters = ReplyCounters()
         self._send = send
         self._stop = stop
@@ -67,7 +69,9 @@ class ReplySender:
         with self._lock:
             writer = self._writers.get(peer)
             if writer is None:
-                writer = BatchingWriter(lambda batch: self._send_batch(peer, batch), name=f"dfm-reply-{peer[:8]}")
+                writer = BatchingWriter(
+                    lambda batch: self._send_batch(peer, batch), name=f"dfm-reply-{peer[:8]}", linger=self.linger
+                )
                 self._writers[peer] = writer
             return writer.put
 

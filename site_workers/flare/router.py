@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -88,6 +88,7 @@ class Router:
         self._sites: dict[str, _Site] = {name: _Site(name) for name in sites}
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._stopped: str | None = None
+        self.counters: Counter[str] = Counter()
 
     @property
     def sites(self) -> list[str]:
@@ -100,6 +101,8 @@ class Router:
         """Queue the request's frames, then collect the client's replies (see `Mailboxes.collect`)."""
         rejected: dict[str, str] = {}
         with self._cond:
+            self.counters["exchanges"] += 1
+            self.counters["frames"] += len(request.frames)
             for frame in request.frames:
                 if frame.id in self._seen:
                     continue
@@ -153,6 +156,7 @@ class Router:
             clients=self.mailboxes.clients,
             buffered_bytes=self.mailboxes.buffered_bytes,
             uptime_s=self._clock() - self._started,
+            counters=dict(self.counters),
         )
 
     def states(self) -> dict[str, SiteState]:
@@ -205,6 +209,7 @@ class Router:
     def reply(self, chunk: ReplyChunk) -> ReplyAck:
         """Put a reply chunk in its client's mailbox."""
         with self._cond:
+            self.counters["reply_chunks"] += 1
             site = self._sites.get(chunk.site)
             if site is not None and site.incarnation == chunk.incarnation and site.state == "ready":
                 site.last_seen = self._clock()
@@ -221,6 +226,7 @@ class Router:
                 return None
             frames = [site.outbox.popleft() for _ in range(min(len(site.outbox), self.max_dispatch_frames))]
             closed, site.closed_peers = site.closed_peers, []
+            self.counters["dispatches"] += 1
             return DispatchBatch(frames=frames, closed_peers=closed)
 
     def dispatch_failed(self, name: str, reason: str) -> None:
