@@ -59,6 +59,9 @@ def demo(
     from dfm_prefect.demo.data import ClimateSpec
     from dfm_prefect.demo.run import RTOL, run_demo
 
+    # Without PREFECT_API_URL, Prefect starts a local server process for the run; it
+    # reads this from its environment and would otherwise try to send telemetry.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     spec = ClimateSpec(years=years, resolution=resolution)
     try:
         report = run_demo(
