@@ -42,7 +42,7 @@ from dfm_prefect.federation import write_spec
 from dfm_prefect.flare import admin
 from dfm_prefect.flare.job import MeshJobConfig, write_job
 from dfm_prefect.flare.poc import ADMIN_USER, SERVER, Poc, sweep
-from dfm_prefect.flare.protocol import SITE_CONFIG_ENV
+from dfm_prefect.flare.protocol import SITE_CONFIG_ENV, StatusReply
 from dfm_prefect.flare.supervisor import MeshSupervisor
 from dfm_prefect.local_federation import _site_name
 from dfm_prefect.transports.flare import FlareSpec
@@ -182,15 +182,64 @@ class FlareFederation:
         return pids[0]
 
     def stop_site(self, site: str, *, kill: bool = False) -> None:
-        """Stop a site's FLARE client (SIGKILL with ``kill=True``); its job process follows it."""
-        self.poc.stop_participant(site, sig=signal.SIGKILL if kill else signal.SIGTERM)
+        """Stop a site: SIGTERM its FLARE client (its job process follows it), or with ``kill=True``
+        SIGKILL the client and its job processes at once, as if the site's machine died."""
+        if not kill:
+            self.poc.stop_participant(site)
+            return
+        # The client first: a live client would report its job process's death and FLARE would
+        # then end the whole mesh job; a dead one reports nothing, as with a machine that died.
+        jobs = self.poc.job_pids(site)
+        self.poc.stop_participant(site, sig=signal.SIGKILL)
+        for pid in jobs:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     def start_site(self, site: str) -> None:
         """(Re)start a site's FLARE client; the supervisor brings it into a new mesh job."""
         self.poc.start(site, self._env(site))
 
+    def site_pids(self, site: str) -> list[int]:
+        """The site's live processes: its FLARE client (first) and its job processes."""
+        process = self.poc.processes.get(site)
+        client = [process.pid] if process is not None and process.poll() is None else []
+        return client + self.poc.job_pids(site)
+
+    def signal_site(self, site: str, sig: int) -> None:
+        """Send ``sig`` to every process of the site (SIGSTOP/SIGCONT freeze and thaw it)."""
+        for pid in self.site_pids(site):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    def server_pids(self) -> list[int]:
+        """The FLARE server's processes: the server (first) and its job processes."""
+        process = self.poc.processes.get(SERVER)
+        server = [process.pid] if process is not None and process.poll() is None else []
+        return server + self.poc.job_pids(SERVER)
+
+    def kill_server(self) -> None:
+        """SIGKILL the FLARE server and its job processes (the mesh job's controller), as a crash would."""
+        jobs = self.poc.job_pids(SERVER)
+        self.poc.stop_participant(SERVER, sig=signal.SIGKILL)
+        for pid in jobs:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def start_server(self) -> None:
+        """(Re)start the FLARE server from its kit; clients reconnect, the supervisor starts a new mesh job."""
+        self.poc.start(SERVER, self._env())
+        self.poc.wait_server()
+
     def pids(self) -> list[int]:
         return self.poc.pids()
+
+    def mesh_status(self) -> StatusReply:
+        """What the running mesh job reports: site states, client mailboxes, buffered bytes, counters."""
+        if self._session is None or self.job_id is None:
+            raise SiteUnavailableError("the federation is not running")
+        with self._spec_lock:
+            job_id = self.job_id
+        return admin.status(self._session, job_id)
 
     # ----------------------------------------------------------------- stop
 

@@ -239,3 +239,62 @@ def test_a_lingering_writer_sends_replies_that_arrive_together_as_one_batch():
     writer.put(3)
     writer.close()
     assert batches == [[1, 2, 3]]
+
+
+def test_a_client_that_waits_for_answers_but_stops_exchanging_is_gone_and_told_when_it_returns():
+    now = [0.0]
+    boxes = Mailboxes(client_timeout=5.0, idle_expiry=60.0, clock=lambda: now[0])
+    assert boxes.begin("busy", ack=0, watched=True) is None
+    assert boxes.begin("idle", ack=0, watched=False) is None
+    boxes.deliver("busy", "north", "f1", 0, 1, "one")
+    boxes.collect("busy", ack=0, wait=0, max_bytes=1 << 20)
+    now[0] = 4.0
+    assert boxes.expire() == []  # within client_timeout
+    now[0] = 5.5
+    (gone,) = boxes.expire()
+    assert gone[0] == "busy" and "client_timeout 5s" in gone[1]
+    assert boxes.deliver("busy", "north", "f2", 0, 1, "late") and boxes.buffered_bytes == 0  # dropped, not kept
+    now[0] = 59.0
+    assert boxes.expire() == []  # the idle client waits for nothing: never gone for that
+    assert "client_timeout" in (boxes.begin("busy", ack=7, watched=True) or "")  # it returns, and is told
+    boxes.deliver("busy", "north", "f3", 0, 1, "new")
+    pieces, _ = boxes.collect("busy", ack=7, wait=0, max_bytes=1 << 20)
+    assert [(p.seq, p.data) for p in pieces] == [(8, "new")]  # the sequence continues after its cursor
+    now[0] = 200.0
+    assert [client for client, _ in boxes.expire()] == ["idle", "busy"]  # idle_expiry frees the memory
+
+
+def test_a_client_in_a_long_poll_is_never_declared_gone():
+    boxes = Mailboxes(client_timeout=0.05)
+    boxes.begin("c", ack=0, watched=True)
+    expired: list[list] = []
+
+    def meanwhile() -> None:  # well past client_timeout, while the client waits in collect
+        expired.append(boxes.expire())
+        boxes.deliver("c", "north", "f", 0, 1, "x")
+
+    threading.Timer(0.3, meanwhile).start()
+    pieces, _ = boxes.collect("c", ack=0, wait=5.0, max_bytes=1 << 20)
+    assert [p.data for p in pieces] == ["x"] and expired == [[]]
+
+
+def test_router_cancels_a_leaving_clients_work_before_frames_it_sends_later():
+    router = Router(["north"], site_timeout=3.0)
+    router.hello(Hello(site="north", incarnation="i", pid=1))
+    stop = threading.Event()
+    router.exchange(ExchangeRequest(client="old", frames=[_frame("north", "a")], awaiting=1))
+    router.exchange(ExchangeRequest(client="keep", frames=[_frame("north", "b")], awaiting=1))
+    router.exchange(ExchangeRequest(client="old", closing=True))
+    batch = router.next_batch("north", stop)
+    assert [f.peer for f in batch.frames] == ["keep"] and batch.closed_peers == ["old"]  # its queued frame was dropped
+    router.exchange(ExchangeRequest(client="gone", frames=[_frame("north", "c")], awaiting=1))
+    router.exchange(ExchangeRequest(client="keep", awaiting=0))  # answered: it waits for nothing now
+    router.next_batch("north", stop)
+    router.mailboxes.client_timeout = 0.0  # declare it gone at once
+    time.sleep(0.01)
+    assert [client for client, _ in router.expire_clients()] == ["gone"]
+    reply = router.exchange(ExchangeRequest(client="gone", frames=[_frame("north", "d")], awaiting=2))
+    assert reply.expired is not None and "client_timeout" in reply.expired
+    batch = router.next_batch("north", stop)
+    assert batch.closed_peers == ["gone"] and [f.peer for f in batch.frames] == ["gone"]  # the executor cancels first
+    assert router.status(StatusRequest()).counters["clients_expired"] == 1

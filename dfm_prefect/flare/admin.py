@@ -54,9 +54,16 @@ def quiet_flare() -> None:
 
 
 def open_session(admin_kit: str | os.PathLike[str], username: str, *, command_timeout: float = 30.0, connect_timeout: float = 30.0) -> Any:
-    """An authenticated admin session (close it when done, or it keeps reconnecting)."""
+    """An authenticated admin session (close it when done, or it keeps reconnecting).
+
+    FLARE takes the user's identity from the kit's certificate. A kit that the
+    server does not trust (from another provisioning) cannot connect: the error
+    then says what the TLS handshake found (see :func:`~dfm_prefect.flare.kits.tls_problem`).
+    """
     from nvflare.fuel.flare_api import api_spec
     from nvflare.fuel.flare_api.flare_api import new_secure_session
+
+    from dfm_prefect.flare.kits import admin_address, tls_problem
 
     kit = Path(admin_kit)
     if not (kit / "startup" / "fed_admin.json").exists():
@@ -67,7 +74,14 @@ def open_session(admin_kit: str | os.PathLike[str], username: str, *, command_ti
     except (api_spec.AuthenticationError, api_spec.AuthorizationError) as exc:
         raise ConfigError(f"the FLARE server refused admin {username!r} from {kit}: {exc}") from None
     except (api_spec.NoConnection, TimeoutError, ConnectionError) as exc:
-        raise AdminUnreachableError(f"cannot reach the FLARE server named in {kit}/startup/fed_admin.json: {exc}") from None
+        host, port = admin_address(kit)
+        problem = tls_problem(kit, host, port)
+        if problem is not None:
+            raise ConfigError(
+                f"the FLARE server at {host}:{port} and the admin kit {kit} do not trust each other ({problem}); "
+                "use a startup kit from this federation's provisioning"
+            ) from None
+        raise AdminUnreachableError(f"cannot reach the FLARE server at {host}:{port} (from {kit}/startup/fed_admin.json): {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -78,19 +92,32 @@ class MeshJob:
     submitted: str
 
 
+def _unreachable(exc: BaseException) -> bool:
+    """Whether a FLARE admin API error means the server cannot be reached (or did not answer)."""
+    from nvflare.fuel.flare_api import api_spec
+
+    return isinstance(exc, (api_spec.NoConnection, api_spec.NoReply, api_spec.SessionClosed, TimeoutError, ConnectionError))
+
+
 def mesh_jobs(session: Any, name: str) -> list[MeshJob]:
     """The running jobs called ``name``, newest first."""
+    try:
+        listed = session.list_jobs(name_prefix=name)
+    except Exception as exc:
+        if _unreachable(exc):
+            raise AdminUnreachableError(f"cannot list jobs: {type(exc).__name__}: {exc}") from None
+        raise
     jobs = [
         MeshJob(id=j["job_id"], name=j.get("job_name", ""), status=j.get("status", ""), submitted=j.get("submit_time", ""))
-        for j in session.list_jobs(name_prefix=name)
+        for j in listed
     ]
     running = [j for j in jobs if j.name == name and j.status == "RUNNING"]
     return sorted(running, key=lambda j: j.submitted, reverse=True)
 
 
-def find_mesh_job(session: Any, name: str, job_id: str | None = None) -> MeshJob:
-    """The mesh job to use: ``job_id`` if it runs, else the newest running job called ``name``."""
-    running = mesh_jobs(session, name)
+def find_mesh_job(session: Any, name: str, job_id: str | None = None, *, skip: frozenset[str] = frozenset()) -> MeshJob:
+    """The mesh job to use: ``job_id`` if it runs, else the newest running job called ``name`` (not in ``skip``)."""
+    running = [job for job in mesh_jobs(session, name) if job.id not in skip]
     for job in running:
         if job_id is None or job.id == job_id:
             return job
@@ -103,16 +130,44 @@ def find_mesh_job(session: Any, name: str, job_id: str | None = None) -> MeshJob
 
 
 def job_status(session: Any, job_id: str) -> str | None:
+    """The job's status as FLARE reports it, or ``unknown (why)`` if it cannot be read."""
     try:
         return session.get_job_status(job_id)
     except Exception as exc:  # any failure to read the status means we cannot trust the job
         return f"unknown ({type(exc).__name__}: {exc})"
 
 
-def command(session: Any, job_id: str, topic: str, request: BaseModel, reply: type[M]) -> M:
-    """Run one app command of the mesh job; raise specific errors for a gone job or server."""
+def job_state(session: Any, job_id: str) -> str:
+    """Like :func:`job_status`, but raise `AdminUnreachableError` if the server cannot be reached."""
+    try:
+        return str(session.get_job_status(job_id))
+    except Exception as exc:
+        if _unreachable(exc):
+            raise AdminUnreachableError(f"{type(exc).__name__}: {exc}") from None
+        return f"unknown ({type(exc).__name__}: {exc})"
+
+
+def connected_sites(session: Any) -> dict[str, float]:
+    """FLARE clients the server knows, with when it last heard from each (its clock)."""
+    try:
+        info = session.get_system_info()
+    except Exception as exc:
+        if _unreachable(exc):
+            raise AdminUnreachableError(f"cannot read the system info: {type(exc).__name__}: {exc}") from None
+        raise
+    return {c.name: float(c.last_connect_time or 0.0) for c in info.client_info}
+
+
+def command(session: Any, job_id: str, topic: str, request: BaseModel, reply: type[M], *, timeout: float | None = None) -> M:
+    """Run one app command of the mesh job; raise specific errors for a gone job or server.
+
+    ``timeout`` (seconds) bounds the wait for the answer; the session's command
+    timeout otherwise. Only a session used by one thread may be given one.
+    """
     from nvflare.fuel.flare_api import api_spec
 
+    if timeout is not None:
+        session.set_timeout(timeout)
     try:
         data = session.do_app_command(job_id, topic, request.model_dump(mode="json"))
     except (api_spec.JobNotRunning, api_spec.JobNotFound) as exc:
@@ -131,8 +186,8 @@ def command(session: Any, job_id: str, topic: str, request: BaseModel, reply: ty
         raise AdminUnreachableError(f"mesh job {job_id} sent an unreadable {topic} reply: {exc.errors()[0]['msg']}") from None
 
 
-def exchange(session: Any, job_id: str, request: ExchangeRequest) -> ExchangeReply:
-    return command(session, job_id, CMD_EXCHANGE, request, ExchangeReply)
+def exchange(session: Any, job_id: str, request: ExchangeRequest, *, timeout: float | None = None) -> ExchangeReply:
+    return command(session, job_id, CMD_EXCHANGE, request, ExchangeReply, timeout=timeout)
 
 
 def status(session: Any, job_id: str, request: StatusRequest = StatusRequest()) -> StatusReply:
@@ -167,7 +222,12 @@ def wait_ready(session: Any, job_id: str, sites: list[str], timeout: float) -> S
 
 
 def submit_mesh_job(session: Any, folder: str | os.PathLike[str]) -> str:
-    return str(session.submit_job(str(folder)))
+    try:
+        return str(session.submit_job(str(folder)))
+    except Exception as exc:
+        if _unreachable(exc):
+            raise AdminUnreachableError(f"cannot submit the mesh job: {type(exc).__name__}: {exc}") from None
+        raise
 
 
 def abort_job(session: Any, job_id: str) -> None:
@@ -178,6 +238,10 @@ def abort_job(session: Any, job_id: str) -> None:
         session.abort_job(job_id)
     except (api_spec.JobNotRunning, api_spec.JobNotFound, api_spec.InternalError):
         pass
+    except Exception as exc:
+        if _unreachable(exc):
+            raise AdminUnreachableError(f"cannot abort job {job_id}: {type(exc).__name__}: {exc}") from None
+        raise
 
 
 def close_session(session: Any) -> None:

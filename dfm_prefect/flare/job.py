@@ -39,6 +39,12 @@ class MeshJobConfig(BaseModel):
     heartbeat_interval: float = Field(default=0.5, gt=0)
     dispatch_timeout: float = Field(default=10.0, gt=0)
     max_buffer_bytes: int = Field(default=256 << 20, gt=0)
+    client_timeout: float = Field(
+        default=10.0,
+        gt=1.0,
+        description="Seconds a client that waits for answers may go without an exchange before it is gone and its "
+        "work at the sites is cancelled (clients exchange every fraction of a second while they wait).",
+    )
     chunk_bytes: int = Field(default=1 << 20, gt=0, description="Largest piece of a reply frame in one message.")
     reply_linger: float = Field(default=0.002, ge=0, le=0.1, description="Seconds a site's reply waits for others to batch with.")
 
@@ -65,6 +71,7 @@ def write_job(folder: str | os.PathLike[str], config: MeshJobConfig = MeshJobCon
                     "site_timeout": config.site_timeout,
                     "dispatch_timeout": config.dispatch_timeout,
                     "max_buffer_bytes": config.max_buffer_bytes,
+                    "client_timeout": config.client_timeout,
                 },
             }
         ],

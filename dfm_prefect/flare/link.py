@@ -40,6 +40,8 @@ class JobLink:
         self.submitted = submitted
         self.attached = time.monotonic()
         self.ack = 0
+        self.told_ack = 0
+        self.told_awaiting = 0
         self.states: dict[str, SiteState] = {}
         self.awaiting: dict[str, str] = {}
         self.last_dead: str | None = None
@@ -48,6 +50,15 @@ class JobLink:
         self.pieces = 0
         self.largest_piece = 0
         self._joiner = Reassembler()
+
+    def told(self, ack: int, awaiting: int) -> None:
+        """Record what the job last heard from this client: its cursor and how many answers it waited for."""
+        self.told_ack, self.told_awaiting = ack, awaiting
+
+    @property
+    def behind(self) -> bool:
+        """The job's view is stale: pieces not yet acknowledged, or it still thinks answers are awaited."""
+        return self.ack > self.told_ack or (self.told_awaiting > 0 and not self.awaiting)
 
     def ready(self, site: str) -> bool:
         state = self.states.get(site)

@@ -252,9 +252,14 @@ def workspace_pids(workspace: str | os.PathLike[str]) -> list[int]:
 
 
 def job_pids(kit: str | os.PathLike[str]) -> list[int]:
-    """The job processes (``worker_process``) running from a participant's kit."""
+    """The job processes (a site's ``worker_process``, the server's ``runner_process``) running from a kit."""
     marker = str(Path(kit).resolve()).encode()
-    return [pid for pid in workspace_pids(kit) if b"worker_process" in (_cmdline(pid) or b"") and marker in (_cmdline(pid) or b"")]
+    found = []
+    for pid in workspace_pids(kit):
+        cmdline = _cmdline(pid) or b""
+        if marker in cmdline and (b"worker_process" in cmdline or b"runner_process" in cmdline):
+            found.append(pid)
+    return found
 
 
 def sweep(workspace: str | os.PathLike[str], grace: float = 20.0) -> list[int]:

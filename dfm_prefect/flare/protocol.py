@@ -84,7 +84,13 @@ class ExchangeRequest(_Model):
     ack: int = Field(default=0, ge=0, description="Highest piece seq the client has processed.")
     wait: float = Field(default=0.0, ge=0.0, le=MAX_WAIT)
     max_bytes: int = Field(default=8 << 20, ge=1 << 10)
-    frames: list[ClientFrame] = Field(default_factory=list)
+    frames: list[ClientFrame] = Field(default_factory=list, max_length=100_000)
+    awaiting: int = Field(
+        default=0,
+        ge=0,
+        description="Requests the client waits answers for, these frames' included. While it is above 0 the "
+        "client keeps exchanging, and a silence longer than the mesh job's client_timeout means it is gone.",
+    )
     closing: bool = Field(default=False, description="The client is leaving: drop its mailbox, cancel its work.")
 
 
@@ -104,10 +110,15 @@ class ExchangeReply(_Model):
     more: bool = Field(default=False, description="More pieces are waiting; exchange again at once.")
     sites: dict[str, SiteState] = Field(default_factory=dict)
     rejected: dict[str, str] = Field(default_factory=dict, description="site -> why its frames were not queued.")
+    expired: str | None = Field(
+        default=None,
+        description="The controller had declared this client gone, and why: the requests it sent before this "
+        "exchange were cancelled at the sites and will not be answered.",
+    )
 
 
 class StatusRequest(_Model):
-    wait_ready: list[str] = Field(default_factory=list, description="Wait until these sites are ready ...")
+    wait_ready: list[str] = Field(default_factory=list, max_length=1000, description="Wait until these sites are ready ...")
     wait: float = Field(default=0.0, ge=0.0, le=MAX_WAIT, description="... for at most this long.")
 
 

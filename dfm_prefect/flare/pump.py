@@ -13,6 +13,18 @@ When the mesh job itself ends, every site with unanswered requests is lost;
 the pump then follows the newest running job of the same name (the
 federation's supervisor starts one), holding new frames meanwhile for up to
 ``rejoin_wait`` seconds, and drains the previous job during a blue/green switch.
+An exchange not answered within its long-poll plus ``answer_timeout`` seconds
+makes the pump ask for the job's status; if the FLARE server itself cannot be
+reached, every unanswered request fails with an error naming the federation
+server, and new frames wait (up to ``rejoin_wait``) for it and a mesh job to
+be back.
+
+Each exchange says how many answers the client still waits for. The mesh job
+declares a client that waits for answers but stops exchanging gone and cancels
+its work at the sites (``client_timeout``), so the pump keeps exchanging while
+anything is unanswered, and tells the job with one last exchange when nothing
+is. If the job had declared this client gone (a frozen process), the exchange
+says so and the requests sent before it fail at once.
 """
 
 from __future__ import annotations
@@ -27,8 +39,8 @@ from typing import Any
 from dfm_prefect.errors import FederationError
 from dfm_prefect.flare import admin
 from dfm_prefect.flare.link import JobLink
-from dfm_prefect.flare.protocol import ClientFrame, ExchangeRequest
-from dfm_prefect.wire import ClientMessage, SiteMessage
+from dfm_prefect.flare.protocol import ClientFrame, ExchangeReply, ExchangeRequest
+from dfm_prefect.wire import ClientMessage, ErrorInfo, ErrorReply, SiteMessage
 
 log = logging.getLogger("dfm_prefect.transport.flare")
 HOLD_POLL = 0.5
@@ -56,6 +68,9 @@ class PumpSettings:
     poll_window: float
     rejoin_wait: float
     max_exchange_bytes: int
+    answer_timeout: float = 10.0
+    server: str = "FLARE server"
+    """How errors name the federation server (with its admin address)."""
 
 
 class MeshPump:
@@ -86,6 +101,7 @@ class MeshPump:
         self._next_lookup = 0.0
         self._candidate: JobLink | None = None
         self._unreachable_since: float | None = None
+        self._server_down: str | None = None
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="dfm-flare-pump", daemon=True)
 
@@ -125,8 +141,7 @@ class MeshPump:
         return link
 
     def _busy(self) -> bool:
-        links = [link for link in [self._link, *self._draining] if link is not None]
-        return bool(self._outbox or any(link.awaiting or link.more for link in links))
+        return bool(self._outbox or any(link.awaiting or link.more or link.behind for link in self.links))
 
     def _run(self) -> None:
         while True:
@@ -171,8 +186,9 @@ class MeshPump:
                 self._lose(link, out.site, reason)
         self._requeue(hold)
         # A long-poll returns early when a site says hello, so held frames go out as soon as they can.
-        wait = HOLD_POLL if hold else 0.0 if queued else self.settings.poll_window
-        active = link is not None and bool(deliver or hold or link.awaiting or link.more)
+        awaiting = bool(deliver or (link is not None and link.awaiting))
+        wait = HOLD_POLL if hold else 0.0 if queued or not awaiting else self.settings.poll_window
+        active = link is not None and bool(deliver or hold or link.awaiting or link.more or link.behind)
         for old in list(self._draining):
             self._exchange(old, [], 0.0 if active else wait)
         if link is not None and (active or not self._draining):
@@ -194,9 +210,12 @@ class MeshPump:
 
     def _no_job_reason(self) -> str:
         waited = time.monotonic() - (self._gone_since or time.monotonic())
+        if self._server_down is not None:
+            return f"the federation server ({self.settings.server}) cannot be reached (waited {waited:.0f}s for it): {self._server_down}"
         return f"no mesh job named {self.settings.job_name!r} is running (waited {waited:.0f}s for one)"
 
     def _exchange(self, link: JobLink, deliver: list[Outgoing], wait: float) -> None:
+        before = dict(link.awaiting)
         for out in deliver:
             link.expect(out.site, out.messages)
         request = ExchangeRequest(
@@ -205,17 +224,24 @@ class MeshPump:
             wait=wait,
             max_bytes=self.settings.max_exchange_bytes,
             frames=[out.frame for out in deliver],
+            awaiting=len(link.awaiting),
         )
         started = time.perf_counter()
         try:
-            reply = admin.exchange(self._session, link.job_id, request)
+            reply = admin.exchange(self._session, link.job_id, request, timeout=wait + self.settings.answer_timeout)
         except admin.MeshJobGoneError as exc:
             self._job_gone(link, str(exc), requeue=deliver)
             return
         except admin.AdminUnreachableError as exc:
             now = time.monotonic()
             self._unreachable_since = self._unreachable_since or now
-            status = admin.job_status(self._session, link.job_id)
+            try:
+                status = admin.job_state(self._session, link.job_id)
+            except admin.AdminUnreachableError as down:
+                self._server_down = str(down)
+                cause = f"the federation server ({self.settings.server}) cannot be reached: {exc}"
+                self._job_gone(link, cause, requeue=[], server=True)
+                return
             if status != "RUNNING" or now - self._unreachable_since > UNANSWERED_S:
                 self._job_gone(link, f"{exc}; job status {status}", requeue=[])
                 return
@@ -232,6 +258,10 @@ class MeshPump:
             return
         self.exchanges += 1
         self._unreachable_since = None
+        self._server_down = None
+        link.told(request.ack, request.awaiting)
+        if reply.expired is not None:
+            self._expired(link, before, reply)
         digest = link.absorb(reply)
         log.debug(
             "exchange with %s: %d frames out, %d pieces in, %d awaiting, %.1f ms",
@@ -247,6 +277,17 @@ class MeshPump:
             self._draining.remove(link)
             self._say_goodbye(link)
 
+    def _expired(self, link: JobLink, before: dict[str, str], reply: ExchangeReply) -> None:
+        """The job had declared this client gone: what it sent before this exchange was cancelled."""
+        log.warning("mesh job %s had declared this client gone (%s); failing %d requests", link.job_id, reply.expired, len(before))
+        reason = (
+            f"the mesh job {link.job_id} declared this client gone ({reply.expired}) and cancelled its requests; "
+            "is the client process being paused or starved?"
+        )
+        for request_id, site in before.items():
+            if link.awaiting.pop(request_id, None) is not None:
+                self._on_message(site, ErrorReply(id=request_id, error=ErrorInfo(code="site_unavailable", message=reason)))
+
     def _requeue(self, outs: list[Outgoing]) -> None:
         if outs:
             with self._cond:
@@ -258,16 +299,20 @@ class MeshPump:
             link.forget(site)
         self._on_lost(site, reason)
 
-    def _job_gone(self, link: JobLink, reason: str, *, requeue: list[Outgoing]) -> None:
+    def _job_gone(self, link: JobLink, reason: str, *, requeue: list[Outgoing], server: bool = False) -> None:
+        """The job is lost: fail what was unanswered there; ``server``: because the server is unreachable."""
         self._unreachable_since = None
-        cause = f"mesh job {link.job_id} ended ({reason})"
-        seen = {site: state.seen_s for site, state in link.states.items() if state.seen_s is not None}
-        freshest = min(seen.values(), default=0.0)
-        silent = sorted(site for site, age in seen.items() if age > freshest + SILENT_S)
-        if link.last_dead:
-            cause += f"; last site failure: {link.last_dead}"
-        elif silent:
-            cause += f"; {', '.join(silent)} had stopped sending heartbeats before it ended"
+        if server:  # the server's loss explains everything; site states from before it are stale
+            cause = f"{reason}; the requests in flight through mesh job {link.job_id} are lost"
+        else:
+            cause = f"mesh job {link.job_id} ended ({reason})"
+            seen = {site: state.seen_s for site, state in link.states.items() if state.seen_s is not None}
+            freshest = min(seen.values(), default=0.0)
+            silent = sorted(site for site, age in seen.items() if age > freshest + SILENT_S)
+            if link.last_dead:
+                cause += f"; last site failure: {link.last_dead}"
+            elif silent:
+                cause += f"; {', '.join(silent)} had stopped sending heartbeats before it ended"
         log.warning("%s", cause)
         for out in requeue:
             link.forget_messages(out.messages)
@@ -291,7 +336,10 @@ class MeshPump:
             candidates = admin.mesh_jobs(self._session, self.settings.job_name)
         except Exception as exc:  # the server may be restarting: the same as "no job yet"
             log.warning("cannot list mesh jobs: %s", exc)
+            if isinstance(exc, admin.AdminUnreachableError):
+                self._server_down = str(exc)
             return
+        self._server_down = None
         newest = candidates[0] if candidates else None
         if newest is None or (current is not None and (newest.id == current.job_id or newest.submitted <= current.submitted)):
             self._candidate = None

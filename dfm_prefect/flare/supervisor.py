@@ -8,7 +8,12 @@ session on the operator's side, watches the mesh job and submits a new one:
 * a site is dead or missing in the job while its FLARE client is connected
   (it restarted, or only its job process died): blue/green -- submit the new
   job while the old one still serves, wait until the new one is ready, point
-  the federation at it, let the old one drain its in-flight work, abort it.
+  the federation at it, let the old one drain its in-flight work, abort it;
+* the FLARE server cannot be reached: wait for it. Once it is back (restarted
+  by its operator; the FLARE clients reconnect by themselves) its job store
+  may still say RUNNING for the job that died with it, whose controller never
+  answers: after ``UNANSWERED_S`` the supervisor aborts that job, waits for the
+  sites to reconnect and submits a new one.
 
 Clients follow by themselves: the FLARE transport switches to the newest
 running job of the same name. There is no job or client event in FLARE's admin
@@ -30,6 +35,10 @@ from dfm_prefect.flare import admin
 
 log = logging.getLogger("dfm_prefect.flare.supervisor")
 
+UNANSWERED_S = 10.0
+"""A RUNNING mesh job whose controller does not answer for this long is replaced."""
+RECONNECT_S = 20.0
+"""How long a replacement waits for the federation's sites to be connected (after a server restart)."""
 HEAL_S = 8.0
 """A dead site silent for less than this may just have stalled; it is given time to say hello again."""
 ALIVE_S = 15.0
@@ -70,6 +79,8 @@ class MeshSupervisor:
         self.replacements: list[tuple[str, str]] = []
         self._stop = threading.Event()
         self._backoff: dict[str, tuple[float, float]] = {}
+        self._silent_since: float | None = None
+        self._server_down: str | None = None
         self._drains: list[threading.Thread] = []
         self._thread = threading.Thread(target=self._loop, name="dfm-mesh-supervisor", daemon=True)
 
@@ -90,23 +101,40 @@ class MeshSupervisor:
                 self.check()
             except FederationError as exc:
                 log.warning("mesh supervisor: %s", exc)
+            except Exception:  # the supervisor must outlive anything FLARE throws at it
+                log.exception("mesh supervisor: unexpected error; checking again in %.1fs", self.interval)
 
     # ------------------------------------------------------------- checks
 
     def check(self) -> None:
         """One look at the mesh job, replacing it if needed."""
-        status = admin.job_status(self.session, self.job_id)
+        try:
+            status = admin.job_state(self.session, self.job_id)
+        except admin.AdminUnreachableError as exc:
+            if self._server_down is None:
+                log.warning("the FLARE server cannot be reached (%s); waiting for it", exc)
+            self._server_down = str(exc)
+            return
+        if self._server_down is not None:
+            log.warning("the FLARE server answers again")
+            self._server_down = None
         if status != "RUNNING":
             self._replace(f"mesh job {self.job_id} is {status}", blue_green=False)
             return
+        now = time.monotonic()
         try:
             sites = admin.status(self.session, self.job_id).sites
         except admin.MeshJobGoneError as exc:
             self._replace(str(exc), blue_green=False)
             return
         except admin.AdminUnreachableError as exc:
-            log.info("mesh job %s does not answer status: %s", self.job_id, exc)
+            self._silent_since = self._silent_since or now
+            if now - self._silent_since > UNANSWERED_S:
+                self._replace(f"mesh job {self.job_id} is RUNNING but has not answered for {now - self._silent_since:.0f}s: {exc}", blue_green=False)
+            else:
+                log.info("mesh job %s does not answer status: %s", self.job_id, exc)
             return
+        self._silent_since = None
         heard = self._last_heard()
         now = time.monotonic()
         lacking = []
@@ -138,17 +166,29 @@ class MeshSupervisor:
 
     def _last_heard(self) -> dict[str, float]:
         """When the FLARE server last heard from each client (its clock; clients beat every few seconds)."""
-        info = self.session.get_system_info()
-        return {c.name: float(c.last_connect_time) for c in info.client_info if c.last_connect_time}
+        return {name: when for name, when in admin.connected_sites(self.session).items() if when}
 
     def _connected(self) -> set[str]:
         now = time.time()
         return {name for name, when in self._last_heard().items() if now - when < ALIVE_S}
 
+    def _wait_connected(self) -> set[str]:
+        """The federation's connected sites, after waiting (up to ``RECONNECT_S``) for all of them."""
+        deadline = time.monotonic() + RECONNECT_S
+        connected = self._connected() & set(self.sites)
+        while connected != set(self.sites) and not self._stop.wait(0.5):  # no "client connected" event in the admin API
+            if time.monotonic() > deadline:
+                log.warning("sites %s are not connected; the new mesh job starts without them", sorted(set(self.sites) - connected))
+                break
+            connected = self._connected() & set(self.sites)
+        return connected
+
     def _replace(self, reason: str, *, blue_green: bool, wanted: list[str] | None = None) -> None:
         log.warning("replacing the mesh job: %s", reason)
         old = self.job_id
-        wanted = wanted if wanted is not None else sorted(self._connected() & set(self.sites))
+        if not blue_green:
+            admin.abort_job(self.session, old)  # gone or dead already: nothing to drain
+        wanted = wanted if wanted is not None else sorted(self._wait_connected())
         new = admin.submit_mesh_job(self.session, self.job_folder)
         try:
             admin.wait_ready(self.session, new, wanted, self.ready_timeout)
@@ -160,12 +200,11 @@ class MeshSupervisor:
         self.replacements.append((old, new))
         self.on_new_job(new)
         log.warning("mesh job %s replaces %s", new, old)
+        self._silent_since = None
         if blue_green:
             drain = threading.Thread(target=self._drain, args=(old,), name=f"dfm-mesh-drain-{old[:8]}", daemon=True)
             self._drains.append(drain)
             drain.start()
-        else:
-            admin.abort_job(self.session, old)
 
     def _drain(self, job_id: str) -> None:
         """Let the old job finish what its sites are running, then abort it."""

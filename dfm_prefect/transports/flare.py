@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from dfm_prefect.errors import SiteUnavailableError
 from dfm_prefect.flare import admin
+from dfm_prefect.flare.kits import admin_address
 from dfm_prefect.flare.link import JobLink
 from dfm_prefect.flare.protocol import DEFAULT_JOB_NAME, MAX_WAIT, ClientFrame
 from dfm_prefect.flare.pump import MeshPump, Outgoing, PumpSettings
@@ -49,6 +50,12 @@ class FlareSpec(BaseModel):
     connect_timeout: float = Field(default=30.0, gt=0)
     poll_window: float = Field(default=0.2, gt=0, le=MAX_WAIT, description="Long-poll of one exchange while answers are due.")
     rejoin_wait: float = Field(default=30.0, ge=0, description="How long to hold requests while no mesh job runs.")
+    answer_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        description="An exchange not answered within its long-poll plus this long makes the client check the job "
+        "and the server; unanswered requests fail at once if the server cannot be reached.",
+    )
     max_exchange_bytes: int = Field(default=8 << 20, ge=1 << 16)
 
 
@@ -71,16 +78,35 @@ class FlareTransport(Transport):
         spec = self.spec
         self._session = admin.open_session(spec.admin_kit, spec.username, command_timeout=spec.command_timeout, connect_timeout=spec.connect_timeout)
         try:
-            job = admin.find_mesh_job(self._session, spec.job_name, spec.job_id)
-            link = JobLink(job.id, job.submitted)
-            link.set_states(admin.status(self._session, job.id).sites)
+            link = self._attach(spec.job_id)
         except BaseException:
             admin.close_session(self._session)
             raise
-        settings = PumpSettings(spec.job_name, spec.poll_window, spec.rejoin_wait, spec.max_exchange_bytes)
+        host, port = admin_address(spec.admin_kit)
+        settings = PumpSettings(
+            spec.job_name,
+            spec.poll_window,
+            spec.rejoin_wait,
+            spec.max_exchange_bytes,
+            answer_timeout=spec.answer_timeout,
+            server=f"FLARE server {host}:{port}",
+        )
         self._pump = MeshPump(self._session, link, settings, client_id=self.client_id, on_message=on_message, on_lost=on_site_lost)
         self._pump.start()
         _close_at_exit(self)
+
+    def _attach(self, job_id: str | None) -> JobLink:
+        job = admin.find_mesh_job(self._session, self.spec.job_name, job_id)
+        try:
+            states = admin.status(self._session, job.id).sites
+        except admin.MeshJobGoneError:
+            # A job the server lists as RUNNING but that does not run: after a server restart
+            # the job store keeps the job that died with it. Use the newest other one.
+            job = admin.find_mesh_job(self._session, self.spec.job_name, None, skip=frozenset({job.id}))
+            states = admin.status(self._session, job.id).sites
+        link = JobLink(job.id, job.submitted)
+        link.set_states(states)
+        return link
 
     @property
     def sites(self) -> list[str]:

@@ -65,6 +65,8 @@ class MeshController(Controller):
         liveness_interval: how often heartbeats are checked.
         max_buffer_bytes: reply bytes buffered for all clients before sites are told to wait.
         max_dispatch_frames: most frames in one dispatch message.
+        client_timeout: a client that waits for answers and has not exchanged for this
+            long is gone: its work at the sites is cancelled (see `Mailboxes`).
     """
 
     def __init__(
@@ -74,8 +76,10 @@ class MeshController(Controller):
         liveness_interval: float = 0.5,
         max_buffer_bytes: int = 256 << 20,
         max_dispatch_frames: int = 500,
+        client_timeout: float = 10.0,
     ) -> None:
         super().__init__()
+        self.client_timeout = client_timeout
         self.site_timeout = site_timeout
         self.dispatch_timeout = dispatch_timeout
         self.liveness_interval = liveness_interval
@@ -94,7 +98,7 @@ class MeshController(Controller):
         self.router = Router(
             [client.name for client in self._engine.get_clients()],
             site_timeout=self.site_timeout,
-            mailboxes=Mailboxes(max_bytes=self.max_buffer_bytes),
+            mailboxes=Mailboxes(max_bytes=self.max_buffer_bytes, client_timeout=self.client_timeout),
             max_dispatch_frames=self.max_dispatch_frames,
             on_new_site=self._start_dispatcher,
         )
@@ -117,6 +121,8 @@ class MeshController(Controller):
         while not abort_signal.triggered and not self._stop.wait(self.liveness_interval):
             for site in self.router.check_liveness():
                 log.warning("site %s is dead: no heartbeat within %.1fs", site, self.site_timeout)
+            for client, reason in self.router.expire_clients():
+                log.warning("client %s is gone (%s); its work at the sites is cancelled", client, reason)
 
     def stop_controller(self, fl_ctx: FLContext) -> None:
         self._stop.set()

@@ -17,6 +17,13 @@ acknowledged: explicit readiness), then sends heartbeats with the site's load.
 Each ``dfm.dispatch`` aux message is acknowledged at once; its frames go to an
 intake thread that hands them to `SiteWorker.handle_frame`. Replies go back
 through a :class:`~site_workers.flare.replies.ReplySender`.
+
+Work is cancelled when nobody can receive its answer any more: a client's when
+the controller says it left or is gone (``closed_peers``), and all of it when
+the controller answers a heartbeat with "unknown" (it declared this site dead,
+so every client has failed its requests here), when no heartbeat has been
+answered for ``orphan_timeout`` seconds (the server or its job is gone), and
+when the job ends.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import logging
 import os
 import queue
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -70,6 +78,8 @@ class MeshExecutor(Executor):
         reply_linger: how long a reply waits for others to share its aux
             message (each aux message costs the FLARE server CPU; 2 ms cut their
             number by about a third in the 200-task benchmark).
+        orphan_timeout: after this long without an answered heartbeat the
+            controller is taken to be gone and the site cancels all its work.
     """
 
     def __init__(
@@ -79,8 +89,10 @@ class MeshExecutor(Executor):
         chunk_bytes: int = 1 << 20,
         frame_bytes: int = 1 << 20,
         reply_linger: float = 0.002,
+        orphan_timeout: float = 30.0,
     ) -> None:
         super().__init__()
+        self.orphan_timeout = orphan_timeout
         self.reply_linger = reply_linger
         self.heartbeat_interval = heartbeat_interval
         self.aux_timeout = aux_timeout
@@ -117,6 +129,7 @@ class MeshExecutor(Executor):
             return
         self._stop.set()
         self._intake.put(None)
+        self._cancel_all("the mesh job is ending")
         if self.sender is not None:
             self.sender.close(timeout=1.0)
         if self.worker is not None:
@@ -174,6 +187,7 @@ class MeshExecutor(Executor):
         )
         announced = False
         backoff = 0.05
+        heard = time.monotonic()
         while not self._stop.is_set():
             if not announced:
                 answer = aux.send(self._engine, None, TOPIC_HELLO, hello, 5.0, HeartbeatAck)
@@ -184,6 +198,7 @@ class MeshExecutor(Executor):
                     continue
                 log.info("site %s said hello (incarnation %s)", self.site, self.incarnation)
                 backoff = 0.05
+                heard = time.monotonic()
             if self.worker is None:
                 self._stop.wait(self.heartbeat_interval)
                 continue
@@ -191,9 +206,24 @@ class MeshExecutor(Executor):
             answer = aux.send(self._engine, None, TOPIC_HEARTBEAT, beat, 5.0, HeartbeatAck)
             acks = [a for a in answer.values() if isinstance(a, HeartbeatAck)]
             if acks and not acks[0].known:
-                announced = False  # the controller lost track of us (marked dead): announce again
+                # The controller declared this site dead: its clients have failed what it holds.
+                self._cancel_all("the mesh controller had declared this site dead")
+                announced = False
                 continue
+            if acks:
+                heard = time.monotonic()
+            elif time.monotonic() - heard > self.orphan_timeout:
+                self._cancel_all(f"no heartbeat was answered for {time.monotonic() - heard:.0f}s")
+                heard = time.monotonic()  # cancel again only after another silence as long
             self._stop.wait(self.heartbeat_interval)
+
+    def _cancel_all(self, reason: str) -> None:
+        """Cancel every request the site holds, for every client (nobody will take the answers)."""
+        if self.worker is None or self.sender is None:
+            return
+        cancelled = sum(self.worker.cancel_peer(peer) for peer in self.sender.peers)
+        if cancelled:
+            log.warning("site %s cancelled %d requests: %s", self.site, cancelled, reason)
 
     # ---------------------------------------------------------------- frames
 
@@ -214,13 +244,15 @@ class MeshExecutor(Executor):
             if batch is None:
                 return
             assert self.worker is not None and self.sender is not None
-            for frame in batch.frames:
-                self.worker.handle_frame(frame.data, self.sender.reply_for(frame.peer), frame.peer)
+            # Closed peers first: the controller dropped a leaving client's queued frames,
+            # so any frame of it in this batch came after (it returned) and must run.
             for peer in batch.closed_peers:
                 cancelled = self.worker.cancel_peer(peer)
                 if cancelled:
                     log.info("client %s left; cancelled %d of its requests", peer, cancelled)
                 self.sender.close_peer(peer)
+            for frame in batch.frames:
+                self.worker.handle_frame(frame.data, self.sender.reply_for(frame.peer), frame.peer)
 
     def _send_chunk(self, chunk: ReplyChunk) -> ReplyAck | None:
         answer = aux.send(self._engine, None, TOPIC_REPLY, chunk, self.aux_timeout, ReplyAck)

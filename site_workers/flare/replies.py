@@ -75,6 +75,12 @@ class ReplySender:
                 self._writers[peer] = writer
             return writer.put
 
+    @property
+    def peers(self) -> list[str]:
+        """The clients this site has answered (or is answering)."""
+        with self._lock:
+            return list(self._writers)
+
     def close_peer(self, peer: str) -> None:
         with self._lock:
             writer = self._writers.pop(peer, None)

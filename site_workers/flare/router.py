@@ -13,6 +13,12 @@ fails, FLARE reports it gone, or it could not start. Frames for a site that is
 not ready are refused at once (``rejected``) and frames still queued for a site
 that dies are dropped; clients learn both from the site states every exchange
 returns and fail their requests on that site.
+
+A client that leaves (``closing``) or is declared gone by its mailbox (it
+waited for answers but stopped exchanging, see
+:class:`~site_workers.flare.mailbox.Mailboxes`) has its frames that are still
+queued dropped, and every site is told in its next dispatch to cancel the rest
+of its work (``closed_peers``, handled before that dispatch's frames).
 """
 
 from __future__ import annotations
@@ -100,8 +106,13 @@ class Router:
     def exchange(self, request: ExchangeRequest) -> ExchangeReply:
         """Queue the request's frames, then collect the client's replies (see `Mailboxes.collect`)."""
         rejected: dict[str, str] = {}
+        expired = None
+        if not request.closing:
+            expired = self.mailboxes.begin(request.client, ack=request.ack, watched=request.awaiting > 0 or bool(request.frames))
         with self._cond:
             self.counters["exchanges"] += 1
+            if expired is not None:
+                self.counters["clients_returned"] += 1
             self.counters["frames"] += len(request.frames)
             for frame in request.frames:
                 if frame.id in self._seen:
@@ -115,16 +126,23 @@ class Router:
                 self._remember(frame.id)
                 site.outbox.append(PeerFrame(peer=request.client, data=frame.data))
             if request.closing:
-                for site in self._sites.values():
-                    site.closed_peers.append(request.client)
+                self.counters["clients_left"] += 1
+                self._cancel_client_work(request.client)
             self._cond.notify_all()
         if request.closing:
             self.mailboxes.close(request.client)
             return ExchangeReply(sites=self.states(), rejected=rejected)
         pieces, more = self.mailboxes.collect(
-            request.client, ack=request.ack, wait=0.0 if rejected else request.wait, max_bytes=request.max_bytes
+            request.client, ack=request.ack, wait=0.0 if rejected or expired else request.wait, max_bytes=request.max_bytes
         )
-        return ExchangeReply(pieces=pieces, more=more, sites=self.states(), rejected=rejected)
+        return ExchangeReply(pieces=pieces, more=more, sites=self.states(), rejected=rejected, expired=expired)
+
+    def _cancel_client_work(self, client: str) -> None:
+        """Drop the client's queued frames and tell every site to cancel the rest (holding the lock)."""
+        for site in self._sites.values():
+            if any(frame.peer == client for frame in site.outbox):
+                site.outbox = deque(frame for frame in site.outbox if frame.peer != client)
+            site.closed_peers.append(client)
 
     def _undeliverable(self, name: str, site: _Site | None) -> str | None:
         if self._stopped is not None:
@@ -245,7 +263,7 @@ class Router:
         return True
 
     def check_liveness(self) -> list[str]:
-        """Mark ready sites without a recent heartbeat dead; return them."""
+        """Mark ready sites without a recent heartbeat dead; return them (clients: see `expire_clients`)."""
         now = self._clock()
         with self._cond:
             late = [
@@ -253,14 +271,18 @@ class Router:
                 for s in self._sites.values()
                 if s.state == "ready" and s.last_seen is not None and now - s.last_seen > self.site_timeout
             ]
-        dead = [name for name, age in late if self.mark_dead(name, f"no heartbeat for {age:.1f}s")]
+        return [name for name, age in late if self.mark_dead(name, f"no heartbeat for {age:.1f}s")]
+
+    def expire_clients(self) -> list[tuple[str, str]]:
+        """Declare gone the clients that stopped exchanging and cancel their work; return them with the reason."""
         gone = self.mailboxes.expire()
-        if gone:  # clients that stopped collecting: their remaining work is cancelled
+        if gone:
             with self._cond:
-                for site in self._sites.values():
-                    site.closed_peers.extend(gone)
+                for client, _ in gone:
+                    self.counters["clients_expired"] += 1
+                    self._cancel_client_work(client)
                 self._cond.notify_all()
-        return dead
+        return gone
 
     def stop(self, reason: str) -> None:
         """Refuse new frames with ``reason`` and release every waiter."""
