@@ -145,14 +145,15 @@ def nvdfm_rows(report: dict[str, Any]) -> list[Row]:
     return rows
 
 
-def run(env: BenchEnv, *, rounds: int = 5, extra: dict[str, Path] | None = None) -> list[Row]:
-    """DFM (local, FLARE) against dfm-prefect (each transport in ``extra`` plus local)."""
-    federation_file = env.local_federation().federation_file
+def run(env: BenchEnv, *, rounds: int = 5, include_flare: bool = True) -> list[Row]:
+    """DFM (local, FLARE) against dfm-prefect on the local transport and on FLARE."""
+    ours = {"local": env.local_federation().federation_file}
+    if include_flare:
+        ours["FLARE"] = env.flare_federation().federation_file
     expected = env.peer_expected
     assert expected is not None
     rows = nvdfm_rows(run_nvdfm())
-    rows += run_ours(federation_file, expected, "local")
-    for label, federation_file in (extra or {}).items():
+    for label, federation_file in ours.items():
         rows += run_ours(federation_file, expected, label)
     baseline = {r.metric: r.median for r in rows if r.variant == "nv-dfm-core local target"}
     for row in rows:
