@@ -17,12 +17,11 @@ stored = mark_zarr(ds)        # an operation returns this; the site stores .zarr
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 import zipfile
 from typing import Any
 
-from dfm_prefect.codecs import Codec, register_codec
+from dfm_prefect.codecs import Codec, loaded_classes, register_codec
 
 FORMAT = "zarr"
 _MARK = "dfm_result_format"
@@ -36,8 +35,7 @@ def mark_zarr(ds: Any) -> Any:
 
 
 def _accepts(value: Any) -> bool:
-    xr = sys.modules.get("xarray")
-    return xr is not None and isinstance(value, xr.Dataset) and value.encoding.get(_MARK) == FORMAT
+    return isinstance(value, loaded_classes("xarray", "Dataset")) and value.encoding.get(_MARK) == FORMAT
 
 
 def _write_file(value: Any, path: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -71,11 +72,21 @@ def _json_encode(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":"), allow_nan=True).encode()
 
 
-def _is_xarray(value: Any) -> bool:
-    import sys
+def loaded_classes(module: str, *names: str) -> tuple[type, ...]:
+    """The named classes of an imported module; none if it is not imported, or another thread is still importing it.
 
-    xr = sys.modules.get("xarray")
-    return xr is not None and isinstance(value, (xr.Dataset, xr.DataArray))
+    For type checks that must not import a heavy module: a value cannot be an
+    instance of a class that does not exist yet, while reading the attributes of
+    a half-imported module (a site's catalog imports xarray in the background
+    when the site starts) would raise.
+    """
+    loaded = sys.modules.get(module)
+    classes = tuple(getattr(loaded, name, None) for name in names)
+    return classes if all(isinstance(cls, type) for cls in classes) else ()  # type: ignore[return-value]
+
+
+def _is_xarray(value: Any) -> bool:
+    return isinstance(value, loaded_classes("xarray", "Dataset", "DataArray"))
 
 
 def _as_dataset(value: Any) -> Any:
@@ -102,10 +113,7 @@ def _netcdf_decode(data: bytes) -> Any:
 
 
 def _is_frame(value: Any) -> bool:
-    import sys
-
-    pd = sys.modules.get("pandas")
-    return pd is not None and isinstance(value, pd.DataFrame)
+    return isinstance(value, loaded_classes("pandas", "DataFrame"))
 
 
 def _parquet_encode(value: Any) -> bytes:
@@ -121,10 +129,7 @@ def _parquet_decode(data: bytes) -> Any:
 
 
 def _is_ndarray(value: Any) -> bool:
-    import sys
-
-    np = sys.modules.get("numpy")
-    return np is not None and isinstance(value, np.ndarray) and value.dtype.kind in "biufcmM"
+    return isinstance(value, loaded_classes("numpy", "ndarray")) and value.dtype.kind in "biufcmM"
 
 
 def _npy_encode(value: Any) -> bytes:

@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from dfm_prefect.codecs import loaded_classes
+
 _MAX_VARIABLES = 64
 
 
@@ -92,17 +94,14 @@ def summarize_frame(value: Any) -> dict[str, Any]:
 
 
 def _is_dask_frame(value: Any) -> bool:
-    dd = sys.modules.get("dask.dataframe")
-    return dd is not None and isinstance(value, dd.DataFrame)
+    return isinstance(value, loaded_classes("dask.dataframe", "DataFrame"))
 
 
 def summarize(value: Any) -> dict[str, Any]:
     """A summary suited to the value's type."""
-    xr = sys.modules.get("xarray")
-    if xr is not None and isinstance(value, (xr.Dataset, xr.DataArray)):
+    if isinstance(value, loaded_classes("xarray", "Dataset", "DataArray")):
         return summarize_xarray(value)
-    pd = sys.modules.get("pandas")
-    if (pd is not None and isinstance(value, pd.DataFrame)) or _is_dask_frame(value):
+    if isinstance(value, loaded_classes("pandas", "DataFrame")) or _is_dask_frame(value):
         return summarize_frame(value)
     if isinstance(value, np.ndarray):
         return {"type": "ndarray", "shape": list(value.shape), "dtype": str(value.dtype)}

@@ -65,3 +65,16 @@ def test_invalid_params_are_refused_without_echoing_them(worker):
     (reply,) = ask(worker, frame)
     assert isinstance(reply, RunResult) and not reply.ok
     assert reply.error.code == "invalid_parameters" and "hunter2" not in reply.error.message
+
+
+def test_a_result_is_stored_while_another_thread_is_still_importing_xarray(worker, monkeypatch):
+    # A site's catalog imports xarray in the background when it starts; a request answered meanwhile
+    # saw the half-imported module and failed with "partially initialized module 'xarray'".
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "xarray", types.ModuleType("xarray"))  # no classes defined yet
+    frame = Envelope(messages=[RunRequest(id="x-1", op="core.echo", params={"value": {"a": 1}})]).model_dump_json()
+    (reply,) = ask(worker, frame)
+    assert isinstance(reply, RunResult) and reply.ok, reply
+    assert reply.ref.summary == {"type": "dict", "keys": ["a"]}
