@@ -1,15 +1,19 @@
 """Helpers for the trust and resilience tests: private federations, in-process workers, raw connections.
 
 Test modules that kill or misconfigure sites start their own federation with
-:func:`private_federation` so the session federation of ``conftest.py`` is never
-disturbed. Each such module exposes it through a fixture, so a later transport
-(FLARE) can parametrize the fixture without touching the tests.
+:func:`private_federation` (local transport) or :func:`private_flare_federation`
+(a FLARE POC) so the session federations of ``conftest.py`` are never
+disturbed. Each such module exposes it through a fixture parametrized over the
+transports; the helpers below (:func:`signal_site`, :func:`restart_site`,
+:func:`serves_again`) hide what differs between them.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from multiprocessing.connection import Client, Connection
@@ -18,10 +22,23 @@ from typing import Any
 
 import yaml
 
+from dfm_prefect.errors import PlacementError, SiteUnavailableError
+from dfm_prefect.federation import write_spec
+from dfm_prefect.flare.job import MeshJobConfig
 from dfm_prefect.local_federation import LocalFederation
 from dfm_prefect.wire import Envelope, ReplyEnvelope, RunRequest, SiteMessage
 from site_workers.worker import SiteWorker
 from tests.conftest import ROOT
+
+
+def _write_configs(root: Path, configs: Mapping[str, Mapping[str, Any]]) -> list[Path]:
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, config in configs.items():
+        path = root / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(dict(config)))
+        paths.append(path)
+    return paths
 
 
 @contextmanager
@@ -31,12 +48,7 @@ def private_federation(
     """Write one YAML per site config under ``root``, start the sites, stop them afterwards."""
     from dfm_prefect.client import get_client
 
-    root.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, config in configs.items():
-        path = root / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(dict(config)))
-        paths.append(path)
+    paths = _write_configs(root, configs)
     fed = LocalFederation(paths, workdir=root, env=dict(env or {}), pythonpath=[str(ROOT)])
     fed.start()
     try:
@@ -47,6 +59,92 @@ def private_federation(
         # after the sites: their connections are then at EOF, so its reader threads end
         # at once instead of waiting out LocalTransport.close's join timeout.
         get_client(fed.federation_file).close()
+
+
+class FlareSites:
+    """A FLARE POC federation as the tests use a `LocalFederation`: sites, a federation file, site control.
+
+    Its federation file names the mesh job by name only, so one client follows
+    the job through replacements (as every client does) and stays the same
+    shared client from test to test.
+    """
+
+    def __init__(self, fed: Any) -> None:
+        self.fed = fed
+        self.workdir: Path = fed.workdir
+        self.federation_file = write_spec(fed.spec.model_copy(update={"job_id": None}), fed.workdir / "federation-by-name.json")
+
+    @property
+    def sites(self) -> list[str]:
+        return list(self.fed.sites)
+
+    def stop_site(self, name: str, *, kill: bool = False) -> None:
+        self.fed.stop_site(name, kill=kill)
+
+    def start_site(self, name: str) -> None:
+        self.fed.start_site(name)
+
+    def pids(self) -> dict[str, int]:
+        """Each live site's FLARE client pid (its job processes: `site_processes`)."""
+        return {site: pids[0] for site in self.sites if (pids := self.fed.site_pids(site))}
+
+    def site_log(self, site: str) -> str:
+        """Everything the site wrote: its FLARE client's log and each mesh job's log."""
+        kit = self.fed.poc.kit(site)
+        logs = [self.fed.poc.log_path(site), *sorted(kit.glob("*/log.txt"))]
+        return "".join(path.read_text(errors="replace") for path in logs if path.exists())
+
+
+@contextmanager
+def private_flare_federation(
+    root: Path, configs: Mapping[str, Mapping[str, Any]], env: Mapping[str, str] | None = None, *, job: MeshJobConfig = MeshJobConfig()
+) -> Iterator[FlareSites]:
+    """The same as :func:`private_federation`, behind a FLARE POC on 127.0.0.1 (mTLS kits, a supervised mesh job)."""
+    from dfm_prefect.client import get_client
+    from dfm_prefect.flare_federation import FlareFederation
+
+    paths = _write_configs(root, configs)
+    fed = FlareFederation(paths, workdir=root / "fed", env=dict(env or {}), pythonpath=[str(ROOT)], job=job)
+    fed.start()
+    sites = FlareSites(fed)
+    try:
+        yield sites
+    finally:
+        get_client(sites.federation_file).close()  # says goodbye to the mesh job while it still runs
+        fed.stop()
+
+
+def site_processes(fed: LocalFederation | FlareSites, site: str) -> list[int]:
+    """The live processes of a site on either transport."""
+    if isinstance(fed, FlareSites):
+        return fed.fed.site_pids(site)
+    pid = fed.pids().get(site)
+    return [pid] if pid else []
+
+
+def signal_site(fed: LocalFederation | FlareSites, site: str, sig: int) -> None:
+    """Send ``sig`` to every process of a site (SIGSTOP/SIGCONT freeze and thaw the whole site)."""
+    for pid in site_processes(fed, site):
+        os.kill(pid, sig)
+
+
+def serves_again(client: Any, site: str, timeout: float = 60.0) -> Any:
+    """The result of an echo at ``site`` once it serves; over FLARE a site that returns needs a hello or a new mesh job."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return client.call(site, "core.echo", {"value": "back"}, timeout=30).fetch(client=client)
+        except (SiteUnavailableError, PlacementError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)  # the mesh announces no "site is back" event to clients
+
+
+def restart_site(fed: LocalFederation | FlareSites, client: Any, site: str) -> None:
+    """Start a stopped site again and return once it serves (a local site serves when it listens)."""
+    fed.start_site(site)
+    if isinstance(fed, FlareSites):
+        assert serves_again(client, site, timeout=90) == "back"
 
 
 class Answers:
@@ -112,6 +210,65 @@ class RawSiteConnection:
 
     def close(self) -> None:
         self.conn.close()
+
+
+class RawMeshConnection:
+    """An admin session that sends arbitrary text as frames to a site through the FLARE mesh job.
+
+    What a client holding a valid admin kit can do: the controller routes frames
+    without reading them, so the site's decoder sees exactly what was sent.
+    """
+
+    def __init__(self, fed: FlareSites, site: str) -> None:
+        from dfm_prefect.federation import load_spec
+        from dfm_prefect.flare import admin
+        from dfm_prefect.flare.link import JobLink
+
+        spec = load_spec(fed.federation_file)
+        self.site = site
+        self.client_id = uuid.uuid4().hex
+        self.session = admin.open_session(spec.admin_kit, spec.username)  # type: ignore[attr-defined]
+        self.job_id = admin.find_mesh_job(self.session, spec.job_name).id  # type: ignore[attr-defined]
+        self.link = JobLink(self.job_id)
+        self.pending: list[SiteMessage] = []
+
+    def exchange(self, frames: list[str], *, wait: float = 0.0) -> None:
+        from dfm_prefect.flare import admin
+        from dfm_prefect.flare.protocol import ClientFrame, ExchangeRequest
+
+        request = ExchangeRequest(
+            client=self.client_id,
+            ack=self.link.ack,
+            wait=wait,
+            awaiting=1,
+            frames=[ClientFrame(id=uuid.uuid4().hex, site=self.site, data=frame) for frame in frames],
+        )
+        digest = self.link.absorb(admin.exchange(self.session, self.job_id, request))
+        self.pending += [message for _, message in digest.messages if message.kind != "progress"]
+
+    @staticmethod
+    def as_text(frame: bytes | str) -> str:
+        """The frame as it travels in an admin command, which carries text: bytes as Latin-1, one character each."""
+        return frame.decode("latin-1") if isinstance(frame, bytes) else frame
+
+    def send(self, frame: bytes | str) -> None:
+        self.exchange([self.as_text(frame)])
+
+    def receive(self, count: int, timeout: float = 20.0) -> list[SiteMessage]:
+        deadline = time.monotonic() + timeout
+        while len(self.pending) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"expected {count} answers within {timeout}s, got {self.pending}")
+            self.exchange([], wait=0.3)
+        messages, self.pending = self.pending[:count], self.pending[count:]
+        return messages
+
+    def close(self) -> None:
+        from dfm_prefect.flare import admin
+        from dfm_prefect.flare.protocol import ExchangeRequest
+
+        admin.exchange(self.session, self.job_id, ExchangeRequest(client=self.client_id, closing=True))
+        admin.close_session(self.session)
 
 
 class Sampler:

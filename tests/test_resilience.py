@@ -1,9 +1,14 @@
-"""Faults for real: sites killed, frozen and restarted, clients killed, stored results damaged.
+"""Faults for real: sites killed, frozen and restarted, clients killed, stored results damaged,
+and (over FLARE) the federation server killed and restarted.
 
-``alpha`` and ``beta`` (a private federation of this module) both hold a replica
-of the same source, so a task run can move from a failed site to the other.
-After every flow the Prefect API is asked for the task runs' states: each one
-must have ended, none may stay Running.
+``alpha`` and ``beta`` (a private federation of this module, on each transport
+in turn) both hold a replica of the same source, so a task run can move from a
+failed site to the other. After every flow the Prefect API is asked for the
+task runs' states: each one must have ended, none may stay Running.
+
+Over FLARE, killing a site kills its FLARE client and its job process at once
+(the site's machine died); the mesh notices the missing heartbeats after
+``site_timeout`` and the supervisor brings a restarted site into a new mesh job.
 """
 
 from __future__ import annotations
@@ -23,26 +28,33 @@ import pytest
 from prefect import flow, unmapped
 from prefect.futures import wait
 
-from adapters.core import sleep
+from adapters.core import echo, sleep
 from adapters.xarray_ops import moments
 from dfm_prefect.client import FederationClient, check_integrity, get_client
 from dfm_prefect.errors import ResultIntegrityError
+from dfm_prefect.flare.job import MeshJobConfig
 from dfm_prefect.local_federation import LocalFederation
 from dfm_prefect.refs import DataRef
 from dfm_prefect.task_runner import FederationTaskRunner
-from tests.conftest import ROOT, read_task_runs, site_config, wait_for_task_runs
+from tests.conftest import ROOT, TRANSPORTS, read_task_runs, site_config, wait_for_task_runs
 from tests.site_ops import where
-from tests.support_sites import private_federation
+from tests.support_sites import FlareSites, private_federation, private_flare_federation, restart_site, serves_again, signal_site
 
 pytestmark = pytest.mark.slow
 
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 OPERATIONS = ["core.echo", "core.sleep", "testing.where", "testing.read", "xarray.subset", "xarray.moments"]
+CLIENT_TIMEOUT = 4.0
+"""The FLARE mesh job's client_timeout here: a client that stops exchanging is gone after this long."""
+SITE_TIMEOUT = 6.0
+"""The FLARE mesh job's site_timeout here (default 3 s): a frozen site must outlast a 2 s task timeout
+plus a flow's start on a busy machine before the heartbeat timeout declares it dead."""
+Twins = LocalFederation | FlareSites
 
 
-@pytest.fixture(scope="module")
-def twins(tmp_path_factory: pytest.TempPathFactory, climate_data: dict[str, str]) -> Iterator[LocalFederation]:
-    root = tmp_path_factory.mktemp("twins")
+@pytest.fixture(scope="module", params=TRANSPORTS)
+def twins(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, climate_data: dict[str, str]) -> Iterator[Twins]:
+    root = tmp_path_factory.mktemp(f"twins-{request.param}")
     replica = [{"name": "temperature", "url": climate_data["north"]}]
     configs = {
         name: site_config(
@@ -55,20 +67,30 @@ def twins(tmp_path_factory: pytest.TempPathFactory, climate_data: dict[str, str]
         )
         for name in ("alpha", "beta")
     }
-    with private_federation(root, configs) as fed:
-        yield fed
+    if request.param == "local":
+        with private_federation(root, configs) as fed:
+            yield fed
+    else:
+        with private_flare_federation(root, configs, job=MeshJobConfig(client_timeout=CLIENT_TIMEOUT, site_timeout=SITE_TIMEOUT)) as fed:
+            yield fed
 
 
 @pytest.fixture
-def twins_client(twins: LocalFederation) -> Iterator[FederationClient]:
+def flare(twins: Twins) -> bool:
+    return isinstance(twins, FlareSites)
+
+
+@pytest.fixture
+def twins_client(twins: Twins) -> Iterator[FederationClient]:
+    client = get_client(twins.federation_file)
     for name in twins.sites:  # a test that failed half-way may have left a site down
         if name not in twins.pids():
-            twins.start_site(name)
-    yield get_client(twins.federation_file)
+            restart_site(twins, client, name)
+    yield client
 
 
 @pytest.fixture
-def twins_runner(twins: LocalFederation, twins_client: FederationClient, prefect_api: str) -> FederationTaskRunner:
+def twins_runner(twins: Twins, twins_client: FederationClient, prefect_api: str) -> FederationTaskRunner:
     return FederationTaskRunner(twins.federation_file)
 
 
@@ -135,17 +157,18 @@ def test_a_killed_site_fails_its_inflight_runs_with_an_error_naming_it(twins, tw
     assert_every_task_run_ended(state.state_details.flow_run_id, 4)
 
 
-def test_prefect_retries_rerun_the_work_once_the_site_is_back(twins, twins_client, twins_runner):
+def test_prefect_retries_rerun_the_work_once_the_site_is_back(twins, twins_client, twins_runner, flare):
     def kill_and_restart() -> None:
         eventually(lambda: twins_client.stats("alpha").load.running == 4, "4 runs at alpha")
         twins.stop_site("alpha", kill=True)
-        twins.start_site("alpha")  # same port, a new process
+        twins.start_site("alpha")  # local: same port, a new process; FLARE: the supervisor starts a new mesh job
 
     fault = in_background(kill_and_restart)
 
     @flow(task_runner=twins_runner)
     def survives() -> list[float]:
-        retried = sleep.with_options(retries=20, retry_delay_seconds=1)
+        # Over FLARE the site is back once a new mesh job runs (about 15 s): more attempts bridge that.
+        retried = sleep.with_options(retries=60 if flare else 20, retry_delay_seconds=1)
         return [future.result().fetch() for future in retried.map(seconds=[3.0] * 4, site=unmapped("alpha"))]
 
     state = survives(return_state=True)
@@ -162,7 +185,7 @@ def test_a_retry_moves_to_another_site_with_the_same_operation_and_data(twins, t
         loads = lambda: [twins_client.stats(site).load.running for site in ("alpha", "beta")]  # noqa: E731
         eventually(lambda: loads()[0] >= 1 and sum(loads()) == 4, "4 runs spread over alpha and beta")
         twins.stop_site("alpha", kill=True)
-        twins.start_site("alpha")
+        restart_site(twins, twins_client, "alpha")
         alpha_back.set()
 
     fault = in_background(kill_and_restart)
@@ -182,23 +205,50 @@ def test_a_retry_moves_to_another_site_with_the_same_operation_and_data(twins, t
 
 
 def test_a_frozen_site_is_bounded_by_the_task_timeout(twins, twins_client, twins_runner):
-    pid = twins.pids()["alpha"]
-
     @flow(task_runner=twins_runner)
     def stuck() -> str:
         future = sleep.with_options(timeout_seconds=2).submit(seconds=0.1, site="alpha")
         future.wait()
         return future.state.type.value
 
-    os.kill(pid, signal.SIGSTOP)
+    signal_site(twins, "alpha", signal.SIGSTOP)
     try:
         state = stuck(return_state=True)
     finally:
-        os.kill(pid, signal.SIGCONT)
+        signal_site(twins, "alpha", signal.SIGCONT)
     assert state.result() == "FAILED"
     runs = assert_every_task_run_ended(state.state_details.flow_run_id, 1)
     assert runs[0].state_name == "TimedOut"
-    assert twins_client.call("alpha", "core.echo", {"value": "thawed"}).fetch(client=twins_client) == "thawed"
+    # Over FLARE a site frozen past site_timeout is declared dead; thawed, it says hello and serves again.
+    assert serves_again(twins_client, "alpha", timeout=30) == "back"
+
+
+def test_a_frozen_site_without_a_task_timeout_fails_its_runs_after_the_heartbeat_timeout(twins, twins_client, twins_runner, flare):
+    if not flare:
+        pytest.skip("the local transport has no heartbeat: a frozen site is bounded only by task timeouts (RELIABILITY.md)")
+
+    @flow(task_runner=twins_runner)
+    def stuck() -> tuple[str, str]:
+        future = sleep.submit(seconds=30, site="alpha")
+        future.wait()
+        return future.state.type.value, future.state.message or ""
+
+    eventually_frozen = in_background(lambda: (
+        eventually(lambda: twins_client.stats("alpha").load.running == 1, "the run at alpha"),
+        signal_site(twins, "alpha", signal.SIGSTOP),
+    ))
+    started = time.monotonic()
+    try:
+        state = stuck(return_state=True)
+    finally:
+        joined(eventually_frozen)
+        signal_site(twins, "alpha", signal.SIGCONT)
+    kind, message = state.result()
+    assert kind == "FAILED" and "SiteUnavailableError" in message and "'alpha'" in message and "heartbeat" in message
+    assert time.monotonic() - started < SITE_TIMEOUT + 15, "the run must fail after the heartbeat timeout, not when its work would end"
+    assert_every_task_run_ended(state.state_details.flow_run_id, 1)
+    assert serves_again(twins_client, "alpha", timeout=30) == "back"
+    assert twins_client.stats("alpha").load.running == 0  # thawed, it cancelled what its clients had given up
 
 
 # ----------------------------------------------------------------- clients die
@@ -219,7 +269,7 @@ hog()
 """
 
 
-def test_a_client_killed_mid_flow_frees_the_site(twins, twins_client, prefect_api):
+def test_a_client_killed_mid_flow_frees_the_site(twins, twins_client, prefect_api, flare):
     idle = twins_client.stats("beta").load
     env = {**os.environ, "PREFECT_API_URL": prefect_api}
     client = subprocess.Popen(
@@ -231,9 +281,38 @@ def test_a_client_killed_mid_flow_frees_the_site(twins, twins_client, prefect_ap
     finally:
         client.kill()
         client.wait()
-    freed_after = eventually(lambda: twins_client.stats("beta").load == idle, "beta idle again", 10)
-    assert freed_after < 5
+    # Local: the site sees the connection drop. FLARE: the mesh job sees the client stop exchanging
+    # while it waited for answers, and declares it gone after client_timeout.
+    bound = CLIENT_TIMEOUT + 4 if flare else 5
+    freed_after = eventually(lambda: twins_client.stats("beta").load == idle, "beta idle again", bound + 5)
+    assert freed_after < bound
     assert twins_client.call("beta", "core.echo", {"value": "free"}).fetch(client=twins_client) == "free"
+
+
+def test_a_client_that_closes_frees_the_sites_at_once(twins, twins_client):
+    from dfm_prefect.federation import load_spec
+    from dfm_prefect.transports import transport_class
+
+    spec = load_spec(twins.federation_file)
+    leaving = FederationClient(transport_class(spec.transport).from_spec(spec)).open()
+    futures = [leaving.run(site, "core.sleep", {"seconds": 300})[1] for site in ("alpha", "beta") for _ in range(6)]
+    held = lambda: sum(twins_client.stats(s).load.running + twins_client.stats(s).load.queued for s in ("alpha", "beta"))  # noqa: E731
+    eventually(lambda: held() == 12, "12 requests held")
+    leaving.close()  # FLARE: a goodbye to the mesh job; local: the connections close
+    assert eventually(lambda: held() == 0, "both sites idle", 10) < 3
+    assert all(future.exception(timeout=1) is not None for future in futures)
+
+
+def test_a_live_client_keeps_its_long_and_idle_work(twins, twins_client, flare):
+    # Only FLARE judges a client by its exchanges; on the local transport a connection is its liveness.
+    patience = CLIENT_TIMEOUT if flare else 0.5
+    expired = lambda: twins.fed.mesh_status().counters.get("clients_expired", 0) if flare else 0  # noqa: E731
+    before = expired()
+    # Longer than client_timeout: the client keeps exchanging while it waits.
+    assert twins_client.call("alpha", "core.sleep", {"seconds": 2.5 * patience}, timeout=60).fetch(client=twins_client) == 2.5 * patience
+    time.sleep(1.5 * patience)  # idle: no requests, so no exchanges at all, and it must not be declared gone
+    assert twins_client.call("beta", "core.echo", {"value": "still here"}).fetch(client=twins_client) == "still here"
+    assert expired() == before
 
 
 # ------------------------------------------------------------------ durability
@@ -282,3 +361,44 @@ def test_the_client_checks_what_it_receives_end_to_end(twins_client):
     assert check_integrity(ref, good) == good
     with pytest.raises(ResultIntegrityError, match="fetch it again"):
         check_integrity(ref, good.replace(b"1", b"7"))
+
+
+# ------------------------------------------------------- the federation server dies
+
+
+def test_the_federation_server_killed_mid_flow_fails_inflight_runs_naming_it_then_recovers(twins, twins_client, twins_runner, flare):
+    if not flare:
+        pytest.skip("the local transport has no federation server: clients talk to each site directly")
+    killer = in_background(lambda: (
+        eventually(lambda: twins_client.stats("alpha").load.running == 4, "4 runs at alpha"),
+        twins.fed.kill_server(),
+    ))
+
+    @flow(task_runner=twins_runner)
+    def doomed() -> list[tuple[str, str]]:
+        futures = sleep.map(seconds=[60.0] * 4, site=unmapped("alpha"))
+        wait(futures)
+        return [(future.state.type.value, future.state.message or "") for future in futures]
+
+    started = time.monotonic()
+    state = doomed(return_state=True)
+    joined(killer)
+    outcomes = state.result()
+    assert time.monotonic() - started < 45, "the runs must fail when the server dies, not when their work would end"
+    assert [kind for kind, _ in outcomes] == ["FAILED"] * 4
+    assert all("federation server" in message and "cannot be reached" in message for _, message in outcomes), outcomes
+    assert_every_task_run_ended(state.state_details.flow_run_id, 4)
+
+    # Its operator starts it again: the FLARE clients reconnect, the supervisor replaces the mesh
+    # job that died with it, and flows work again with the same federation file and client.
+    twins.fed.start_server()
+
+    @flow(task_runner=FederationTaskRunner(twins.federation_file))
+    def afterwards() -> list[str]:
+        retried = echo.with_options(retries=30, retry_delay_seconds=2)  # bridges the ~15 s until the new mesh job runs
+        return [future.result().fetch() for future in retried.map(value=["a", "b", "c", "d"])]
+
+    assert afterwards() == ["a", "b", "c", "d"]
+    assert serves_again(twins_client, "alpha") == "back"
+    # FLARE aborts the site job processes of the job that died with the server: one per site is left.
+    eventually(lambda: all(len(twins.fed.poc.job_pids(site)) == 1 for site in twins.sites), "old job processes gone", 60)
