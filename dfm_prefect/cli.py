@@ -8,6 +8,7 @@ federation is unreachable.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Literal, Optional
