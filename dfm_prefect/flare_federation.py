@@ -233,6 +233,12 @@ class FlareFederation:
     def pids(self) -> list[int]:
         return self.poc.pids()
 
+    def connected_sites(self) -> dict[str, float]:
+        """The FLARE clients the server has admitted, with when it last heard from each (its clock)."""
+        if self._session is None:
+            raise SiteUnavailableError("the federation is not running")
+        return admin.connected_sites(self._session)
+
     def mesh_status(self) -> StatusReply:
         """What the running mesh job reports: site states, client mailboxes, buffered bytes, counters."""
         if self._session is None or self.job_id is None:

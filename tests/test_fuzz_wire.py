@@ -4,7 +4,9 @@ Hypothesis generates random bytes, random JSON, and envelopes that follow the
 wire's shape with hostile values (huge and odd strings, deep nesting, NaN and
 infinities, wrong kinds, duplicate ids, forged references). They go to
 ``SiteWorker.handle_frame`` in-process, and a smaller number through a real
-site process over the local transport's authenticated connection.
+site process: over the local transport's authenticated connection, and through
+the FLARE mesh job (routed by the real controller to a real site). Hostile
+app-command payloads also go to the mesh controller itself.
 """
 
 from __future__ import annotations
@@ -23,7 +25,16 @@ from dfm_prefect.local_federation import LocalFederation
 from dfm_prefect.wire import CancelRequest, Envelope, ErrorReply, RunResult
 from site_workers.config import parse_site_config
 from site_workers.worker import SiteWorker
-from tests.support_sites import Answers, RawSiteConnection, private_federation, run_frame
+from tests.conftest import TRANSPORTS
+from tests.support_sites import (
+    Answers,
+    FlareSites,
+    RawMeshConnection,
+    RawSiteConnection,
+    private_federation,
+    private_flare_federation,
+    run_frame,
+)
 
 FUZZ_SETTINGS = settings(
     deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
@@ -90,7 +101,7 @@ frames = st.one_of(
 )
 
 
-def expected_answers(frame: bytes) -> int:
+def expected_answers(frame: bytes | str) -> int:
     """One error for a frame that does not decode; otherwise one answer per message except cancels."""
     try:
         envelope = Envelope.model_validate_json(frame)
@@ -128,24 +139,88 @@ def test_every_hostile_frame_is_answered_in_process(worker, frame):
     _still_serves(follow.wait(1))
 
 
-@pytest.fixture(scope="module")
-def fuzz_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
-    root: Path = tmp_path_factory.mktemp("fuzz-site")
+@pytest.fixture(scope="module", params=TRANSPORTS)
+def fuzz_site(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation | FlareSites]:
+    root: Path = tmp_path_factory.mktemp(f"fuzz-site-{request.param}")
     config = {"name": "fuzz", "operations": ["core.echo"], "result_store": {"url": f"file://{root / 'store'}"}}
-    with private_federation(root, {"fuzz": config}) as fed:
+    start = private_federation if request.param == "local" else private_flare_federation
+    with start(root, {"fuzz": config}) as fed:
         yield fed
+
+
+@pytest.fixture(scope="module")
+def mesh_connection(fuzz_site: FlareSites) -> Iterator[RawMeshConnection]:
+    """One admin session for all examples (a FLARE login takes over a second)."""
+    connection = RawMeshConnection(fuzz_site, "fuzz")
+    yield connection
+    connection.close()
 
 
 @pytest.mark.slow
 @settings(FUZZ_SETTINGS, max_examples=40)
 @given(frame=frames)
-def test_a_real_site_answers_hostile_frames_and_keeps_serving(fuzz_site, frame):
-    connection = RawSiteConnection(fuzz_site, "fuzz")
+def test_a_real_site_answers_hostile_frames_and_keeps_serving(fuzz_site, request, frame):
+    flare = isinstance(fuzz_site, FlareSites)
+    connection = request.getfixturevalue("mesh_connection") if flare else RawSiteConnection(fuzz_site, "fuzz")
     try:
         connection.send(frame)
-        connection.receive(expected_answers(frame))
+        connection.receive(expected_answers(RawMeshConnection.as_text(frame) if flare else frame))
         connection.send(run_frame("core.echo", {"value": "ok"}, uuid.uuid4().hex).encode())
         _still_serves(connection.receive(1))
     finally:
-        connection.close()
+        if not flare:
+            connection.close()
     assert fuzz_site.pids().get("fuzz"), "the site process must still be running"
+
+
+quick_wait = st.one_of(st.floats(min_value=0, max_value=0.3), st.sampled_from([-1, 1e9, "soon", None, float("nan")]))
+mesh_frames = st.lists(
+    st.fixed_dictionaries({"id": hostile_text, "site": st.sampled_from(["fuzz", "fuzz", "nowhere", ""]) | hostile_text, "data": frames.map(RawMeshConnection.as_text)}),
+    max_size=3,
+)
+exchange_payloads = st.fixed_dictionaries(
+    {},
+    optional={
+        "client": st.sampled_from(["c", "x" * 64, "x" * 65, ""]) | hostile_text | json_values,
+        "ack": st.integers(min_value=-5, max_value=10**20) | json_values,
+        "wait": quick_wait,
+        "max_bytes": st.integers(min_value=-1, max_value=1 << 40),
+        "frames": mesh_frames | json_values,
+        "awaiting": st.integers(min_value=-1, max_value=10**12),
+        "closing": st.booleans() | json_values,
+        "evil": json_values,
+    },
+)
+status_payloads = st.fixed_dictionaries(
+    {}, optional={"wait_ready": st.lists(hostile_text, max_size=5) | json_values, "wait": quick_wait, "evil": json_values}
+)
+commands = st.one_of(
+    st.tuples(st.just("dfm.exchange"), exchange_payloads),
+    st.tuples(st.just("dfm.status"), status_payloads),
+    st.tuples(st.sampled_from(["dfm.exchange", "dfm.status"]), json_values),
+)
+
+
+@pytest.mark.slow
+@settings(FUZZ_SETTINGS, max_examples=60)
+@given(command=commands)
+def test_the_mesh_controller_answers_hostile_commands_and_keeps_serving(fuzz_site, request, command):
+    from nvflare.fuel.flare_api import api_spec
+
+    from dfm_prefect.flare.protocol import CommandError, ExchangeReply, StatusReply
+
+    if not isinstance(fuzz_site, FlareSites):
+        pytest.skip("app commands exist only on the FLARE transport")
+    connection = request.getfixturevalue("mesh_connection")
+    topic, data = command
+    try:
+        answer = connection.session.do_app_command(connection.job_id, topic, data)
+    except (api_spec.InternalError, api_spec.InvalidArgumentError) as exc:  # refused before the job: also an error
+        answer = {"error": f"FLARE: {exc}"}
+    assert isinstance(answer, dict), answer
+    if "error" in answer:
+        CommandError.model_validate(answer)
+    else:
+        (ExchangeReply if topic == "dfm.exchange" else StatusReply).model_validate(answer)
+    connection.send(run_frame("core.echo", {"value": "ok"}, uuid.uuid4().hex))
+    _still_serves(connection.receive(1))

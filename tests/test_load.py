@@ -4,8 +4,11 @@ The flow maps 2,000 ``core.echo`` calls over two sites at once, far faster
 than they can run: the runner holds at most ``max_workers`` requests in flight,
 each site at most ``concurrency + queue``, and the rest waits in the flow's own
 submission queue. A sampler records, while it runs, the peak resident memory of
-the client process, of each site process and of the Prefect API server, the
-most requests any site held and the most the client had in flight.
+the client process, of each site and of the Prefect API server, the most
+requests any site held and the most the client had in flight. It runs on each
+transport; over FLARE a site is its FLARE client with its job process, the
+FLARE server (with the mesh job's controller) is measured too, and so are the
+reply bytes the controller buffers for clients.
 """
 
 from __future__ import annotations
@@ -28,8 +31,8 @@ from dfm_prefect.task_runner import FederationTaskRunner
 from dfm_prefect.wire import CancelRequest, Envelope, ErrorReply, RunRequest, RunResult
 from site_workers.config import parse_site_config
 from site_workers.worker import SiteWorker
-from tests.conftest import site_config
-from tests.support_sites import Answers, Sampler, private_federation
+from tests.conftest import TRANSPORTS, site_config
+from tests.support_sites import Answers, FlareSites, Sampler, private_federation, private_flare_federation
 
 OPERATIONS = 2000
 MAX_WORKERS = 24
@@ -40,21 +43,58 @@ CLIENT_RSS_LIMIT = 1536 * MiB
 CLIENT_GROWTH_LIMIT = 512 * MiB
 SITE_RSS_LIMIT = 768 * MiB
 SERVER_RSS_LIMIT = 1536 * MiB
+FLARE_SERVER_RSS_LIMIT = 1536 * MiB
+FLARE_SITE_RSS_LIMIT = 1536 * MiB  # a FLARE client (~90 MiB) plus the site's job process
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
-    root = tmp_path_factory.mktemp("load")
+@pytest.fixture(scope="module", params=TRANSPORTS)
+def pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation | FlareSites]:
+    root = tmp_path_factory.mktemp(f"load-{request.param}")
     configs = {
         name: site_config(name, root / "store" / name, [], operations=["core.echo", "core.sleep"], limits=SITE_LIMITS)
         for name in ("east", "west")
     }
-    with private_federation(root, configs) as fed:
+    start = private_federation if request.param == "local" else private_flare_federation
+    with start(root, configs) as fed:
         yield fed
 
 
 def _rss(pid: int) -> float:
     return float(psutil.Process(pid).memory_info().rss)
+
+
+def _tree_rss(pid: int) -> float:
+    """Resident memory of a process and its children (a FLARE participant and its job processes)."""
+    root = psutil.Process(pid)
+    return float(sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]))
+
+
+def _transport_probes(pair: LocalFederation | FlareSites, client: FederationClient) -> dict[str, Any]:
+    """What to sample besides the client and the Prefect API: each site, and over FLARE the server."""
+    if not isinstance(pair, FlareSites):
+        return {
+            **{f"{site}_rss": (lambda pid=pid: _rss(pid)) for site, pid in pair.pids().items()},
+            **{f"{site}_held": (lambda site=site: _held(client, site)) for site in pair.sites},
+        }
+    fed = pair.fed
+    status: dict[str, Any] = {}
+
+    def mesh(key: str) -> float:
+        # One dfm.status per sample serves every key below (sites report their load with each heartbeat).
+        if key == "buffered" or "reply" not in status:
+            status["reply"] = fed.mesh_status()
+        reply = status["reply"]
+        if key == "buffered":
+            return float(reply.buffered_bytes)
+        load = reply.sites[key].load
+        return float(load.running + load.queued)
+
+    return {
+        "controller_buffered_bytes": lambda: mesh("buffered"),
+        **{f"{site}_held": (lambda site=site: mesh(site)) for site in pair.sites},
+        "flare_server_rss": lambda: _tree_rss(fed.server_pids()[0]),
+        **{f"{site}_rss": (lambda site=site: _tree_rss(fed.site_pids(site)[0])) for site in pair.sites},
+    }
 
 
 def _prefect_server_rss() -> float:
@@ -88,24 +128,23 @@ def _held(client: FederationClient, site: str) -> float:
 def test_two_thousand_operations_over_two_sites_all_accounted_for_with_bounded_memory(pair, prefect_api, record_property):
     client = get_client(pair.federation_file)
     before = {site: client.stats(site) for site in pair.sites}
-    pids = pair.pids()
     runner = FederationTaskRunner(pair.federation_file, max_workers=MAX_WORKERS)
 
     @flow(task_runner=runner)
     def many() -> list[Any]:
         return [future.result() for future in echo.map(value=list(range(OPERATIONS)))]
 
+    flare = isinstance(pair, FlareSites)
     probes = {
         "client_rss": lambda: _rss(os.getpid()),
         "server_rss": _prefect_server_rss,
         "client_inflight": lambda: float(sum(client.inflight().values())),
-        **{f"{site}_rss": (lambda pid=pid: _rss(pid)) for site, pid in pids.items()},
-        **{f"{site}_held": (lambda site=site: _held(client, site)) for site in pids},
+        **_transport_probes(pair, client),
     }
     client_rss_before = _rss(os.getpid())  # the test process also holds what earlier tests loaded
     started = time.monotonic()
     # Sampling goes on until the API has recorded every run: the server's backlog counts too.
-    with Sampler(probes, interval=0.1) as sampler:
+    with Sampler(probes, interval=0.25 if flare else 0.1) as sampler:
         state = many(return_state=True)
         elapsed = time.monotonic() - started
         flow_run_id = str(state.state_details.flow_run_id)
@@ -132,8 +171,9 @@ def test_two_thousand_operations_over_two_sites_all_accounted_for_with_bounded_m
         "by_site": by_site,
         "samples": sampler.samples,
         "api_lag_seconds": round(api_lag, 1),
-        **{name: (round(value / MiB, 1) if name.endswith("_rss") else value) for name, value in peaks.items()},
+        **{name: (round(value / MiB, 1) if name.endswith(("_rss", "_bytes")) else value) for name, value in peaks.items()},
         "client_rss_growth": round((peaks["client_rss"] - client_rss_before) / MiB, 1),
+        "transport": "flare" if flare else "local",
     }
     record_property("load", report)
     print("load report (RSS in MiB):", json.dumps(report))
@@ -141,12 +181,15 @@ def test_two_thousand_operations_over_two_sites_all_accounted_for_with_bounded_m
 
     # Back-pressure: bounded everywhere, nothing queued without limit.
     bound = SITE_LIMITS["concurrency"] + SITE_LIMITS["queue"]
-    assert all(peaks[f"{site}_held"] <= bound for site in pids), peaks
+    assert all(0 < peaks[f"{site}_held"] <= bound for site in pair.sites), peaks
     assert 0 < peaks["client_inflight"] <= MAX_WORKERS, peaks
     assert peaks["client_rss"] < CLIENT_RSS_LIMIT, report
     assert peaks["client_rss"] - client_rss_before < CLIENT_GROWTH_LIMIT, report
-    assert all(peaks[f"{site}_rss"] < SITE_RSS_LIMIT for site in pids), report
+    assert all(peaks[f"{site}_rss"] < (FLARE_SITE_RSS_LIMIT if flare else SITE_RSS_LIMIT) for site in pair.sites), report
     assert peaks["server_rss"] < SERVER_RSS_LIMIT, report
+    if flare:
+        assert peaks["flare_server_rss"] < FLARE_SERVER_RSS_LIMIT, report
+        assert peaks["controller_buffered_bytes"] < 64 * MiB, report  # replies wait for their client only briefly
 
 
 def test_a_site_holds_at_most_concurrency_plus_queue_and_refuses_the_rest(tmp_path):

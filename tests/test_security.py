@@ -1,10 +1,11 @@
 """Attacks on a site through real site processes: what a client may run, read, forge and take away.
 
-The ``vault`` site (a private federation of this module) guards local data with
-a credential in its config, a narrow export policy and ``error_detail: type``;
-the session federation's ``south`` reads its data from S3. Every attack goes in
-through the public client (``client.call`` / ``client.request``) or a flow, the
-way a client of the federation would send it.
+The ``vault`` site (a private federation of this module, over each transport in
+turn) guards local data with a credential in its config, a narrow export policy
+and ``error_detail: type``; the session federations' ``south`` reads its data
+from S3. Every attack goes in through the public client (``client.call`` /
+``client.request``) or a flow, the way a client of the federation would send it.
+FLARE identities (admin kits, mTLS) are in ``test_flare_security.py``.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ from dfm_prefect.refs import DataRef
 from dfm_prefect.wire import FetchRequest
 from site_workers.config import parse_site_config
 from site_workers.worker import SiteWorker
-from tests.conftest import SMALL, site_config
-from tests.support_sites import ask, private_federation, run_frame
+from tests.conftest import SMALL, TRANSPORTS, site_config
+from tests.support_sites import FlareSites, ask, private_federation, private_flare_federation, run_frame
 
 pytestmark = pytest.mark.slow
 
@@ -59,8 +60,8 @@ def vault_paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"root": root, "data": data, "outside": outside}
 
 
-@pytest.fixture(scope="module")
-def vault(vault_paths: dict[str, Path], climate_data: dict[str, str]) -> Iterator[LocalFederation]:
+@pytest.fixture(scope="module", params=TRANSPORTS)
+def vault(request: pytest.FixtureRequest, vault_paths: dict[str, Path], climate_data: dict[str, str]) -> Iterator[LocalFederation | FlareSites]:
     root, data = vault_paths["root"], vault_paths["data"]
     config = site_config(
         "vault",
@@ -77,8 +78,22 @@ def vault(vault_paths: dict[str, Path], climate_data: dict[str, str]) -> Iterato
         },
         limits={"concurrency": 2, "max_params_bytes": 2048},
     )
-    with private_federation(root / "federation", {"vault": config}, env={TOKEN_VAR: TOKEN}) as fed:
+    start = private_federation if request.param == "local" else private_flare_federation
+    with start(root / f"federation-{request.param}", {"vault": config}, env={TOKEN_VAR: TOKEN}) as fed:
         yield fed
+
+
+@pytest.fixture
+def any_client(any_federation) -> FederationClient:
+    """The client of the session's two-site federation, over each transport in turn."""
+    return get_client(any_federation.federation_file)
+
+
+@pytest.fixture
+def any_runner(any_federation, prefect_api: str):
+    from dfm_prefect.task_runner import FederationTaskRunner
+
+    return FederationTaskRunner(any_federation.federation_file)
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +123,8 @@ def refused(
 
 
 def test_a_client_without_the_federation_key_is_refused(vault, vault_client):
+    if isinstance(vault, FlareSites):
+        pytest.skip("FLARE has no federation key: admin kits and mTLS, see test_flare_security.py")
     from multiprocessing import AuthenticationError
     from multiprocessing.connection import Client
 
@@ -244,13 +261,13 @@ S3_ATTACKS = [
 
 
 @pytest.mark.parametrize("attack", S3_ATTACKS)
-def test_an_s3_site_reads_only_its_own_prefix(client, attack):
-    refused(client, "south", "xarray.subset", {"data": attack}, AccessDeniedError)
+def test_an_s3_site_reads_only_its_own_prefix(any_client, attack):
+    refused(any_client, "south", "xarray.subset", {"data": attack}, AccessDeniedError)
 
 
 @pytest.mark.parametrize("data", ["../../etc/passwd", "/etc/passwd", "file:///etc/shadow"])
-def test_traversal_from_a_flow_fails_the_task_run(runner, prefect_api, data):
-    @flow(task_runner=runner)
+def test_traversal_from_a_flow_fails_the_task_run(any_runner, prefect_api, data):
+    @flow(task_runner=any_runner)
     def sneaky() -> DataRef:
         return subset.submit(data=data, site="north").result()
 
@@ -329,5 +346,5 @@ def test_credentials_stay_out_of_errors_logs_progress_results_and_the_site_log(v
         returned.fetch(client=vault_client)
 
     assert TOKEN not in json.dumps(vault_client.sites["vault"].model_dump(mode="json"))
-    site_log = (vault.workdir / "logs" / "vault.log").read_text()
+    site_log = vault.site_log("vault") if isinstance(vault, FlareSites) else (vault.workdir / "logs" / "vault.log").read_text()
     assert "incident" in site_log and TOKEN not in site_log

@@ -68,19 +68,28 @@ def open_session(admin_kit: str | os.PathLike[str], username: str, *, command_ti
     kit = Path(admin_kit)
     if not (kit / "startup" / "fed_admin.json").exists():
         raise ConfigError(f"{kit} is not an admin startup kit (no startup/fed_admin.json); point admin_kit at the admin's kit folder")
+    host, port = admin_address(kit)
+
+    def untrusted(problem: str) -> ConfigError:
+        return ConfigError(
+            f"the FLARE server at {host}:{port} and the admin kit {kit} do not trust each other ({problem}); "
+            "use a startup kit from this federation's provisioning"
+        )
+
+    # A kit from another provisioning fails at the server's certificate: say so now, rather than
+    # after FLARE has retried for connect_timeout seconds.
+    problem = tls_problem(kit, host, port, listen=0)
+    if problem is not None:
+        raise untrusted(problem)
     quiet_flare()
     try:
         return new_secure_session(username, str(kit), timeout=connect_timeout, command_timeout=command_timeout)
     except (api_spec.AuthenticationError, api_spec.AuthorizationError) as exc:
         raise ConfigError(f"the FLARE server refused admin {username!r} from {kit}: {exc}") from None
     except (api_spec.NoConnection, TimeoutError, ConnectionError) as exc:
-        host, port = admin_address(kit)
-        problem = tls_problem(kit, host, port)
+        problem = tls_problem(kit, host, port)  # the server may have refused the kit's own certificate
         if problem is not None:
-            raise ConfigError(
-                f"the FLARE server at {host}:{port} and the admin kit {kit} do not trust each other ({problem}); "
-                "use a startup kit from this federation's provisioning"
-            ) from None
+            raise untrusted(problem) from None
         raise AdminUnreachableError(f"cannot reach the FLARE server at {host}:{port} (from {kit}/startup/fed_admin.json): {exc}") from None
 
 

@@ -157,15 +157,16 @@ def admin_address(kit: str | os.PathLike[str]) -> tuple[str, int]:
         raise ConfigError(f"cannot read the server address from {path}: {exc}") from None
 
 
-def tls_problem(kit: str | os.PathLike[str], host: str, port: int, *, timeout: float = 3.0) -> str | None:
+def tls_problem(kit: str | os.PathLike[str], host: str, port: int, *, timeout: float = 3.0, listen: float = 1.0) -> str | None:
     """Why the server at ``host:port`` and this kit's mTLS identity do not trust each other, or None.
 
     One handshake with the kit's root CA and certificate: the server's
     certificate must be signed by the kit's root CA, and the server must keep
     the connection once it has seen the kit's certificate (with TLS 1.3 a
     server that refuses a client certificate closes the connection right after
-    the handshake). None also when the port cannot be reached at all: that is
-    not a question of trust.
+    the handshake; ``listen`` is how long to watch for that, 0 to check only the
+    server's certificate). None also when the port cannot be reached at all:
+    that is not a question of trust.
     """
     startup = Path(kit) / "startup"
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -181,7 +182,9 @@ def tls_problem(kit: str | os.PathLike[str], host: str, port: int, *, timeout: f
         return None
     try:
         with context.wrap_socket(sock) as tls:
-            tls.settimeout(1.0)
+            if listen <= 0:
+                return None
+            tls.settimeout(listen)
             try:
                 closed = tls.recv(1) == b""
             except TimeoutError:
