@@ -13,13 +13,13 @@ import sys
 import time
 from pathlib import Path
 
-from bench import dispatch, gpu, latency, locality, peer_dfm
+from bench import dispatch, gpu, latency, load, locality, peer_dfm
 from bench.env import BenchEnv
 from bench.harness import Row, machine
 from bench.report import markdown, table
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCHMARKS = {"dispatch": dispatch.run, "latency": latency.run, "peer": peer_dfm.run, "locality": locality.run, "gpu": gpu.run}
+BENCHMARKS = {"dispatch": dispatch.run, "latency": latency.run, "peer": peer_dfm.run, "locality": locality.run, "gpu": gpu.run, "load": load.run}
 NOTES = {
     "dispatch": """
 **Dispatch overhead.** 200 no-op tasks submitted with `.map` inside one flow run,
@@ -65,6 +65,22 @@ operations (`xarray.moments`, `xarray.histogram`, `xarray.reduce`) on the same
 `DFM_BENCH_GPU_GB` (default 10) GB float32 field, persisted in the cluster first
 (generation outside the timed region), on a dask-cuda `LocalCUDACluster` with CuPy
 chunks and on a CPU `distributed.LocalCluster` using every core.
+""",
+    "load": """
+**Throughput and memory under load.** 2,000 `core.echo` operations mapped over the
+two sites in one flow run on `FederationTaskRunner` (64 task runs in flight, its
+default; sites at concurrency 4), against the same 2,000 no-op tasks on
+`ThreadPoolTaskRunner(max_workers=64)` (Prefect's default would start a thread per
+pending task). Wall time is the whole flow run, Prefect's own per-run cost
+included. A 200-task flow run warms each runner, then each runs one round (with
+the wait for the API a round takes about a minute, so `--rounds` does not apply).
+A thread samples resident memory every 0.2 s until the Prefect API has recorded
+every task run as Completed (task-run states reach it as events; the lag after the
+flow ends is reported): the client process, the Prefect API server with its
+children, each site (local: the site process; FLARE: its FLARE client and the mesh
+job process) and the FLARE server with the mesh job's controller. Every round
+checks that each result came back with its own value, from both sites, and that
+the sites counted 2,000 completed, none failed or refused.
 """,
 }
 

@@ -1,12 +1,13 @@
-"""Timing helpers, result rows and the description of the machine a run used."""
+"""Timing helpers, a peak sampler, result rows and the description of the machine a run used."""
 
 from __future__ import annotations
 
 import os
 import platform
 import statistics
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from importlib.metadata import version
 from typing import Any
@@ -38,6 +39,57 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     start = time.perf_counter()
     result = fn()
     return time.perf_counter() - start, result
+
+
+class SamplingError(RuntimeError):
+    """A probe of a :class:`PeakSampler` failed, so its peak is not a measurement."""
+
+
+class PeakSampler:
+    """The highest value of each probe, read by a background thread while a block runs.
+
+    For figures that nothing pushes (the resident memory of other processes)::
+
+        with PeakSampler({"client": lambda: float(psutil.Process().memory_info().rss)}) as sampler:
+            work()
+        sampler.peaks["client"]
+
+    Probes are read once on entry, every ``interval`` seconds, and once on exit.
+    Leaving the block raises :class:`SamplingError` if any probe failed.
+    """
+
+    def __init__(self, probes: Mapping[str, Callable[[], float]], interval: float = 0.2) -> None:
+        self.probes = dict(probes)
+        self.interval = interval
+        self.peaks: dict[str, float] = {name: 0.0 for name in self.probes}
+        self.samples = 0
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="bench-sampler", daemon=True)
+
+    def _sample(self) -> None:
+        for name, probe in self.probes.items():
+            try:
+                self.peaks[name] = max(self.peaks[name], float(probe()))
+            except Exception as exc:  # keep sampling the others; leaving the block reports it
+                self.errors.append(f"{name}: {type(exc).__name__}: {exc}")
+        self.samples += 1
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> PeakSampler:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        if self.errors and exc_type is None:
+            raise SamplingError(f"{len(self.errors)} failed readings, first: {self.errors[0]}")
 
 
 def with_ratios(rows: list[Row], baseline_variant: str) -> list[Row]:
