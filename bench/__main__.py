@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default="", help=f"comma-separated subset of {sorted(BENCHMARKS)}")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md and bench/results.json alone")
     parser.add_argument("--render", action="store_true", help="rewrite BENCHMARKS.md from bench/results.json without running")
     args = parser.parse_args(argv)
     if args.render:
@@ -138,16 +138,17 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - t0
     print(table(rows))
     command = "python -m bench" + (f" --only {','.join(chosen)}" if args.only else "")
+    if args.no_write:
+        return 0
     (ROOT / "bench" / "results.json").write_text(
         json.dumps(
             {"command": command, "date": started.isoformat(), "seconds": seconds, "machine": machine(), "rows": [r.as_dict() for r in rows]},
             indent=2,
         )
     )
-    if not args.no_write:
-        notes = {"Where dfm-prefect stands": SUMMARY} if not args.only else {}
-        notes.update({name: NOTES[name] for name in chosen if name in NOTES})
-        (ROOT / "BENCHMARKS.md").write_text(markdown(rows, machine=machine(), command=command, notes=notes, started=started, seconds=seconds))
+    notes = {"Where dfm-prefect stands": SUMMARY} if not args.only else {}
+    notes.update({name: NOTES[name] for name in chosen if name in NOTES})
+    (ROOT / "BENCHMARKS.md").write_text(markdown(rows, machine=machine(), command=command, notes=notes, started=started, seconds=seconds))
     return 0
 
 

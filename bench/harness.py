@@ -92,6 +92,18 @@ class PeakSampler:
             raise SamplingError(f"{len(self.errors)} failed readings, first: {self.errors[0]}")
 
 
+def count_task_runs(api: str, flow_run_id: str, states: list[str] | None = None) -> int:
+    """Task runs of a flow run the Prefect API has recorded (in ``states``), counted by the server."""
+    import httpx
+
+    body: dict[str, Any] = {"flow_runs": {"id": {"any_": [flow_run_id]}}}
+    if states:
+        body["task_runs"] = {"state": {"type": {"any_": states}}}
+    response = httpx.post(f"{api}/task_runs/count", json=body, timeout=30)
+    response.raise_for_status()
+    return int(response.json())
+
+
 def with_ratios(rows: list[Row], baseline_variant: str) -> list[Row]:
     """Fill in ratio = median / baseline median for rows of the same bench and metric."""
     base = {(r.bench, r.metric): r.median for r in rows if r.variant == baseline_variant}

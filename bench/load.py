@@ -23,11 +23,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import psutil
 
 from bench.env import SITES, BenchEnv
-from bench.harness import PeakSampler, Row, median, with_ratios
+from bench.harness import PeakSampler, Row, count_task_runs, median, with_ratios
 from dfm_prefect.flare_federation import FlareFederation
 from dfm_prefect.local_federation import LocalFederation
 
@@ -106,23 +105,14 @@ def _site_probes(federation: LocalFederation | FlareFederation | None) -> dict[s
     return {f"site {site}": (lambda pid=pids[site]: _tree_rss(pid)) for site in SITES}
 
 
-def _count_task_runs(api: str, flow_run_id: str, states: list[str] | None = None) -> int:
-    body: dict[str, Any] = {"flow_runs": {"id": {"any_": [flow_run_id]}}}
-    if states:
-        body["task_runs"] = {"state": {"type": {"any_": states}}}
-    response = httpx.post(f"{api}/task_runs/count", json=body, timeout=30)
-    response.raise_for_status()
-    return int(response.json())
-
-
 def _wait_recorded(api: str, flow_run_id: str, operations: int) -> None:
     """Until the API has recorded every task run of the flow run as Completed."""
     deadline = time.perf_counter() + API_TIMEOUT_S
-    while _count_task_runs(api, flow_run_id, ["COMPLETED"]) < operations:
+    while count_task_runs(api, flow_run_id, ["COMPLETED"]) < operations:
         if time.perf_counter() > deadline:
             raise LostResultsError(f"the Prefect API did not record {operations} completed task runs within {API_TIMEOUT_S:.0f} s")
         time.sleep(API_POLL_S)  # the API offers no notification to wait on
-    recorded = _count_task_runs(api, flow_run_id)
+    recorded = count_task_runs(api, flow_run_id)
     if recorded != operations:
         raise LostResultsError(f"the Prefect API recorded {recorded} task runs for {operations} operations")
 

@@ -14,7 +14,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from multiprocessing.connection import Client, Connection
 from pathlib import Path
@@ -271,31 +271,3 @@ class RawMeshConnection:
         admin.close_session(self.session)
 
 
-class Sampler:
-    """Samples values in a background thread (the sites and psutil offer no push notifications)."""
-
-    def __init__(self, probes: Mapping[str, Callable[[], float]], interval: float = 0.1) -> None:
-        self.probes = dict(probes)
-        self.interval = interval
-        self.peaks: dict[str, float] = {name: 0.0 for name in self.probes}
-        self.samples = 0
-        self.errors: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="dfm-test-sampler", daemon=True)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            for name, probe in self.probes.items():
-                try:
-                    self.peaks[name] = max(self.peaks[name], float(probe()))
-                except Exception as exc:  # a probe of a site that is restarting: note it, keep sampling
-                    self.errors.append(f"{name}: {exc}")
-            self.samples += 1
-
-    def __enter__(self) -> Sampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()

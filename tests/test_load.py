@@ -19,7 +19,6 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import psutil
 import pytest
 from prefect import flow
@@ -32,7 +31,8 @@ from dfm_prefect.wire import CancelRequest, Envelope, ErrorReply, RunRequest, Ru
 from site_workers.config import parse_site_config
 from site_workers.worker import SiteWorker
 from tests.conftest import TRANSPORTS, site_config
-from tests.support_sites import Answers, FlareSites, Sampler, private_federation, private_flare_federation
+from bench.harness import PeakSampler, count_task_runs
+from tests.support_sites import Answers, FlareSites, private_federation, private_flare_federation
 
 OPERATIONS = 2000
 MAX_WORKERS = 24
@@ -109,16 +109,6 @@ def _prefect_server_rss() -> float:
     return 0.0
 
 
-def count_task_runs(api: str, flow_run_id: str, states: list[str] | None = None) -> int:
-    """Task runs of a flow run the API has recorded (in ``states``), counted by the server."""
-    body: dict[str, Any] = {"flow_runs": {"id": {"any_": [flow_run_id]}}}
-    if states:
-        body["task_runs"] = {"state": {"type": {"any_": states}}}
-    response = httpx.post(f"{api}/task_runs/count", json=body, timeout=30)
-    response.raise_for_status()
-    return int(response.json())
-
-
 def _held(client: FederationClient, site: str) -> float:
     load = client.stats(site, timeout=10).load
     return float(load.running + load.queued)
@@ -144,7 +134,7 @@ def test_two_thousand_operations_over_two_sites_all_accounted_for_with_bounded_m
     client_rss_before = _rss(os.getpid())  # the test process also holds what earlier tests loaded
     started = time.monotonic()
     # Sampling goes on until the API has recorded every run: the server's backlog counts too.
-    with Sampler(probes, interval=0.25 if flare else 0.1) as sampler:
+    with PeakSampler(probes, interval=0.25 if flare else 0.1) as sampler:
         state = many(return_state=True)
         elapsed = time.monotonic() - started
         flow_run_id = str(state.state_details.flow_run_id)

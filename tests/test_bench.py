@@ -1,0 +1,85 @@
+"""The benchmark harness itself: it runs, checks what it measures, and renders BENCHMARKS.md.
+
+The figures are not asserted (timings belong in ``BENCHMARKS.md``, not in
+tests); what must hold is that a benchmark round really runs its tasks through
+the runners, refuses a round that lost a result, and that the recorded results
+render. Runs in a subprocess: ``BenchEnv`` starts its own Prefect API and
+federation, as ``python -m bench`` does.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SMOKE = """
+import json
+from prefect import task
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from bench import dispatch, load
+from bench.env import BenchEnv
+from dfm_prefect.task_runner import FederationTaskRunner
+from adapters.core import echo
+
+with BenchEnv() as env:
+    rows = dispatch.run(env, rounds=1, include_dask=False, include_flare=False)
+    fed = env.local_federation()
+    variant = load._Variant("FederationTaskRunner (local)", FederationTaskRunner(fed.federation_file), echo, fed)
+    measured = load._round(variant, 60, measure=True)
+
+    @task
+    def off_by_one(value: int) -> int:
+        return value + (value == 7)
+
+    try:
+        load._round(load._Variant("broken", ThreadPoolTaskRunner(max_workers=4), off_by_one), 20, measure=False)
+        lost = "not detected"
+    except load.LostResultsError as exc:
+        lost = str(exc)
+
+print(json.dumps({
+    "rows": [row.as_dict() for row in rows],
+    "by_site": measured.by_site,
+    "peaks": measured.peaks,
+    "lost": lost,
+}))
+"""
+
+
+@pytest.mark.slow
+def test_a_benchmark_round_runs_through_the_runners_and_refuses_lost_results():
+    result = subprocess.run([sys.executable, "-c", SMOKE], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+
+    rows = {(row["variant"], row["metric"]): row for row in report["rows"]}
+    base = rows[("ThreadPoolTaskRunner", "per-task overhead")]
+    ours = rows[("FederationTaskRunner (local)", "per-task overhead")]
+    assert base["median"] > 0 and ours["median"] > 0 and base["unit"] == "ms"
+    assert ours["ratio"] == pytest.approx(ours["median"] / base["median"])
+
+    assert sum(report["by_site"].values()) == 60 and all(report["by_site"].values()), report["by_site"]
+    assert all(peak > 0 for peak in report["peaks"].values()), report["peaks"]
+    assert {"client", "Prefect API server", "site north", "site south"} <= set(report["peaks"])
+    assert "1 of 20 results missing or not their own value" in report["lost"]
+
+
+def test_recorded_results_render_as_benchmarks_md():
+    from bench.harness import Row
+    from bench.report import markdown
+
+    recorded = json.loads((ROOT / "bench" / "results.json").read_text())
+    rows = [Row(**row) for row in recorded["rows"]]
+    text = markdown(
+        rows, machine=recorded["machine"], command=recorded["command"], notes={"n": "note"}, started=dt.datetime.fromisoformat(recorded["date"]), seconds=recorded["seconds"]
+    )
+    assert text.startswith("# Benchmarks") and f"`{recorded['command']}`" in text
+    assert text.count("\n| ") == len(rows) + 1  # the header, then one line per row
