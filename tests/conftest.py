@@ -84,13 +84,11 @@ def climate_site_configs(root: Path, climate_data: dict[str, str]) -> list[Path]
     return configs
 
 
-@pytest.fixture(scope="session")
-def federation(tmp_path_factory: pytest.TempPathFactory, climate_data: dict[str, str], s3: LocalS3) -> Iterator[LocalFederation]:
-    """Two real site processes over the local transport: north (local zarr) and south (S3 zarr)."""
-    root = tmp_path_factory.mktemp("federation")
+def _climate_sites(federation_class: Any, root: Path, climate_data: dict[str, str], s3: LocalS3) -> Iterator[Any]:
+    """The two climate sites (north local zarr, south S3 zarr) started by ``federation_class``, stopped after."""
     configs = climate_site_configs(root, climate_data)
     env = {**DEMO_CREDENTIALS, "DFM_TEST_S3_ENDPOINT": s3.endpoint_url}
-    fed = LocalFederation(configs, workdir=root, env=env, pythonpath=[str(ROOT)])
+    fed = federation_class(configs, workdir=root, env=env, pythonpath=[str(ROOT)])
     fed.start()
     try:
         yield fed
@@ -99,6 +97,12 @@ def federation(tmp_path_factory: pytest.TempPathFactory, climate_data: dict[str,
 
         close_clients()
         fed.stop()
+
+
+@pytest.fixture(scope="session")
+def federation(tmp_path_factory: pytest.TempPathFactory, climate_data: dict[str, str], s3: LocalS3) -> Iterator[LocalFederation]:
+    """Two real site processes over the local transport: north (local zarr) and south (S3 zarr)."""
+    yield from _climate_sites(LocalFederation, tmp_path_factory.mktemp("federation"), climate_data, s3)
 
 
 @pytest.fixture(scope="session")
@@ -109,18 +113,7 @@ def flare_federation(tmp_path_factory: pytest.TempPathFactory, climate_data: dic
     """
     from dfm_prefect.flare_federation import FlareFederation
 
-    root = tmp_path_factory.mktemp("flare-federation")
-    configs = climate_site_configs(root, climate_data)
-    env = {**DEMO_CREDENTIALS, "DFM_TEST_S3_ENDPOINT": s3.endpoint_url}
-    fed = FlareFederation(configs, workdir=root, env=env, pythonpath=[str(ROOT)])
-    fed.start()
-    try:
-        yield fed
-    finally:
-        from dfm_prefect.client import close_clients
-
-        close_clients()
-        fed.stop()
+    yield from _climate_sites(FlareFederation, tmp_path_factory.mktemp("flare-federation"), climate_data, s3)
 
 
 TRANSPORTS = ["local", pytest.param("flare", marks=pytest.mark.flare)]

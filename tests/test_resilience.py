@@ -135,10 +135,14 @@ def assert_every_task_run_ended(flow_run_id: Any, count: int) -> list[Any]:
 # ------------------------------------------------------------------ sites die
 
 
-def test_a_killed_site_fails_its_inflight_runs_with_an_error_naming_it(twins, twins_client, twins_runner):
+def four_runs_at_alpha_meet(fault: Callable[[], object], twins_client, twins_runner) -> list[str]:
+    """Four 60 s runs at alpha, ``fault`` once all four run: each must end Failed, long before its work would end.
+
+    Returns each run's state message; every task run must have ended in the API.
+    """
     killer = in_background(lambda: (
         eventually(lambda: twins_client.stats("alpha").load.running == 4, "4 runs at alpha"),
-        twins.stop_site("alpha", kill=True),
+        fault(),
     ))
 
     @flow(task_runner=twins_runner)
@@ -151,10 +155,15 @@ def test_a_killed_site_fails_its_inflight_runs_with_an_error_naming_it(twins, tw
     state = doomed(return_state=True)
     joined(killer)
     outcomes = state.result()
-    assert time.monotonic() - started < 45, "the runs must fail when the site dies, not when their work would end"
+    assert time.monotonic() - started < 45, "the runs must fail when the fault happens, not when their work would end"
     assert [kind for kind, _ in outcomes] == ["FAILED"] * 4
-    assert all("SiteUnavailableError" in message and "'alpha'" in message for _, message in outcomes), outcomes
     assert_every_task_run_ended(state.state_details.flow_run_id, 4)
+    return [message for _, message in outcomes]
+
+
+def test_a_killed_site_fails_its_inflight_runs_with_an_error_naming_it(twins, twins_client, twins_runner):
+    messages = four_runs_at_alpha_meet(lambda: twins.stop_site("alpha", kill=True), twins_client, twins_runner)
+    assert all("SiteUnavailableError" in message and "'alpha'" in message for message in messages), messages
 
 
 def test_prefect_retries_rerun_the_work_once_the_site_is_back(twins, twins_client, twins_runner, flare):
@@ -369,25 +378,8 @@ def test_the_client_checks_what_it_receives_end_to_end(twins_client):
 def test_the_federation_server_killed_mid_flow_fails_inflight_runs_naming_it_then_recovers(twins, twins_client, twins_runner, flare):
     if not flare:
         pytest.skip("the local transport has no federation server: clients talk to each site directly")
-    killer = in_background(lambda: (
-        eventually(lambda: twins_client.stats("alpha").load.running == 4, "4 runs at alpha"),
-        twins.fed.kill_server(),
-    ))
-
-    @flow(task_runner=twins_runner)
-    def doomed() -> list[tuple[str, str]]:
-        futures = sleep.map(seconds=[60.0] * 4, site=unmapped("alpha"))
-        wait(futures)
-        return [(future.state.type.value, future.state.message or "") for future in futures]
-
-    started = time.monotonic()
-    state = doomed(return_state=True)
-    joined(killer)
-    outcomes = state.result()
-    assert time.monotonic() - started < 45, "the runs must fail when the server dies, not when their work would end"
-    assert [kind for kind, _ in outcomes] == ["FAILED"] * 4
-    assert all("federation server" in message and "cannot be reached" in message for _, message in outcomes), outcomes
-    assert_every_task_run_ended(state.state_details.flow_run_id, 4)
+    messages = four_runs_at_alpha_meet(twins.fed.kill_server, twins_client, twins_runner)
+    assert all("federation server" in message and "cannot be reached" in message for message in messages), messages
 
     # Its operator starts it again: the FLARE clients reconnect, the supervisor replaces the mesh
     # job that died with it, and flows work again with the same federation file and client.
