@@ -202,21 +202,27 @@ def test_a_restarted_site_joins_a_new_mesh_job_while_the_old_one_drains(mesh):
     assert draining.result(timeout=60).ok  # the old job finished what it had before it was aborted
 
 
+def _submit_until_started(mesh, folder: Path, timeout: float) -> tuple[str, str | None, dict]:
+    """Submit the job in ``folder`` as the admin; its id, its status once past starting (or at ``timeout``) and its meta."""
+    session = admin.open_session(mesh.prod / ADMIN_USER, ADMIN_USER)
+    try:
+        job_id = admin.submit_mesh_job(session, folder)
+        deadline = time.monotonic() + timeout
+        while (status := admin.job_status(session, job_id)) in admin.STARTING and time.monotonic() < deadline:
+            time.sleep(0.5)  # the admin API has no job event
+        return job_id, status, session.get_job_meta(job_id)
+    finally:
+        admin.close_session(session)
+
+
 def test_sites_refuse_jobs_that_bring_code(mesh, tmp_path):
     for participant in ("server", *SITES):
         assert kit_policy_problems(mesh.prod / participant) == []
     folder = write_job(tmp_path / "byoc", MeshJobConfig(name="byoc-probe"))
     (folder / "app" / "custom").mkdir()
     (folder / "app" / "custom" / "payload.py").write_text("print('arbitrary code')\n")
-    session = admin.open_session(mesh.prod / ADMIN_USER, ADMIN_USER)
-    try:
-        job_id = admin.submit_mesh_job(session, folder)
-        deadline = time.monotonic() + 60
-        while (status := admin.job_status(session, job_id)) in admin.STARTING and time.monotonic() < deadline:
-            time.sleep(0.5)  # the admin API has no job event
-        detail = session.get_job_meta(job_id).get("job_deploy_detail")
-    finally:
-        admin.close_session(session)
+    job_id, status, meta = _submit_until_started(mesh, folder, 60)
+    detail = meta.get("job_deploy_detail")
     assert status == "FINISHED:FAILED_TO_RUN"
     assert "BYOC not permitted" in str(detail)
 
@@ -227,14 +233,7 @@ def test_sites_refuse_components_outside_their_class_allow_list(mesh, tmp_path):
     config = json.loads(client_config.read_text())
     config["executors"][0]["executor"] = {"path": "collections.OrderedDict", "args": {}}  # installed, not allowed
     client_config.write_text(json.dumps(config))
-    session = admin.open_session(mesh.prod / ADMIN_USER, ADMIN_USER)
-    try:
-        job_id = admin.submit_mesh_job(session, folder)
-        deadline = time.monotonic() + 90
-        while (status := admin.job_status(session, job_id)) in admin.STARTING and time.monotonic() < deadline:
-            time.sleep(0.5)  # the admin API has no job event
-    finally:
-        admin.close_session(session)
+    job_id, status, _ = _submit_until_started(mesh, folder, 90)
     assert status is not None and status.startswith("FINISHED") and status != "FINISHED:COMPLETED"
     site_log = (mesh.prod / "north" / job_id / "log.txt").read_text()
     assert "collections.OrderedDict" in site_log and "allow" in site_log
