@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import Field, JsonValue
 
-from dfm_prefect.operations import OperationParams, operation
+from dfm_prefect.core.operations import OperationContext, OperationParams, operation
 
 
 class EchoParams(OperationParams):
@@ -14,7 +14,7 @@ class EchoParams(OperationParams):
 
 
 @operation("core.echo", version="1", result="value")
-def echo(params: EchoParams, ctx: Any) -> Any:
+def echo(params: EchoParams, ctx: OperationContext) -> Any:
     """Return the value it was given: a no-op for checks and overhead benchmarks."""
     return params.value
 
@@ -24,7 +24,7 @@ class SleepParams(OperationParams):
 
 
 @operation("core.sleep", version="1", result="value")
-def sleep(params: SleepParams, ctx: Any) -> float:
+def sleep(params: SleepParams, ctx: OperationContext) -> float:
     """Wait (cancellably) and return the seconds waited: for load and timeout checks."""
     ctx.sleep(params.seconds)
     return params.seconds

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from dfm_prefect.errors import InvalidParametersError
+from dfm_prefect.core.errors import InvalidParametersError
 
 MAX_LENGTH = 2000
 MAX_DEPTH = 32

@@ -10,7 +10,7 @@ Example:
 
 ```python
 from adapters.tables import filter_rows, groupby_aggregate
-from dfm_prefect.combine import combine_grouped
+from adapters.combine import combine_grouped
 
 recent = filter_rows.submit(data="dfm://north/visits", where=[{"column": "year", "op": ">=", "value": 2020}])
 parts = [groupby_aggregate.submit(data=f"dfm://{s}/visits", by=["ward"],
@@ -28,8 +28,8 @@ from typing import Any, Literal, Union
 from pydantic import Field, StrictBool, model_validator
 
 from adapters.xarray_common import NAME
-from dfm_prefect.errors import AccessDeniedError, InvalidParametersError
-from dfm_prefect.operations import DataInput, OperationParams, operation
+from dfm_prefect.core.errors import AccessDeniedError, InvalidParametersError
+from dfm_prefect.core.operations import DataInput, OperationContext, OperationParams, operation
 
 Scalar = Union[StrictBool, int, float, str]
 
@@ -60,7 +60,7 @@ class Condition(OperationParams):
 _COMPARE = {"==": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
 
 
-def open_table(ctx: Any, data: Any) -> Any:
+def open_table(ctx: OperationContext, data: Any) -> Any:
     """The data as a Dask dataframe (Parquet/CSV sources or a stored table result)."""
     import dask.dataframe as dd
     import pandas as pd
@@ -129,7 +129,7 @@ class FilterParams(OperationParams):
 
 
 @operation("table.filter", version="1", result="table")
-def filter_rows(params: FilterParams, ctx: Any) -> Any:
+def filter_rows(params: FilterParams, ctx: OperationContext) -> Any:
     """Rows where every condition holds, optionally only some columns and the first ``limit`` rows."""
     frame = apply_filter(open_table(ctx, params.data), params.where)
     if params.columns is not None:
@@ -149,7 +149,7 @@ class ProjectParams(OperationParams):
 
 
 @operation("table.project", version="1", result="table")
-def project(params: ProjectParams, ctx: Any) -> Any:
+def project(params: ProjectParams, ctx: OperationContext) -> Any:
     """Some columns of every row, optionally renamed and without duplicates."""
     import re
 
@@ -180,7 +180,7 @@ class GroupbyAggregateParams(OperationParams):
 
 
 @operation("table.groupby_aggregate", version="1", result="aggregate")
-def groupby_aggregate(params: GroupbyAggregateParams, ctx: Any) -> Any:
+def groupby_aggregate(params: GroupbyAggregateParams, ctx: OperationContext) -> Any:
     """One row per group with the requested aggregations; ``sum``, ``count``, ``sumsq``, ``min`` and ``max`` merge exactly across sites."""
     import re
 

@@ -7,8 +7,8 @@ from typing import Annotated, Any, Literal, Union
 import numpy as np
 from pydantic import AfterValidator, Field
 
-from dfm_prefect.errors import InvalidParametersError
-from dfm_prefect.operations import OperationParams
+from dfm_prefect.core.errors import InvalidParametersError
+from dfm_prefect.core.operations import OperationContext, OperationParams
 
 Label = Union[float, int, str]
 NAME = r"^[A-Za-z_][A-Za-z0-9_.-]{0,127}$"
@@ -63,7 +63,7 @@ def area_weights(ds: Any, lat: str) -> Any:
     return np.cos(np.deg2rad(ds[lat].astype("float64")))
 
 
-def on_device(ctx: Any, value: Any) -> Any:
+def on_device(ctx: OperationContext, value: Any) -> Any:
     """``value`` with its chunks on the site's compute device: CuPy on GPU sites, unchanged elsewhere."""
     return ctx.to_device(value)
 

@@ -23,10 +23,10 @@ from pydantic import Field
 
 from adapters.expressions import parse
 from adapters.xarray_common import NAME, Dims, Label, Range, apply_stat, check_dims, on_device, select_variables
-from adapters.zarr_result import mark_zarr
 from adapters.xarray_stats import groupby_reduce, histogram, moments, resample, weighted_mean
-from dfm_prefect.errors import InvalidParametersError
-from dfm_prefect.operations import DataInput, OperationParams, operation
+from adapters.zarr_result import mark_zarr
+from dfm_prefect.core.errors import InvalidParametersError
+from dfm_prefect.core.operations import DataInput, OperationContext, OperationParams, operation
 
 __all__ = [
     "derive",
@@ -52,12 +52,10 @@ class OpenParams(OperationParams):
 
 
 @operation("xarray.open", version="1", result="value")
-def open_source(params: OpenParams, ctx: Any) -> dict[str, Any]:
+def open_source(params: OpenParams, ctx: OperationContext) -> dict[str, Any]:
     """Open a source lazily and describe it (dims, coordinate ranges, variables, chunks, attributes); no data is read."""
-    from site_workers.summaries import summarize_xarray
-
     ds = select_variables(ctx.open_dataset(params.data), params.variables)
-    described = summarize_xarray(ds)
+    described = ctx.describe(ds)
     described["attrs"] = {str(k): _plain(v) for k, v in list(ds.attrs.items())[:64]}
     for name, info in described["data_vars"].items():
         info["attrs"] = {str(k): _plain(v) for k, v in list(ds[name].attrs.items())[:32]}
@@ -79,7 +77,7 @@ class SubsetParams(OperationParams):
 
 
 @operation("xarray.subset", version="1", result="dataset")
-def subset(params: SubsetParams, ctx: Any) -> Any:
+def subset(params: SubsetParams, ctx: OperationContext) -> Any:
     """Select variables and label ranges, points or nearest points; the result stays at the site."""
     ds = select_variables(ctx.open_dataset(params.data), params.variables)
     for group in (params.ranges, params.points, params.nearest):
@@ -102,7 +100,7 @@ class ReduceParams(OperationParams):
 
 
 @operation("xarray.reduce", version="1", result="aggregate")
-def reduce(params: ReduceParams, ctx: Any) -> Any:
+def reduce(params: ReduceParams, ctx: OperationContext) -> Any:
     """Reduce over ``dims`` with one statistic (``quantile`` needs ``q``).
 
     mean, sum, min, max, std, var and count stream chunk by chunk (on the GPU at GPU
@@ -152,7 +150,7 @@ class DeriveParams(OperationParams):
 
 
 @operation("xarray.derive", version="1", result="dataset")
-def derive(params: DeriveParams, ctx: Any) -> Any:
+def derive(params: DeriveParams, ctx: OperationContext) -> Any:
     """New variables from allow-listed expressions (``+ - * / **``, comparisons, `FUNCTIONS`); lazily.
 
     Expressions name data variables and coordinates of the input, e.g.
@@ -189,7 +187,7 @@ class WriteParams(OperationParams):
 
 
 @operation("xarray.write", version="1", result="dataset")
-def write(params: WriteParams, ctx: Any) -> Any:
+def write(params: WriteParams, ctx: OperationContext) -> Any:
     """Write (a part of) the data to the site's result store as netCDF or zarr; streams chunk by chunk.
 
     Later operations on this site read the stored copy through its `DataRef`.

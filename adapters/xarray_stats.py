@@ -1,7 +1,7 @@
 """Statistics over gridded data: partial sums and histograms that merge exactly across sites.
 
 `moments` and `histogram` return sums and counts, never averages: adding the
-results of several sites (`dfm_prefect.combine`) gives exactly the statistic of
+results of several sites (`adapters.combine`) gives exactly the statistic of
 the pooled data. `weighted_mean`, `groupby_reduce` and `resample` give a site's
 own answer directly. Every one streams Dask chunks (on the GPU at GPU sites).
 
@@ -9,7 +9,7 @@ Example:
 
 ```python
 from adapters.xarray_stats import histogram, moments
-from dfm_prefect.combine import combine_histograms, combine_moments
+from adapters.combine import combine_histograms, combine_moments
 
 parts = [moments.submit(data=f"dfm://{s}/temperature", dims=["time", "lat", "lon"], weights="area") for s in sites]
 pooled = combine_moments([p.result().fetch() for p in parts])          # exact pooled mean and variance
@@ -27,8 +27,8 @@ import numpy as np
 from pydantic import Field, field_validator, model_validator
 
 from adapters.xarray_common import GROUP, NAME, Dims, Stat, apply_stat, area_weights, check_dims, nan_to_zero, numeric, on_device, select_variables
-from dfm_prefect.errors import InvalidParametersError
-from dfm_prefect.operations import DataInput, OperationParams, operation
+from dfm_prefect.core.errors import InvalidParametersError
+from dfm_prefect.core.operations import DataInput, OperationContext, OperationParams, operation
 
 
 class MomentsParams(OperationParams):
@@ -41,10 +41,10 @@ class MomentsParams(OperationParams):
 
 
 @operation("xarray.moments", version="1", result="aggregate")
-def moments(params: MomentsParams, ctx: Any) -> Any:
+def moments(params: MomentsParams, ctx: OperationContext) -> Any:
     """Weight totals, weighted sums and sums of squares over ``dims`` (optionally per group).
 
-    The result is exactly mergeable across sites: `dfm_prefect.combine.combine_moments`
+    The result is exactly mergeable across sites: `adapters.combine.combine_moments`
     turns the results of several sites into the pooled mean, variance and count.
     Area weights depend on latitude alone, so the data is first summed over the
     other dimensions (float64 accumulators, one pass per term) and weighted after.
@@ -100,7 +100,7 @@ class WeightedMeanParams(OperationParams):
 
 
 @operation("xarray.weighted_mean", version="1", result="aggregate")
-def weighted_mean(params: WeightedMeanParams, ctx: Any) -> Any:
+def weighted_mean(params: WeightedMeanParams, ctx: OperationContext) -> Any:
     """Weighted mean over ``dims``: by cell area (cos latitude) or by a weights variable; NaNs skipped."""
     ds = ctx.open_dataset(params.data)
     if params.weights == "area":
@@ -215,10 +215,10 @@ def _histogram(var: Any, weight: Any, edges: np.ndarray, uniform: bool) -> Any:
 
 
 @operation("xarray.histogram", version="1", result="aggregate")
-def histogram(params: HistogramParams, ctx: Any) -> Any:
+def histogram(params: HistogramParams, ctx: OperationContext) -> Any:
     """Counts per fixed bin (plus below-range, above-range and NaN counts), optionally area-weighted.
 
-    Counts are exact and add up across sites: `dfm_prefect.combine.combine_histograms`.
+    Counts are exact and add up across sites: `adapters.combine.combine_histograms`.
     Bins are half-open ``[a, b)`` except the last, which includes its upper edge (as in NumPy).
     """
     import xarray as xr
@@ -258,7 +258,7 @@ class GroupbyReduceParams(OperationParams):
 
 
 @operation("xarray.groupby_reduce", version="1", result="aggregate")
-def groupby_reduce(params: GroupbyReduceParams, ctx: Any) -> Any:
+def groupby_reduce(params: GroupbyReduceParams, ctx: OperationContext) -> Any:
     """One statistic per group (e.g. per month of ``time``), over the group's dimension and ``dims``."""
     ds = numeric(select_variables(ctx.open_dataset(params.data), params.variables))
     group_dim = params.group.split(".")[0]
@@ -282,7 +282,7 @@ class ResampleParams(OperationParams):
 
 
 @operation("xarray.resample", version="1", result="aggregate")
-def resample(params: ResampleParams, ctx: Any) -> Any:
+def resample(params: ResampleParams, ctx: OperationContext) -> Any:
     """One statistic per time bin (``freq``: pandas offsets such as 7D, MS, QS, YS), over time and ``dims``."""
     ds = numeric(select_variables(ctx.open_dataset(params.data), params.variables))
     check_dims(ds, [params.time, *params.dims])

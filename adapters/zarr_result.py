@@ -3,7 +3,7 @@
 The site's result store keeps every result as one file with its sha256, so a
 zarr result is written chunk by chunk into a scratch directory and then packed,
 uncompressed (the chunks already are), into a zip. Importing this module
-registers the ``zarr`` codec with `dfm_prefect.codecs`; only datasets marked by
+registers the ``zarr`` codec with `dfm_prefect.core.codecs`; only datasets marked by
 :func:`mark_zarr` use it, every other dataset stays netCDF.
 
 Example:
@@ -21,7 +21,7 @@ import tempfile
 import zipfile
 from typing import Any
 
-from dfm_prefect.codecs import Codec, loaded_classes, register_codec
+from dfm_prefect.core.codecs import Codec, loaded_classes, register_codec
 
 FORMAT = "zarr"
 _MARK = "dfm_result_format"

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import yaml
 
-from dfm_prefect.flare_federation import FlareFederation
-from dfm_prefect.local_federation import LocalFederation
-from dfm_prefect.prefect_server import LocalPrefectServer
+from dfm_prefect.testing.prefect_server import LocalPrefectServer
+from dfm_prefect.transports.flare.deploy.launcher import FlareFederation
+from dfm_prefect.transports.local.launcher import LocalFederation
 
 SITES = ("north", "south")
 

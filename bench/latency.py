@@ -60,7 +60,7 @@ def _flow_first_results(federation_file: Path, samples: int) -> list[float]:
 
 def _connect(federation_file: Path, samples: int) -> list[float]:
     from dfm_prefect.client import FederationClient
-    from dfm_prefect.federation import load_spec
+    from dfm_prefect.spec import load_spec
     from dfm_prefect.transports import transport_class
 
     times = []
@@ -89,8 +89,8 @@ def _up(kind: Any, root: Path, samples: int) -> list[float]:
 
 def run(env: BenchEnv, *, rounds: int = 5) -> list[Row]:
     """First-result latency, connect time and federation start-up, local vs FLARE."""
-    from dfm_prefect.flare_federation import FlareFederation
-    from dfm_prefect.local_federation import LocalFederation
+    from dfm_prefect.transports.flare.deploy.launcher import FlareFederation
+    from dfm_prefect.transports.local.launcher import LocalFederation
 
     samples = max(10, rounds * 4)
     rows = []

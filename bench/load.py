@@ -27,8 +27,8 @@ import psutil
 
 from bench.env import SITES, BenchEnv
 from bench.harness import PeakSampler, Row, count_task_runs, median, with_ratios
-from dfm_prefect.flare_federation import FlareFederation
-from dfm_prefect.local_federation import LocalFederation
+from dfm_prefect.transports.flare.deploy.launcher import FlareFederation
+from dfm_prefect.transports.local.launcher import LocalFederation
 
 OPERATIONS = 2000
 WARMUP = 200
@@ -102,7 +102,7 @@ def _site_probes(federation: LocalFederation | FlareFederation | None) -> dict[s
             "FLARE server": lambda: _tree_rss(*federation.server_pids()),
         }
     pids = federation.pids()
-    return {f"site {site}": (lambda pid=pids[site]: _tree_rss(pid)) for site in SITES}
+    return {f"site {site}": (lambda pid=pids[site][0]: _tree_rss(pid)) for site in SITES}
 
 
 def _wait_recorded(api: str, flow_run_id: str, operations: int) -> None:

@@ -8,7 +8,7 @@ field, is computed two ways:
 
 * federated: a flow on `FederationTaskRunner` sends `xarray.moments` and
   `xarray.histogram` to each site and merges the partial sums on the client
-  (`dfm_prefect.combine`); the bytes moved are what left the sites (their counters);
+  (`adapters.combine`); the bytes moved are what left the sites (their counters);
 * download: the client reads both zarr stores (local files and s3fs from the S3
   server) and computes the same statistics itself with Dask; the bytes moved are
   the stored bytes it read.
@@ -141,8 +141,8 @@ def federated_round(runner: Any, client: Any) -> tuple[float, int, dict[str, Any
     """One federated round in its own flow run: seconds inside the flow, bytes that left the sites, answer."""
     from prefect import flow
 
+    from adapters.combine import combine_histograms, combine_moments
     from adapters.xarray_ops import histogram, moments
-    from dfm_prefect.combine import combine_histograms, combine_moments
 
     before = {site: client.stats(site).bytes_out for site in SITES}
 
@@ -189,9 +189,9 @@ def _check(a: dict[str, Any], b: dict[str, Any]) -> None:
 def run(env: Any, *, rounds: int = 3, size_gb: float | None = None) -> list[Row]:
     """Wall time and bytes moved, federated against download-and-compute, over the same field."""
     from dfm_prefect.client import close_clients, get_client
-    from dfm_prefect.demo.s3 import DEMO_CREDENTIALS, LocalS3
-    from dfm_prefect.local_federation import LocalFederation
     from dfm_prefect.task_runner import FederationTaskRunner
+    from dfm_prefect.testing.s3 import DEMO_CREDENTIALS, LocalS3
+    from dfm_prefect.transports.local.launcher import LocalFederation
 
     size = size_gb if size_gb is not None else float(os.environ.get("DFM_BENCH_LOCALITY_GB", "2"))
     rounds = max(1, min(rounds, 3))  # each download round reads the whole field

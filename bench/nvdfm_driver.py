@@ -100,7 +100,7 @@ def generate_federation(tmp: Path) -> Path:
 # --------------------------------------------------------------------------
 
 def build_pipeline():
-    from nv_dfm_core.api import PlaceParam, Pipeline, Yield
+    from nv_dfm_core.api import Pipeline, PlaceParam, Yield
 
     api = __import__(f"{FED_PKG}.fed.api.data", fromlist=["Load", "Subset", "Mean"])
     with Pipeline(name="load_subset_mean") as p:
@@ -171,7 +171,7 @@ def measure(session, data_path, expected, n, timeout) -> dict:
     log(f"  first execution: {first['total_s']:.3f}s")
     runs = []
     t = time.perf_counter()
-    for i in range(n):
+    for _ in range(n):
         runs.append(run_once(session, prepared, data_path, expected, timeout))
     twenty = time.perf_counter() - t
     log(f"  {n} executions: {twenty:.3f}s")
@@ -324,7 +324,7 @@ def phase_flare(args) -> dict:
                         pass
                     admin = None
                 if time.time() > deadline:
-                    raise RuntimeError(f"POC did not come up: {e}")
+                    raise RuntimeError(f"POC did not come up: {e}") from e
             if time.time() > deadline:
                 raise RuntimeError("POC: client never connected")
             time.sleep(0.5)

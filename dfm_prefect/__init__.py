@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from dfm_prefect.errors import FederationError
-from dfm_prefect.operations import DataInput, OperationParams, operation
-from dfm_prefect.refs import DataRef
+from dfm_prefect.core.errors import FederationError
+from dfm_prefect.core.operations import DataInput, OperationParams, operation
+from dfm_prefect.core.refs import DataRef
 
 if TYPE_CHECKING:
     from dfm_prefect.client import FederationClient, get_client

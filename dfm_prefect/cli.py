@@ -11,13 +11,13 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from dfm_prefect.errors import ConfigError, FederationError, SiteUnavailableError
+from dfm_prefect.core.errors import ConfigError, FederationError, SiteUnavailableError
 
 app = typer.Typer(help="dfm-prefect: run Prefect flows where the data lives.", no_args_is_help=True)
 site_app = typer.Typer(help="Run or check one site.", no_args_is_help=True)
@@ -33,7 +33,17 @@ EXIT_CHECK_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_UNREACHABLE = 3
 
-Transport = Literal["flare", "local"]
+
+
+def _transport(value: str) -> str:
+    from dfm_prefect.transports import transport_names
+
+    if value not in transport_names():
+        raise typer.BadParameter(f"unknown transport {value!r}; installed: {', '.join(transport_names())}")
+    return value
+
+
+TRANSPORT_HELP = "An installed transport: flare (sites behind FLARE, mTLS, one mesh job) or local (plain site processes), or any other registered."
 
 
 def _fail(exc: FederationError) -> typer.Exit:
@@ -54,11 +64,11 @@ def demo(
     years: Annotated[int, typer.Option(min=1, max=50)] = 4,
     resolution: Annotated[float, typer.Option(min=0.25, max=10.0, help="Grid spacing in degrees.")] = 1.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
-    transport: Annotated[Transport, typer.Option(help="flare: sites behind a FLARE POC (mTLS, mesh job); local: plain site processes.")] = "flare",
+    transport: Annotated[str, typer.Option(help=TRANSPORT_HELP, callback=_transport)] = "flare",
 ) -> None:
     """Run the federated climate demo on two sites (one on S3) over FLARE and check the answer."""
-    from dfm_prefect.demo.data import ClimateSpec
-    from dfm_prefect.demo.run import RTOL, run_demo
+    from dfm_prefect.demo import RTOL, run_demo
+    from dfm_prefect.testing.climate import ClimateSpec
 
     # Without PREFECT_API_URL, Prefect starts a local server process for the run; it
     # reads this from its environment and would otherwise try to send telemetry.
@@ -131,7 +141,7 @@ def site_start(
     host: Annotated[str, typer.Option()] = "127.0.0.1",
 ) -> None:
     """Serve one site over the local transport (needs DFM_AUTHKEY)."""
-    from site_workers.local_server import main as serve
+    from dfm_prefect.transports.local.server import main as serve
 
     raise typer.Exit(serve([str(config), "--port", str(port), "--host", host]))
 
@@ -143,7 +153,7 @@ def site_start(
 def federation_up(
     configs: Annotated[list[Path], typer.Argument(help="Site config YAML files, one per site.")],
     workdir: Annotated[Path, typer.Option(help="Where the federation file, kits and logs go.")] = Path(".dfm"),
-    transport: Annotated[Transport, typer.Option(help="flare: a FLARE POC on this machine (mTLS, mesh job); local: plain site processes.")] = "flare",
+    transport: Annotated[str, typer.Option(help=TRANSPORT_HELP, callback=_transport)] = "flare",
 ) -> None:
     """Start a federation of the given sites on this machine and write WORKDIR/federation.json."""
     from dfm_prefect.federation_control import up
@@ -200,7 +210,7 @@ def federation_join(
     config: Annotated[Path, typer.Argument(help="This site's YAML config.")],
 ) -> None:
     """Run this site in a provisioned FLARE federation: harden the kit's policy, start its FLARE client."""
-    from dfm_prefect.flare.participant import run_site
+    from dfm_prefect.transports.flare.deploy.participant import run_site
 
     try:
         raise typer.Exit(run_site(kit, config, log=console.print))
@@ -217,7 +227,7 @@ def federation_mesh(
     supervise: Annotated[bool, typer.Option(help="Keep running and replace the mesh job when a site rejoins.")] = True,
 ) -> None:
     """Start the mesh job on a provisioned FLARE federation and write the federation file."""
-    from dfm_prefect.flare.participant import run_mesh
+    from dfm_prefect.transports.flare.deploy.participant import run_mesh
 
     try:
         run_mesh(admin_kit, username, [s for s in sites.split(",") if s], out, supervise=supervise, log=console.print)
@@ -285,7 +295,7 @@ def prefect_setup(
 
 
 def _print_site(info: object) -> None:
-    from dfm_prefect.wire import SiteInfo
+    from dfm_prefect.core.wire import SiteInfo
 
     assert isinstance(info, SiteInfo)
     ops = Table(title=f"{info.name}: operations")

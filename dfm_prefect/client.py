@@ -16,9 +16,9 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, Protocol
 
-from dfm_prefect.errors import (
+from dfm_prefect.core.errors import (
     FederationError,
     PlacementError,
     RequestCancelledError,
@@ -26,12 +26,9 @@ from dfm_prefect.errors import (
     SiteUnavailableError,
     error_class,
 )
-from dfm_prefect.federation import load_spec, spec_key
-from dfm_prefect.framing import BatchingWriter
-from dfm_prefect.placement import Placement, place
-from dfm_prefect.refs import DataRef
-from dfm_prefect.transports import Transport, transport_class
-from dfm_prefect.wire import (
+from dfm_prefect.core.framing import BatchingWriter
+from dfm_prefect.core.refs import DataRef, set_fetcher
+from dfm_prefect.core.wire import (
     CancelRequest,
     ClientMessage,
     Described,
@@ -50,6 +47,9 @@ from dfm_prefect.wire import (
     b64decode,
     b64size,
 )
+from dfm_prefect.placement import Placement, place
+from dfm_prefect.spec import load_spec, spec_key
+from dfm_prefect.transports import Transport, transport_class
 
 log = logging.getLogger("dfm_prefect.client")
 FETCH_CHUNK = 4 << 20
@@ -344,14 +344,25 @@ def get_client(federation: Any = None) -> FederationClient:
     return client.open()
 
 
-def _current_runner() -> Any:
-    try:
-        from prefect.context import FlowRunContext
-    except ImportError:
-        return None
-    ctx = FlowRunContext.get()
-    runner = getattr(ctx, "task_runner", None) if ctx else None
-    return runner if getattr(runner, "dispatches_operations", False) else None
+class FlowSession(Protocol):
+    """What the front end's running flow offers the client core: its client and its byte report."""
+
+    @property
+    def client(self) -> FederationClient: ...
+
+    def record_fetch(self, site: str, nbytes: int) -> None: ...
+
+
+_SESSION_LOOKUP: list[Callable[[], FlowSession | None]] = []
+
+
+def set_session_lookup(lookup: Callable[[], FlowSession | None]) -> None:
+    """Register how to find the running flow's session (the Prefect side does, when it is imported)."""
+    _SESSION_LOOKUP[:] = [lookup]
+
+
+def _current_runner() -> FlowSession | None:
+    return _SESSION_LOOKUP[0]() if _SESSION_LOOKUP else None
 
 
 def note_fetch(site: str, nbytes: int) -> None:
@@ -385,5 +396,13 @@ def close_clients() -> None:
         client.close()
 
 
+def _fetch(ref: DataRef, client: FederationClient | None) -> bytes:
+    active = client or current_client()
+    payload = active.fetch_bytes(ref)
+    note_fetch(ref.site, len(payload))
+    return payload
+
+
 atexit.register(close_clients)
+set_fetcher(_fetch)
 

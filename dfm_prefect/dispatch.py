@@ -19,15 +19,15 @@ from prefect.task_engine import TaskRunTimeoutError
 from pydantic_core import PydanticSerializationError, to_jsonable_python
 
 from dfm_prefect.client import unwrap
-from dfm_prefect.errors import FederationError, InvalidParametersError, SiteUnavailableError
+from dfm_prefect.core.errors import FederationError, InvalidParametersError, SiteUnavailableError
+from dfm_prefect.core.refs import DataRef
+from dfm_prefect.core.wire import ProgressUpdate, RunResult, SiteMessage, b64size
 from dfm_prefect.placement import Placement
-from dfm_prefect.refs import DataRef
 from dfm_prefect.report import ProgressReporter, StepRecord
-from dfm_prefect.wire import ProgressUpdate, RunResult, SiteMessage, b64size
 
 if TYPE_CHECKING:
     from dfm_prefect.client import FederationClient
-    from dfm_prefect.operations import Operation
+    from dfm_prefect.core.operations import Operation
     from dfm_prefect.task_runner import FederationTaskRunner
 
 

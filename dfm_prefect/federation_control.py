@@ -1,8 +1,9 @@
-"""What ``dfm-prefect federation up/down`` do, for every transport.
+"""What ``dfm-prefect federation up/down`` do, for every installed transport.
 
-``up`` starts the federation's processes detached from the command (they keep
-running after it exits), waits until every site is ready, and records what it
-started in ``WORKDIR/processes.json``; ``down`` stops exactly those.
+``up`` asks the transport's launcher to start the federation's processes
+detached from the command (they keep running after it exits), waits until every
+site is ready, and records what it started in ``WORKDIR/processes.json``;
+``down`` stops exactly those.
 
 Example:
 
@@ -20,62 +21,35 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
-import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 
-from dfm_prefect.errors import ConfigError
+from dfm_prefect.core.errors import ConfigError
+from dfm_prefect.transports import launcher_class
+from dfm_prefect.transports.base import Started
 
-TransportName = Literal["flare", "local"]
-
-
-class Started(BaseModel):
-    """What ``up`` started (the content of ``processes.json``)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    transport: TransportName
-    federation_file: str
-    sites: list[str]
-    pids: dict[str, int] = {}
-    owner: int | None = None
-    workdir: str
+__all__ = ["Started", "down", "read_started", "state_file", "up"]
 
 
 def state_file(workdir: str | os.PathLike[str]) -> Path:
+    """Where ``up`` records what it started."""
     return Path(workdir) / "processes.json"
 
 
-def up(configs: Sequence[str | os.PathLike[str]], workdir: str | os.PathLike[str], *, transport: TransportName = "flare") -> Started:
+def up(configs: Sequence[str | os.PathLike[str]], workdir: str | os.PathLike[str], *, transport: str = "flare") -> Started:
     """Start a federation of the given site configs and wait until every site is ready."""
     workdir = Path(workdir).resolve()
     if state_file(workdir).exists():
         raise ConfigError(f"a federation was already started from {workdir}; run `dfm-prefect federation down --workdir {workdir}` first")
-    if transport == "local":
-        from dfm_prefect.local_federation import LocalFederation
-
-        local = LocalFederation(configs, workdir=workdir)
-        local.start()
-        started = Started(
-            transport="local", federation_file=str(local.federation_file), sites=list(local.sites), pids=local.pids(), workdir=str(workdir)
-        )
-    else:
-        from dfm_prefect.flare_federation import FlareFederation, launch
-
-        names = FlareFederation(configs, workdir=workdir).sites  # validates the configs before anything starts
-        owner = launch(configs, workdir)
-        started = Started(
-            transport="flare", federation_file=str(workdir / "federation.json"), sites=names, owner=owner, workdir=str(workdir)
-        )
+    started = launcher_class(transport).up(configs, workdir)
     state_file(workdir).write_text(started.model_dump_json(indent=2))
     return started
 
 
 def read_started(workdir: str | os.PathLike[str]) -> Started:
+    """The record ``up`` wrote in ``workdir``."""
     path = state_file(workdir)
     try:
         data = json.loads(path.read_text())
@@ -94,38 +68,7 @@ def read_started(workdir: str | os.PathLike[str]) -> Started:
 def down(workdir: str | os.PathLike[str]) -> list[str]:
     """Stop what ``up`` started from ``workdir``; return a line per thing stopped."""
     started = read_started(workdir)
-    lines = []
-    if started.transport == "local":
-        for site, pid in started.pids.items():
-            try:
-                os.killpg(pid, signal.SIGTERM)
-                lines.append(f"stopped {site} (pid {pid})")
-            except ProcessLookupError:
-                lines.append(f"{site} (pid {pid}) was not running")
-        deadline = time.monotonic() + 15
-        while any(_alive(pid) for pid in started.pids.values()) and time.monotonic() < deadline:
-            time.sleep(0.1)  # not our children: there is nothing to wait() on
-        for site, pid in started.pids.items():
-            if _alive(pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pid, signal.SIGKILL)
-                lines.append(f"killed {site} (pid {pid}): it did not stop within 15s")
-    else:
-        from dfm_prefect.flare_federation import shutdown
-
-        assert started.owner is not None
-        forced = shutdown(started.owner, started.workdir)
-        lines.append(f"stopped the FLARE federation (server, sites {', '.join(started.sites)}, mesh job)")
-        if forced:
-            lines.append(f"had to kill {len(forced)} leftover processes: {forced}")
+    lines = launcher_class(started.transport).down(started)
     with contextlib.suppress(FileNotFoundError):
         state_file(workdir).unlink()
     return lines
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"

@@ -20,9 +20,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from dfm_prefect.errors import PlacementError
-from dfm_prefect.refs import DataRef
-from dfm_prefect.wire import SiteInfo
+from dfm_prefect.core.errors import PlacementError
+from dfm_prefect.core.refs import DataRef
+from dfm_prefect.core.wire import SiteInfo
 
 
 @dataclass(frozen=True)

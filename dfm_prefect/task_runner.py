@@ -56,12 +56,12 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.engine import resolve_inputs_sync
 from typing_extensions import Self
 
-from dfm_prefect.client import FederationClient, get_client
+from dfm_prefect.client import FederationClient, get_client, set_session_lookup
+from dfm_prefect.core.errors import FederationError, RequestCancelledError
+from dfm_prefect.core.operations import Operation
 from dfm_prefect.dispatch import Dispatch
 from dfm_prefect.report import StepRecord, publish
-from dfm_prefect.errors import FederationError, RequestCancelledError
-from dfm_prefect.federation import FEDERATION_ENV
-from dfm_prefect.operations import Operation
+from dfm_prefect.spec import FEDERATION_ENV
 from dfm_prefect.tasks import CURRENT_DISPATCH
 
 DEFAULT_MAX_WORKERS = 64
@@ -288,3 +288,13 @@ class FederationTaskRunner(ThreadPoolTaskRunner):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._reset_live_state()
+
+
+def _running_session() -> FederationTaskRunner | None:
+    """The runner of the flow running in this context, when it is a `FederationTaskRunner`."""
+    ctx = FlowRunContext.get()
+    runner = ctx.task_runner if ctx else None
+    return runner if isinstance(runner, FederationTaskRunner) else None
+
+
+set_session_lookup(_running_session)

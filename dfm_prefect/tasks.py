@@ -16,12 +16,13 @@ from typing import TYPE_CHECKING, Any, Optional
 from prefect import Task
 from prefect.context import FlowRunContext
 
-from dfm_prefect.errors import FederationError
-from dfm_prefect.refs import DataRef
+from dfm_prefect.core.errors import FederationError
+from dfm_prefect.core.operations import set_task_factory
+from dfm_prefect.core.refs import DataRef
 
 if TYPE_CHECKING:
+    from dfm_prefect.core.operations import Operation
     from dfm_prefect.dispatch import Dispatch
-    from dfm_prefect.operations import Operation
 
 CURRENT_DISPATCH: contextvars.ContextVar[Dispatch | None] = contextvars.ContextVar("dfm_dispatch", default=None)
 
@@ -100,3 +101,6 @@ def operation_task(op: Operation) -> OperationTask:
     # Cache keys and task keys must tell operations apart, not the shared stub.
     task.source_code = f"dfm-prefect operation {op.name} version {op.version}"
     return task
+
+
+set_task_factory(operation_task)

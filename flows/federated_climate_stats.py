@@ -18,9 +18,9 @@ from typing import Any
 
 from prefect import flow, task
 
+from adapters.combine import combine_moments
 from adapters.xarray_ops import moments, subset
 from dfm_prefect import DataRef, FederationTaskRunner
-from dfm_prefect.combine import combine_moments
 
 
 @task(name="combine-yearly-statistics")

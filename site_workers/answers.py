@@ -16,9 +16,9 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from dfm_prefect.errors import FederationError, OperationFailedError
-from dfm_prefect.refs import DataRef
-from dfm_prefect.wire import ErrorInfo
+from dfm_prefect.core.errors import FederationError, OperationFailedError
+from dfm_prefect.core.refs import DataRef
+from dfm_prefect.core.wire import ErrorInfo
 
 log = logging.getLogger("dfm_prefect.site")
 MAX_ERROR = 8192

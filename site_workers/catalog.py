@@ -14,7 +14,7 @@ import logging
 import threading
 from typing import Any
 
-from dfm_prefect.wire import SourceInfo
+from dfm_prefect.core.wire import SourceInfo
 from site_workers.readers import open_location
 from site_workers.sources import Location, SourceResolver
 from site_workers.summaries import summarize

@@ -43,7 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from dfm_prefect.errors import ConfigError
+from dfm_prefect.core.errors import ConfigError
 from site_workers.config import ComputeConfig
 
 log = logging.getLogger("dfm_prefect.site.compute")

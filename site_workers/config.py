@@ -39,8 +39,8 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from dfm_prefect.errors import ConfigError
-from dfm_prefect.refs import ResultKind
+from dfm_prefect.core.errors import ConfigError
+from dfm_prefect.core.refs import ResultKind
 
 _ENV_REF = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)\}")
 _SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")

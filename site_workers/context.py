@@ -10,15 +10,16 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from dfm_prefect.errors import AccessDeniedError, RequestCancelledError
-from dfm_prefect.refs import DataRef
-from dfm_prefect.wire import LogLine
+from dfm_prefect.core.errors import AccessDeniedError, RequestCancelledError
+from dfm_prefect.core.refs import DataRef
+from dfm_prefect.core.wire import LogLine
 from site_workers.answers import wire_text
 from site_workers.compute import ComputeBackend
 from site_workers.config import UserCodePolicy
 from site_workers.readers import open_location
 from site_workers.sources import SourceResolver
 from site_workers.store import ResultStore
+from site_workers.summaries import summarize
 
 OPS_LOGGER = "dfm_prefect.site.ops"
 _lines: contextvars.ContextVar[list[LogLine] | None] = contextvars.ContextVar("dfm_site_log_lines", default=None)
@@ -122,6 +123,10 @@ class SiteContext:
     def to_device(self, value: Any) -> Any:
         """``value`` with its chunks on the site's compute device (CuPy on GPU sites, unchanged elsewhere)."""
         return self._compute.to_device(value)
+
+    def describe(self, value: Any) -> dict[str, Any]:
+        """A metadata summary of a value (dims, coordinate ranges, dtypes; no data read)."""
+        return summarize(value)
 
     def progress(self, fraction: float, message: str = "") -> None:
         """Tell the client how far the operation has come (0..1); sent at most twice a second."""

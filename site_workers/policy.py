@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dfm_prefect.errors import ExportRefusedError
-from dfm_prefect.refs import DataRef
+from dfm_prefect.core.errors import ExportRefusedError
+from dfm_prefect.core.refs import DataRef
 from site_workers.config import ExportPolicy
 from site_workers.redaction import Redactor
 from site_workers.store import ResultStore

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from dfm_prefect.errors import InvalidParametersError
+from dfm_prefect.core.errors import InvalidParametersError
 from site_workers.sources import Location
 
 Reader = Callable[[Location], Any]

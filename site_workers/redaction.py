@@ -26,7 +26,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 from urllib.parse import quote, quote_plus
 
-from dfm_prefect.wire import (
+from dfm_prefect.core.wire import (
     Described,
     ErrorInfo,
     ErrorReply,

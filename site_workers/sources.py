@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import fsspec
 from fsspec.core import split_protocol
 
-from dfm_prefect.errors import AccessDeniedError, InvalidParametersError
+from dfm_prefect.core.errors import AccessDeniedError, InvalidParametersError
 from site_workers.config import SiteConfig, SourceConfig
 
 _FORMATS = {

@@ -19,9 +19,9 @@ from typing import Any
 
 import fsspec
 
-from dfm_prefect.codecs import codec_for, decode
-from dfm_prefect.errors import AccessDeniedError, ResultIntegrityError
-from dfm_prefect.refs import DataRef, ResultKind
+from dfm_prefect.core.codecs import codec_for, decode
+from dfm_prefect.core.errors import AccessDeniedError, ResultIntegrityError
+from dfm_prefect.core.refs import DataRef, ResultKind
 from site_workers.config import StoreConfig
 from site_workers.sources import canonical
 

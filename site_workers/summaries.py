@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import numpy as np
 
-from dfm_prefect.codecs import loaded_classes
+from dfm_prefect.core.codecs import loaded_classes
 
 _MAX_VARIABLES = 64
 

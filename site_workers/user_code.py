@@ -40,8 +40,8 @@ from typing import Any
 
 from pydantic import Field, JsonValue
 
-from dfm_prefect.errors import InvalidParametersError, OperationFailedError, UnknownOperationError
-from dfm_prefect.operations import OperationParams, operation
+from dfm_prefect.core.errors import InvalidParametersError, OperationFailedError, UnknownOperationError
+from dfm_prefect.core.operations import OperationParams, operation
 from site_workers.config import USER_CODE_OPERATION, UserCodePolicy
 
 # Runs in the child, never in the site: set the limits, then run the client's file as __main__.

@@ -25,7 +25,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from dfm_prefect.errors import (
+from dfm_prefect.core.errors import (
     ConfigError,
     ExportRefusedError,
     FederationError,
@@ -35,8 +35,8 @@ from dfm_prefect.errors import (
     SiteOverloadedError,
     UnknownOperationError,
 )
-from dfm_prefect.operations import Operation, load_operations
-from dfm_prefect.wire import (
+from dfm_prefect.core.operations import Operation, load_operations
+from dfm_prefect.core.wire import (
     CancelRequest,
     Described,
     DescribeRequest,

@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import Field
 
-from dfm_prefect.operations import OperationParams, operation
+from dfm_prefect.core.operations import OperationParams, operation
 
 
 class BlobParams(OperationParams):

@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 import yaml
 
-from dfm_prefect.demo.data import ClimateSpec, make_region, write_zarr
-from dfm_prefect.demo.s3 import DEMO_CREDENTIALS, LocalS3
-from dfm_prefect.local_federation import LocalFederation
-from dfm_prefect.prefect_server import LocalPrefectServer
+from dfm_prefect.testing.climate import ClimateSpec, make_region, write_zarr
+from dfm_prefect.testing.prefect_server import LocalPrefectServer
+from dfm_prefect.testing.s3 import DEMO_CREDENTIALS, LocalS3
+from dfm_prefect.transports.local.launcher import LocalFederation
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ClimateSpec(years=2, resolution=5.0, chunk_days=120)
@@ -111,7 +111,7 @@ def flare_federation(tmp_path_factory: pytest.TempPathFactory, climate_data: dic
 
     Started once per session, on first use, and stopped with every process it started.
     """
-    from dfm_prefect.flare_federation import FlareFederation
+    from dfm_prefect.transports.flare.deploy.launcher import FlareFederation
 
     yield from _climate_sites(FlareFederation, tmp_path_factory.mktemp("flare-federation"), climate_data, s3)
 

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from dfm_prefect.operations import DataInput, OperationParams, operation
+from dfm_prefect.core.operations import DataInput, OperationParams, operation
 
 _attempts: Counter[str] = Counter()
 _lock = threading.Lock()

@@ -22,11 +22,11 @@ from typing import Any
 
 import yaml
 
-from dfm_prefect.errors import PlacementError, SiteUnavailableError
-from dfm_prefect.federation import write_spec
-from dfm_prefect.flare.job import MeshJobConfig
-from dfm_prefect.local_federation import LocalFederation
-from dfm_prefect.wire import Envelope, ReplyEnvelope, RunRequest, SiteMessage
+from dfm_prefect.core.errors import PlacementError, SiteUnavailableError
+from dfm_prefect.core.wire import Envelope, ReplyEnvelope, RunRequest, SiteMessage
+from dfm_prefect.transports.base import write_spec
+from dfm_prefect.transports.flare.deploy.job import MeshJobConfig
+from dfm_prefect.transports.local.launcher import LocalFederation
 from site_workers.worker import SiteWorker
 from tests.conftest import ROOT
 
@@ -84,9 +84,9 @@ class FlareSites:
     def start_site(self, name: str) -> None:
         self.fed.start_site(name)
 
-    def pids(self) -> dict[str, int]:
-        """Each live site's FLARE client pid (its job processes: `site_processes`)."""
-        return {site: pids[0] for site in self.sites if (pids := self.fed.site_pids(site))}
+    def pids(self) -> dict[str, list[int]]:
+        """Each live site's processes: its FLARE client first, then its job processes."""
+        return self.fed.pids()
 
     def site_log(self, site: str) -> str:
         """Everything the site wrote: its FLARE client's log and each mesh job's log."""
@@ -101,7 +101,7 @@ def private_flare_federation(
 ) -> Iterator[FlareSites]:
     """The same as :func:`private_federation`, behind a FLARE POC on 127.0.0.1 (mTLS kits, a supervised mesh job)."""
     from dfm_prefect.client import get_client
-    from dfm_prefect.flare_federation import FlareFederation
+    from dfm_prefect.transports.flare.deploy.launcher import FlareFederation
 
     paths = _write_configs(root, configs)
     fed = FlareFederation(paths, workdir=root / "fed", env=dict(env or {}), pythonpath=[str(ROOT)], job=job)
@@ -118,8 +118,7 @@ def site_processes(fed: LocalFederation | FlareSites, site: str) -> list[int]:
     """The live processes of a site on either transport."""
     if isinstance(fed, FlareSites):
         return fed.fed.site_pids(site)
-    pid = fed.pids().get(site)
-    return [pid] if pid else []
+    return fed.site_pids(site)
 
 
 def signal_site(fed: LocalFederation | FlareSites, site: str, sig: int) -> None:
@@ -220,9 +219,9 @@ class RawMeshConnection:
     """
 
     def __init__(self, fed: FlareSites, site: str) -> None:
-        from dfm_prefect.federation import load_spec
-        from dfm_prefect.flare import admin
-        from dfm_prefect.flare.link import JobLink
+        from dfm_prefect.spec import load_spec
+        from dfm_prefect.transports.flare import admin
+        from dfm_prefect.transports.flare.link import JobLink
 
         spec = load_spec(fed.federation_file)
         self.site = site
@@ -233,8 +232,8 @@ class RawMeshConnection:
         self.pending: list[SiteMessage] = []
 
     def exchange(self, frames: list[str], *, wait: float = 0.0) -> None:
-        from dfm_prefect.flare import admin
-        from dfm_prefect.flare.protocol import ClientFrame, ExchangeRequest
+        from dfm_prefect.transports.flare import admin
+        from dfm_prefect.transports.flare.protocol import ClientFrame, ExchangeRequest
 
         request = ExchangeRequest(
             client=self.client_id,
@@ -264,8 +263,8 @@ class RawMeshConnection:
         return messages
 
     def close(self) -> None:
-        from dfm_prefect.flare import admin
-        from dfm_prefect.flare.protocol import ExchangeRequest
+        from dfm_prefect.transports.flare import admin
+        from dfm_prefect.transports.flare.protocol import ExchangeRequest
 
         admin.exchange(self.session, self.job_id, ExchangeRequest(client=self.client_id, closing=True))
         admin.close_session(self.session)

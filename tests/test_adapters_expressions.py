@@ -7,7 +7,7 @@ import pytest
 import xarray as xr
 
 from adapters.expressions import FUNCTIONS, MAX_DEPTH, parse
-from dfm_prefect.errors import InvalidParametersError
+from dfm_prefect.core.errors import InvalidParametersError
 
 
 @pytest.mark.parametrize(

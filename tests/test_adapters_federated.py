@@ -17,10 +17,10 @@ import xarray as xr
 import yaml
 from prefect import flow, task
 
+from adapters.combine import combine_histograms, combine_moments
 from adapters.xarray_ops import histogram, moments, open_source
-from dfm_prefect.combine import combine_histograms, combine_moments
-from dfm_prefect.demo.s3 import DEMO_CREDENTIALS
-from dfm_prefect.local_federation import LocalFederation
+from dfm_prefect.testing.s3 import DEMO_CREDENTIALS
+from dfm_prefect.transports.local.launcher import LocalFederation
 from site_workers.compute import gpu_unavailable
 from tests.conftest import ROOT
 from tests.test_adapters_support import small_climate

@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from dfm_prefect.codecs import decode
-from dfm_prefect.errors import error_class
-from dfm_prefect.wire import RunRequest, RunResult, b64decode
+from dfm_prefect.core.codecs import decode
+from dfm_prefect.core.errors import error_class
+from dfm_prefect.core.wire import RunRequest, RunResult, b64decode
 from site_workers.config import parse_site_config
 from site_workers.worker import SiteWorker
 

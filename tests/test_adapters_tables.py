@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 from pydantic import ValidationError
 
+from adapters.combine import combine_grouped
 from adapters.tables import Condition
-from dfm_prefect.combine import combine_grouped
-from dfm_prefect.demo.s3 import DEMO_CREDENTIALS
-from dfm_prefect.errors import InvalidParametersError
+from dfm_prefect.core.errors import InvalidParametersError
+from dfm_prefect.testing.s3 import DEMO_CREDENTIALS
 from tests.test_adapters_support import InProcessSite
 
 BUCKET = "dfm-tables"

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from dfm_prefect.errors import AccessDeniedError, InvalidParametersError
+from dfm_prefect.core.errors import AccessDeniedError, InvalidParametersError
 from tests.test_adapters_support import InProcessSite, small_climate
 
 

@@ -12,7 +12,7 @@ import os
 import numpy as np
 import pytest
 
-from dfm_prefect.errors import ConfigError
+from dfm_prefect.core.errors import ConfigError
 from site_workers.compute import ArrayModule, DistributedBackend, gpu_unavailable, register_backend
 from site_workers.config import ComputeConfig, parse_site_config
 from tests.test_adapters_support import InProcessSite, small_climate

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from dfm_prefect.demo.data import ClimateSpec
-from dfm_prefect.demo.run import _max_rel_diff, run_demo
+from dfm_prefect.demo import _max_rel_diff, run_demo
+from dfm_prefect.testing.climate import ClimateSpec
 
 pytestmark = pytest.mark.slow
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from dfm_prefect.errors import ConfigError
-from dfm_prefect.refs import DataRef
-from dfm_prefect.wire import Envelope, ErrorInfo, ErrorReply, FetchChunk, FetchRequest, LogLine, ReplyEnvelope, RunResult, b64decode
+from dfm_prefect.core.errors import ConfigError
+from dfm_prefect.core.refs import DataRef
+from dfm_prefect.core.wire import Envelope, ErrorInfo, ErrorReply, FetchChunk, FetchRequest, LogLine, ReplyEnvelope, RunResult, b64decode
 from site_workers.config import parse_site_config
 from site_workers.redaction import MASK, Redactor, config_secrets
 from site_workers.worker import SiteWorker
@@ -190,7 +190,7 @@ def test_redacted_answers_stay_within_the_wire_limits():
     assert "abcdef" not in cleaned.error.message and len(cleaned.error.message) <= 8192
     assert len(cleaned.logs[0].message) <= 8192
     # A lone surrogate (a file name that is not UTF-8) becomes sendable text.
-    assert redactor.text("\udcff abcdef").encode("utf-8") == "? [redacted]".encode()
+    assert redactor.text("\udcff abcdef").encode("utf-8") == b"? [redacted]"
 
 
 def test_config_refuses_passwords_in_urls():

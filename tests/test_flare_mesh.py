@@ -24,12 +24,12 @@ from prefect import flow
 
 from adapters.core import sleep
 from dfm_prefect.client import close_clients, get_client
-from dfm_prefect.errors import SiteUnavailableError
-from dfm_prefect.flare import admin
-from dfm_prefect.flare.job import MeshJobConfig, write_job
-from dfm_prefect.flare.kits import kit_policy_problems
-from dfm_prefect.flare.poc import ADMIN_USER, job_pids, workspace_pids
+from dfm_prefect.core.errors import SiteUnavailableError
 from dfm_prefect.task_runner import FederationTaskRunner
+from dfm_prefect.transports.flare import admin
+from dfm_prefect.transports.flare.deploy.job import MeshJobConfig, write_job
+from dfm_prefect.transports.flare.deploy.kits import kit_policy_problems
+from dfm_prefect.transports.flare.deploy.poc import ADMIN_USER, job_pids, workspace_pids
 from tests.conftest import ROOT, site_config, wait_for_task_runs
 
 pytestmark = [pytest.mark.slow, pytest.mark.flare]

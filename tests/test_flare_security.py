@@ -21,11 +21,11 @@ from prefect import flow
 
 from adapters.core import echo
 from dfm_prefect.client import FederationClient, get_client
-from dfm_prefect.errors import ConfigError
-from dfm_prefect.flare.kits import tls_problem
-from dfm_prefect.flare.poc import ADMIN_USER, Poc
+from dfm_prefect.core.errors import ConfigError
 from dfm_prefect.task_runner import FederationTaskRunner
-from dfm_prefect.transports.flare import FlareSpec, FlareTransport
+from dfm_prefect.transports.flare.client import FlareSpec, FlareTransport
+from dfm_prefect.transports.flare.deploy.poc import Poc
+from dfm_prefect.transports.flare.trust import tls_problem
 
 pytestmark = [pytest.mark.slow, pytest.mark.flare]
 SITES = ("north", "south")

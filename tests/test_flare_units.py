@@ -10,12 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from dfm_prefect.errors import MalformedRequestError
-from dfm_prefect.flare.chunks import Reassembler, split
-from dfm_prefect.flare.job import ALLOW_PREFIX, MeshJobConfig, write_job
-from dfm_prefect.flare.kits import harden_kit, kit_policy_problems
-from dfm_prefect.flare.link import JobLink
-from dfm_prefect.flare.protocol import (
+from dfm_prefect.core.errors import MalformedRequestError
+from dfm_prefect.core.wire import DescribeRequest, ErrorInfo, ErrorReply, ProgressUpdate, ReplyEnvelope, RunRequest, SiteLoad
+from dfm_prefect.transports.flare.chunks import Reassembler, split
+from dfm_prefect.transports.flare.deploy.job import ALLOW_PREFIX, MeshJobConfig, write_job
+from dfm_prefect.transports.flare.deploy.kits import harden_kit, kit_policy_problems
+from dfm_prefect.transports.flare.link import JobLink
+from dfm_prefect.transports.flare.mesh.mailbox import Mailboxes
+from dfm_prefect.transports.flare.mesh.replies import ReplySender
+from dfm_prefect.transports.flare.mesh.router import Router
+from dfm_prefect.transports.flare.protocol import (
     ClientFrame,
     ExchangeReply,
     ExchangeRequest,
@@ -27,10 +31,6 @@ from dfm_prefect.flare.protocol import (
     SiteState,
     StatusRequest,
 )
-from dfm_prefect.wire import DescribeRequest, ErrorInfo, ErrorReply, ProgressUpdate, ReplyEnvelope, RunRequest, SiteLoad
-from site_workers.flare.mailbox import Mailboxes
-from site_workers.flare.replies import ReplySender
-from site_workers.flare.router import Router
 
 
 def test_chunks_split_and_rejoin_interleaved_frames():
@@ -229,7 +229,7 @@ def test_the_mesh_job_is_config_only_and_names_allowed_classes(tmp_path):
 
 
 def test_a_lingering_writer_sends_replies_that_arrive_together_as_one_batch():
-    from dfm_prefect.framing import BatchingWriter
+    from dfm_prefect.core.framing import BatchingWriter
 
     batches: list[list[int]] = []
     writer: BatchingWriter[int] = BatchingWriter(batches.append, name="test-linger", linger=0.5)

@@ -17,13 +17,13 @@ from prefect.cache_policies import INPUTS
 
 from adapters.core import echo, sleep
 from adapters.xarray_ops import moments, subset
-from dfm_prefect.errors import (
+from dfm_prefect.core.errors import (
     ExportRefusedError,
     InvalidParametersError,
     PlacementError,
     UnknownOperationError,
 )
-from dfm_prefect.refs import DataRef
+from dfm_prefect.core.refs import DataRef
 from tests.conftest import wait_for_task_runs
 from tests.site_ops import flaky
 

@@ -21,8 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from dfm_prefect.local_federation import LocalFederation
-from dfm_prefect.wire import CancelRequest, Envelope, ErrorReply, RunResult
+from dfm_prefect.core.wire import CancelRequest, Envelope, ErrorReply, RunResult
+from dfm_prefect.transports.local.launcher import LocalFederation
 from site_workers.config import parse_site_config
 from site_workers.worker import SiteWorker
 from tests.conftest import TRANSPORTS
@@ -207,7 +207,7 @@ commands = st.one_of(
 def test_the_mesh_controller_answers_hostile_commands_and_keeps_serving(fuzz_site, request, command):
     from nvflare.fuel.flare_api import api_spec
 
-    from dfm_prefect.flare.protocol import CommandError, ExchangeReply, StatusReply
+    from dfm_prefect.transports.flare.protocol import CommandError, ExchangeReply, StatusReply
 
     if not isinstance(fuzz_site, FlareSites):
         pytest.skip("app commands exist only on the FLARE transport")

@@ -24,14 +24,14 @@ import pytest
 from prefect import flow
 
 from adapters.core import echo
+from bench.harness import PeakSampler, count_task_runs
 from dfm_prefect.client import FederationClient, get_client
-from dfm_prefect.local_federation import LocalFederation
+from dfm_prefect.core.wire import CancelRequest, Envelope, ErrorReply, RunRequest, RunResult
 from dfm_prefect.task_runner import FederationTaskRunner
-from dfm_prefect.wire import CancelRequest, Envelope, ErrorReply, RunRequest, RunResult
+from dfm_prefect.transports.local.launcher import LocalFederation
 from site_workers.config import parse_site_config
 from site_workers.worker import SiteWorker
 from tests.conftest import TRANSPORTS, site_config
-from bench.harness import PeakSampler, count_task_runs
 from tests.support_sites import Answers, FlareSites, private_federation, private_flare_federation
 
 OPERATIONS = 2000
@@ -73,7 +73,7 @@ def _transport_probes(pair: LocalFederation | FlareSites, client: FederationClie
     """What to sample besides the client and the Prefect API: each site, and over FLARE the server."""
     if not isinstance(pair, FlareSites):
         return {
-            **{f"{site}_rss": (lambda pid=pid: _rss(pid)) for site, pid in pair.pids().items()},
+            **{f"{site}_rss": (lambda pid=pids[0]: _rss(pid)) for site, pids in pair.pids().items()},
             **{f"{site}_held": (lambda site=site: _held(client, site)) for site in pair.sites},
         }
     fed = pair.fed

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from dfm_prefect.errors import PlacementError
+from dfm_prefect.core.errors import PlacementError
+from dfm_prefect.core.refs import DataRef
+from dfm_prefect.core.wire import ExportInfo, OperationInfo, SiteInfo, SiteLoad, SourceInfo
 from dfm_prefect.placement import owners, place
-from dfm_prefect.refs import DataRef
-from dfm_prefect.wire import ExportInfo, OperationInfo, SiteInfo, SiteLoad, SourceInfo
 
 
 def site(name: str, ops: list[str], sources: dict[str, str] | None = None) -> SiteInfo:

@@ -31,11 +31,11 @@ from prefect.futures import wait
 from adapters.core import echo, sleep
 from adapters.xarray_ops import moments
 from dfm_prefect.client import FederationClient, check_integrity, get_client
-from dfm_prefect.errors import ResultIntegrityError
-from dfm_prefect.flare.job import MeshJobConfig
-from dfm_prefect.local_federation import LocalFederation
-from dfm_prefect.refs import DataRef
+from dfm_prefect.core.errors import ResultIntegrityError
+from dfm_prefect.core.refs import DataRef
 from dfm_prefect.task_runner import FederationTaskRunner
+from dfm_prefect.transports.flare.deploy.job import MeshJobConfig
+from dfm_prefect.transports.local.launcher import LocalFederation
 from tests.conftest import ROOT, TRANSPORTS, read_task_runs, site_config, wait_for_task_runs
 from tests.site_ops import where
 from tests.support_sites import FlareSites, private_federation, private_flare_federation, restart_site, serves_again, signal_site
@@ -299,7 +299,7 @@ def test_a_client_killed_mid_flow_frees_the_site(twins, twins_client, prefect_ap
 
 
 def test_a_client_that_closes_frees_the_sites_at_once(twins, twins_client):
-    from dfm_prefect.federation import load_spec
+    from dfm_prefect.spec import load_spec
     from dfm_prefect.transports import transport_class
 
     spec = load_spec(twins.federation_file)

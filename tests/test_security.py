@@ -22,7 +22,7 @@ from prefect import flow
 
 from adapters.xarray_ops import subset
 from dfm_prefect.client import FederationClient, get_client
-from dfm_prefect.errors import (
+from dfm_prefect.core.errors import (
     AccessDeniedError,
     ExportRefusedError,
     FederationError,
@@ -30,9 +30,9 @@ from dfm_prefect.errors import (
     ResultIntegrityError,
     UnknownOperationError,
 )
-from dfm_prefect.local_federation import LocalFederation
-from dfm_prefect.refs import DataRef
-from dfm_prefect.wire import FetchRequest
+from dfm_prefect.core.refs import DataRef
+from dfm_prefect.core.wire import FetchRequest
+from dfm_prefect.transports.local.launcher import LocalFederation
 from site_workers.config import parse_site_config
 from site_workers.worker import SiteWorker
 from tests.conftest import SMALL, TRANSPORTS, site_config
@@ -47,7 +47,7 @@ TOKEN_VAR = "DFM_TEST_VAULT_TOKEN"
 @pytest.fixture(scope="module")
 def vault_paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A data root with a readable dataset inside, one outside, and a symlink from the root to the outside."""
-    from dfm_prefect.demo.data import make_region, write_zarr
+    from dfm_prefect.testing.climate import make_region, write_zarr
 
     root = tmp_path_factory.mktemp("vault")
     data, outside = root / "data", root / "outside"

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from dfm_prefect.errors import ConfigError
+from dfm_prefect.core.errors import ConfigError
 from site_workers.config import load_site_config
 
 GOOD = """

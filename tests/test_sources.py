@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from dfm_prefect.errors import AccessDeniedError
+from dfm_prefect.core.errors import AccessDeniedError
 from site_workers.config import parse_site_config
 from site_workers.sources import SourceResolver
 

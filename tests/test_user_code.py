@@ -10,8 +10,8 @@ import pytest
 from prefect import flow
 
 from dfm_prefect.client import FederationClient, get_client
-from dfm_prefect.errors import ConfigError, OperationFailedError
-from dfm_prefect.local_federation import LocalFederation
+from dfm_prefect.core.errors import ConfigError, OperationFailedError
+from dfm_prefect.transports.local.launcher import LocalFederation
 from site_workers.config import parse_site_config
 from site_workers.user_code import run_python
 from tests.conftest import ROOT
@@ -57,7 +57,7 @@ def test_an_opted_in_site_runs_the_code_in_another_process_without_its_credentia
     assert python(lab_client, "result = sum(inputs)", inputs=[1, 2, 3]) == 6
     source = "import os\nresult = {'pid': os.getpid(), 'env': sorted(os.environ), 'token': os.environ.get(inputs)}"
     seen = python(lab_client, source, inputs=TOKEN_VAR)
-    assert seen["pid"] != lab.pids()["lab"]
+    assert seen["pid"] != lab.site_pids("lab")[0]
     assert seen["token"] is None and not any(name.startswith(("DFM_", "AWS_")) for name in seen["env"])
 
 

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from dfm_prefect.wire import Envelope, ErrorReply, RunRequest, RunResult
+from dfm_prefect.core.wire import Envelope, ErrorReply, RunRequest, RunResult
 from site_workers.config import parse_site_config
 from site_workers.worker import SiteWorker
 

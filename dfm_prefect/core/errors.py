@@ -1,0 +1,122 @@
+"""Exceptions raised to flow authors and site administrators.
+
+Every error that crosses the wire travels as an :class:`~dfm_prefect.core.wire.ErrorInfo`
+(a stable ``code`` and a message) and is turned back into one of these classes on
+the client by :func:`from_error_info`. Nothing is unpickled: the code selects the
+class from :data:`ERROR_CODES`, the message is plain text.
+"""
+
+from __future__ import annotations
+
+
+class FederationError(Exception):
+    """Base class of every dfm-prefect error."""
+
+    code = "federation_error"
+
+    def __init__(self, message: str, *, site: str | None = None) -> None:
+        super().__init__(message)
+        self.site = site
+
+    def __str__(self) -> str:
+        message = super().__str__()
+        if self.site and f"site {self.site!r}" not in message:
+            return f"site {self.site!r}: {message}"
+        return message
+
+
+class ConfigError(FederationError):
+    """A site config, federation file or runner setting is invalid."""
+
+    code = "config_error"
+
+
+class UnknownOperationError(FederationError):
+    """The site does not offer the requested operation (or that version of it)."""
+
+    code = "unknown_operation"
+
+
+class InvalidParametersError(FederationError):
+    """The operation's parameters failed validation; nothing was run."""
+
+    code = "invalid_parameters"
+
+
+class AccessDeniedError(FederationError):
+    """A path, URL or reference points outside what the site allows."""
+
+    code = "access_denied"
+
+
+class ExportRefusedError(FederationError):
+    """The site's export policy does not let this result leave the site."""
+
+    code = "export_refused"
+
+
+class OperationFailedError(FederationError):
+    """The operation ran at the site and raised."""
+
+    code = "operation_failed"
+
+
+class SiteUnavailableError(FederationError):
+    """The site cannot be reached, or died while running the request."""
+
+    code = "site_unavailable"
+
+
+class SiteOverloadedError(FederationError):
+    """The site's queue is full; the request was not accepted."""
+
+    code = "site_overloaded"
+
+
+class ResultIntegrityError(FederationError):
+    """A stored result is missing or does not match its recorded sha256."""
+
+    code = "result_integrity"
+
+
+class RequestCancelledError(FederationError):
+    """The request was cancelled before it finished."""
+
+    code = "cancelled"
+
+
+class MalformedRequestError(FederationError):
+    """A message could not be decoded or does not follow the wire schema."""
+
+    code = "malformed_request"
+
+
+class PlacementError(FederationError):
+    """No site can run the operation with the given inputs."""
+
+    code = "placement_error"
+
+
+ERROR_CODES: dict[str, type[FederationError]] = {
+    cls.code: cls
+    for cls in (
+        FederationError,
+        ConfigError,
+        UnknownOperationError,
+        InvalidParametersError,
+        AccessDeniedError,
+        ExportRefusedError,
+        OperationFailedError,
+        SiteUnavailableError,
+        SiteOverloadedError,
+        ResultIntegrityError,
+        RequestCancelledError,
+        MalformedRequestError,
+        PlacementError,
+    )
+}
+
+
+def error_class(code: str) -> type[FederationError]:
+    """Return the exception class for a wire error code (the base class if unknown)."""
+    return ERROR_CODES.get(code, FederationError)

@@ -1,0 +1,101 @@
+"""References to results that stay on their site.
+
+An operation's result is written to the site's result store and the client gets a
+:class:`DataRef`: where the result lives, how big it is, its sha256 and a short
+summary of its shape. A later operation on the same site reads it in place; the
+bytes only travel when the site's export policy allows it.
+
+Example:
+
+```python
+from prefect import flow
+from adapters.xarray_ops import subset, moments
+from dfm_prefect import FederationTaskRunner
+
+@flow(task_runner=FederationTaskRunner("federation.json"))
+def stats():
+    box = subset.submit(data="north/temperature", time=["2001", "2002"])  # DataRef
+    agg = moments.submit(data=box, dims=["lat", "lon"])                  # same site
+    return agg.result().fetch()                                          # by value, if allowed
+```
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+
+from dfm_prefect.core.codecs import decode
+from dfm_prefect.core.errors import FederationError
+
+Fetcher = Callable[["DataRef", Any], bytes]
+"""Streams a reference's bytes from its site: ``fetcher(ref, client_or_None)``."""
+
+_FETCHER: list[Fetcher] = []
+
+
+def set_fetcher(fetcher: Fetcher) -> None:
+    """Register how references are fetched (the client core does, when it is imported)."""
+    _FETCHER[:] = [fetcher]
+
+ResultKind = Literal["value", "aggregate", "dataset", "table"]
+"""What a result is, which is what export policies decide on.
+
+``value``: small JSON data. ``aggregate``: statistics that no longer hold
+row- or pixel-level data (sums, counts, histograms). ``dataset``: gridded data
+(xarray). ``table``: tabular data (parquet).
+"""
+
+
+class DataRef(BaseModel):
+    """A result held in a site's result store."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    site: str = Field(description="The site that holds the result.")
+    uri: str = Field(description="Location in the site's result store (site-private).")
+    kind: ResultKind
+    format: str = Field(description="How the value is encoded: json, netcdf, parquet or npy.")
+    size: int = Field(ge=0, description="Stored size in bytes.")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    op: str = Field(description="The operation that produced it.")
+    summary: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Shape of the result: for xarray dims, coords, variables, dtypes.",
+    )
+
+    _payload: bytes | None = PrivateAttr(default=None)
+
+    def __repr__(self) -> str:
+        return f"DataRef({self.kind} {self.op}@{self.site}, {self.size} bytes, sha256={self.sha256[:12]})"
+
+    __str__ = __repr__
+
+    @property
+    def is_local(self) -> bool:
+        """True when the value already came back with the result (no fetch needed)."""
+        return self._payload is not None
+
+    def attach_payload(self, payload: bytes) -> None:
+        """Keep the encoded value that the site sent along with this reference."""
+        self._payload = payload
+
+    def fetch(self, client: Any = None) -> Any:
+        """Return the value behind this reference, if the site's export policy allows it.
+
+        The value comes from the payload the site already sent back when there is
+        one; otherwise it is streamed from the site in chunks and counted. Raises
+        :class:`~dfm_prefect.core.errors.ExportRefusedError` naming the policy rule that
+        refuses it.
+        """
+        return decode(self.format, self.fetch_bytes(client))
+
+    def fetch_bytes(self, client: Any = None) -> bytes:
+        """Like :meth:`fetch` but returns the encoded bytes (netCDF, parquet or JSON)."""
+        if self._payload is None:
+            if not _FETCHER:
+                raise FederationError("no federation client is loaded here to fetch this reference: import dfm_prefect.client")
+            self._payload = _FETCHER[0](self, client)
+        return self._payload

@@ -1,0 +1,244 @@
+"""Messages between the client and the sites, the same on every transport.
+
+Every message is a frozen pydantic model serialized as JSON. A frame on the wire
+is an :class:`Envelope` (client to site) or a :class:`ReplyEnvelope` (site to
+client) holding a batch of messages. Bytes travel base64-encoded inside JSON.
+Nothing on the wire is ever unpickled, imported or evaluated.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
+
+from dfm_prefect.core.refs import DataRef, ResultKind
+
+WIRE_VERSION: Literal[1] = 1
+MAX_BATCH = 10_000
+"""Most messages one envelope may carry."""
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# ----------------------------------------------------------------- client -> site
+
+
+class RunRequest(_Message):
+    """Run one operation at the site."""
+
+    kind: Literal["run"] = "run"
+    id: str = Field(min_length=1, max_length=64)
+    op: str = Field(min_length=1, max_length=128)
+    version: str | None = Field(default=None, max_length=32)
+    params: dict[str, JsonValue] = Field(default_factory=dict)
+    flow_run_id: str | None = Field(default=None, max_length=64)
+    task_run_id: str | None = Field(default=None, max_length=64)
+    attempt: int = Field(default=1, ge=1)
+    timeout_s: float | None = Field(default=None, gt=0)
+
+
+class CancelRequest(_Message):
+    """Cancel a request that is queued or running."""
+
+    kind: Literal["cancel"] = "cancel"
+    id: str = Field(min_length=1, max_length=64)
+    target: str = Field(min_length=1, max_length=64)
+
+
+class DescribeRequest(_Message):
+    """Ask the site what it offers."""
+
+    kind: Literal["describe"] = "describe"
+    id: str = Field(min_length=1, max_length=64)
+
+
+class FetchRequest(_Message):
+    """Read a stored result's bytes, one chunk, if the export policy allows it."""
+
+    kind: Literal["fetch"] = "fetch"
+    id: str = Field(min_length=1, max_length=64)
+    ref: DataRef
+    offset: int = Field(default=0, ge=0)
+    length: int = Field(default=4 << 20, gt=0, le=64 << 20)
+
+
+class StatsRequest(_Message):
+    """Ask for the site's counters."""
+
+    kind: Literal["stats"] = "stats"
+    id: str = Field(min_length=1, max_length=64)
+
+
+ClientMessage = Annotated[
+    Union[RunRequest, CancelRequest, DescribeRequest, FetchRequest, StatsRequest],
+    Field(discriminator="kind"),
+]
+
+
+class Envelope(_Message):
+    """One frame from the client to a site."""
+
+    v: Literal[1] = WIRE_VERSION
+    messages: list[ClientMessage] = Field(max_length=MAX_BATCH)
+
+
+# ----------------------------------------------------------------- site -> client
+
+
+class ErrorInfo(_Message):
+    """An error as it travels: a stable code and a message for the flow author."""
+
+    code: str = Field(max_length=64)
+    message: str = Field(max_length=8192)
+
+
+class LogLine(_Message):
+    """A log line the operation wrote at the site (shared only if policy allows)."""
+
+    level: int
+    message: str = Field(max_length=8192)
+    time: float
+
+
+class SiteLoad(_Message):
+    """How busy the site is."""
+
+    running: int = 0
+    queued: int = 0
+    capacity: int = 1
+
+
+class OperationInfo(_Message):
+    """What the site says about one operation it offers."""
+
+    name: str
+    version: str
+    result_kind: ResultKind
+    description: str = ""
+    params_schema: dict[str, Any] = Field(default_factory=dict)
+
+
+class SourceInfo(_Message):
+    """A data source the site publishes in its catalog."""
+
+    name: str
+    url: str
+    format: str
+    size: int | None = None
+    summary: dict[str, Any] = Field(default_factory=dict)
+
+
+class ExportInfo(_Message):
+    """The public part of the site's export policy."""
+
+    kinds: list[ResultKind]
+    max_bytes: int
+    inline_bytes: int
+    share_logs: bool
+
+
+class SiteInfo(_Message):
+    """A site's answer to :class:`DescribeRequest`."""
+
+    name: str
+    operations: dict[str, OperationInfo]
+    sources: list[SourceInfo]
+    export: ExportInfo
+    load: SiteLoad
+    compute: str = "cpu"
+    wire_version: int = WIRE_VERSION
+
+
+class SiteStats(_Message):
+    """Counters kept by the site since it started."""
+
+    requests: int = 0
+    completed: int = 0
+    failed: int = 0
+    rejected: int = 0
+    bytes_out: int = Field(default=0, description="Result bytes that left the site.")
+    bytes_stored: int = Field(default=0, description="Result bytes written to the store.")
+    load: SiteLoad = SiteLoad()
+
+
+class RunResult(_Message):
+    """The outcome of a :class:`RunRequest`."""
+
+    kind: Literal["result"] = "result"
+    id: str
+    site: str
+    ok: bool
+    ref: DataRef | None = None
+    payload: str | None = Field(default=None, description="base64 of the encoded value, when exported inline.")
+    error: ErrorInfo | None = None
+    logs: list[LogLine] = Field(default_factory=list)
+    duration_s: float = 0.0
+    load: SiteLoad = SiteLoad()
+
+
+class Described(_Message):
+    kind: Literal["described"] = "described"
+    id: str
+    info: SiteInfo
+
+
+class FetchChunk(_Message):
+    kind: Literal["chunk"] = "chunk"
+    id: str
+    offset: int
+    data: str = Field(description="base64 of the bytes from offset.")
+    total: int
+    eof: bool
+
+
+class StatsReply(_Message):
+    kind: Literal["stats"] = "stats"
+    id: str
+    stats: SiteStats
+
+
+class ProgressUpdate(_Message):
+    """How far a running request has come (sent at most a few times a second)."""
+
+    kind: Literal["progress"] = "progress"
+    id: str
+    fraction: float = Field(ge=0.0, le=1.0)
+    message: str = Field(default="", max_length=512)
+
+
+class ErrorReply(_Message):
+    """A request that failed before it could run (or could not be decoded at all)."""
+
+    kind: Literal["error"] = "error"
+    id: str | None
+    error: ErrorInfo
+
+
+SiteMessage = Annotated[
+    Union[RunResult, Described, FetchChunk, StatsReply, ProgressUpdate, ErrorReply],
+    Field(discriminator="kind"),
+]
+
+
+class ReplyEnvelope(_Message):
+    """One frame from a site to the client."""
+
+    v: Literal[1] = WIRE_VERSION
+    messages: list[SiteMessage]
+
+
+def b64encode(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def b64size(text: str) -> int:
+    """The number of bytes a base64 text decodes to."""
+    return len(text) * 3 // 4 - text[-2:].count("=")
+
+
+def b64decode(text: str) -> bytes:
+    return base64.b64decode(text.encode("ascii"), validate=True)

@@ -1,0 +1,68 @@
+"""Cutting frames into bounded chunks and putting them back together.
+
+A reply frame can be large (a fetched chunk of a result, many inline values);
+it crosses FLARE as a sequence of acknowledged chunks so that no single
+message is huge and buffers stay bounded.
+
+Example:
+
+```python
+parts = split("abcdefgh", 3)           # ['abc', 'def', 'gh']
+joiner = Reassembler()
+for i, part in enumerate(parts):
+    whole = joiner.add(("north", "frame-1"), i, len(parts), part)
+assert whole == "abcdefgh"
+```
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+
+from dfm_prefect.core.errors import MalformedRequestError
+
+
+def split(text: str, size: int) -> list[str]:
+    """Cut ``text`` into pieces of at most ``size`` characters (one empty piece for an empty text)."""
+    if size <= 0:
+        raise ValueError("chunk size must be positive")
+    return [text[i : i + size] for i in range(0, len(text), size)] or [""]
+
+
+class Reassembler:
+    """Joins the pieces of frames that arrive in order per frame (frames may interleave)."""
+
+    def __init__(self, max_pending_bytes: int = 1 << 30) -> None:
+        self.max_pending_bytes = max_pending_bytes
+        self._parts: dict[Hashable, list[str]] = {}
+        self._bytes = 0
+
+    @property
+    def pending_bytes(self) -> int:
+        return self._bytes
+
+    def add(self, key: Hashable, index: int, count: int, data: str) -> str | None:
+        """Add one piece; return the whole frame when this was its last piece."""
+        if count == 1 and index == 0:
+            return data
+        parts = self._parts.setdefault(key, [])
+        if index != len(parts) or index >= count:
+            self._parts.pop(key, None)
+            self._bytes -= sum(len(p) for p in parts)
+            raise MalformedRequestError(f"frame {key!r}: piece {index} of {count} arrived after {len(parts)} pieces")
+        if self._bytes + len(data) > self.max_pending_bytes:
+            raise MalformedRequestError(
+                f"frame {key!r}: more than {self.max_pending_bytes} bytes of unfinished frames are buffered"
+            )
+        parts.append(data)
+        self._bytes += len(data)
+        if len(parts) < count:
+            return None
+        del self._parts[key]
+        self._bytes -= sum(len(p) for p in parts)
+        return "".join(parts)
+
+    def drop(self, predicate: Callable[[Hashable], bool] | None = None) -> None:
+        """Forget unfinished frames (all, or those whose key satisfies ``predicate``)."""
+        for key in [k for k in self._parts if predicate is None or predicate(k)]:
+            self._bytes -= sum(len(p) for p in self._parts.pop(key))

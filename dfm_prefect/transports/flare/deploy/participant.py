@@ -1,0 +1,117 @@
+"""A provisioned (multi-machine) FLARE federation: run a site from its kit, start the mesh job.
+
+Site administrator, on the site's machine (docs/flare.md)::
+
+    dfm-prefect federation join /srv/flare/north north.yaml
+
+Project admin, anywhere the admin kit is::
+
+    dfm-prefect federation mesh --admin-kit /srv/flare/admin@example.org \\
+        --username admin@example.org --sites north,south --out federation.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from dfm_prefect.core.errors import ConfigError
+from dfm_prefect.transports.base import write_spec
+from dfm_prefect.transports.flare import admin
+from dfm_prefect.transports.flare.client import FlareSpec
+from dfm_prefect.transports.flare.deploy.job import MeshJobConfig, write_job
+from dfm_prefect.transports.flare.deploy.kits import harden_kit
+from dfm_prefect.transports.flare.deploy.poc import participant_command
+from dfm_prefect.transports.flare.deploy.supervisor import MeshSupervisor
+from dfm_prefect.transports.flare.protocol import SITE_CONFIG_ENV
+
+Log = Callable[[str], None]
+
+
+def kit_client_name(kit: Path) -> str:
+    try:
+        config = json.loads((kit / "startup" / "fed_client.json").read_text())
+        return str(config["client"]["fqsn"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"{kit} is not a FLARE client startup kit (startup/fed_client.json: {exc})") from None
+
+
+def run_site(kit: str | os.PathLike[str], config: str | os.PathLike[str], *, log: Log = print) -> int:
+    """Check the site config against the kit, apply the site policy to the kit, run its FLARE client until it exits."""
+    from site_workers.config import load_site_config
+
+    kit, config = Path(kit).resolve(), Path(config).resolve()
+    site = load_site_config(config)  # refuse a broken config before FLARE starts
+    name = kit_client_name(kit)
+    if site.name != name:
+        raise ConfigError(f"{config} configures site {site.name!r} but the kit {kit} is FLARE client {name!r}")
+    for change in harden_kit(kit):
+        log(f"kit policy: {change}")
+    env = {**os.environ, SITE_CONFIG_ENV: str(config)}
+    log(f"starting FLARE client {name} (site config {config}); stop it with Ctrl-C")
+    process = subprocess.Popen(participant_command(kit, "client"), cwd=kit, env=env)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        process.send_signal(signal.SIGTERM)
+        return process.wait()
+
+
+def run_mesh(
+    admin_kit: str | os.PathLike[str],
+    username: str,
+    sites: list[str],
+    out: str | os.PathLike[str],
+    *,
+    supervise: bool = True,
+    job: MeshJobConfig = MeshJobConfig(),
+    ready_timeout: float = 120.0,
+    log: Log = print,
+) -> FlareSpec:
+    """Make sure the mesh job runs with every site ready, write the federation file, optionally supervise."""
+    if not sites:
+        raise ConfigError("name the federation's sites (--sites north,south)")
+    out = Path(out).resolve()
+    folder = out.parent / f".{job.name}-job"
+    session = admin.LockedSession(admin.open_session(admin_kit, username))
+    try:
+        running = admin.mesh_jobs(session, job.name)
+        if running:
+            job_id = running[0].id
+            log(f"mesh job {job.name!r} is already running: {job_id}")
+        else:
+            job_id = admin.submit_mesh_job(session, write_job(folder, job))
+            log(f"submitted mesh job {job_id}")
+        admin.wait_ready(session, job_id, sites, ready_timeout)
+        spec = FlareSpec(admin_kit=str(Path(admin_kit).resolve()), username=username, job_name=job.name, job_id=job_id, sites=sites)
+        write_spec(spec, out)
+        log(f"every site is ready; flows use it with: export DFM_FEDERATION={out}")
+        if supervise:
+            _supervise(session, folder if folder.exists() else write_job(folder, job), spec, out, log)
+        return spec
+    finally:
+        admin.close_session(session)
+
+
+def _supervise(session: admin.LockedSession, folder: Path, spec: FlareSpec, out: Path, log: Log) -> None:
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    def moved(job_id: str) -> None:
+        write_spec(spec.model_copy(update={"job_id": job_id}), out)
+        log(f"mesh job replaced: now {job_id}")
+
+    supervisor = MeshSupervisor(session, job_folder=folder, sites=list(spec.sites), job_id=str(spec.job_id), on_new_job=moved)
+    supervisor.start()
+    log("supervising the mesh job (Ctrl-C to stop supervising; the job keeps running)")
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        supervisor.stop()

@@ -1,0 +1,191 @@
+"""The mesh job's own messages: client <-> controller (app commands), controller <-> sites (aux).
+
+Every message is a frozen pydantic model that travels as a JSON-able dict: app
+commands carry JSON only, and aux Shareables carry the same dicts under one key
+(FOBS serializes dicts, lists and strings natively). Our wire frames
+(:class:`~dfm_prefect.core.wire.Envelope` / :class:`~dfm_prefect.core.wire.ReplyEnvelope`
+JSON) ride inside as opaque strings: the controller routes frames and never
+decodes them.
+
+Flow of one request::
+
+    client --dfm.exchange{frames}--> controller --aux dfm.dispatch--> site (acks at once)
+    site --aux dfm.reply{chunk}--> controller mailbox --dfm.exchange{pieces}--> client
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from dfm_prefect.core.wire import SiteLoad
+
+KEY = "dfm"
+"""The Shareable key that holds a message."""
+
+SITE_CONFIG_ENV = "DFM_SITE_CONFIG"
+"""Set in a site's FLARE client environment to the path of the site's YAML config."""
+
+DEFAULT_JOB_NAME = "dfm-mesh"
+STAY_TASK = "dfm_stay"
+"""The one task on FLARE's task channel: it only keeps the site job processes alive."""
+
+# server -> site (aux)
+TOPIC_DISPATCH = "dfm.dispatch"
+# site -> server (aux)
+TOPIC_HELLO = "dfm.hello"
+TOPIC_HEARTBEAT = "dfm.heartbeat"
+TOPIC_REPLY = "dfm.reply"
+# outside client -> server job (admin app commands)
+CMD_EXCHANGE = "dfm.exchange"
+CMD_STATUS = "dfm.status"
+
+MAX_WAIT = 10.0
+"""Longest long-poll a command may ask for (the admin path is serialized; keep it short)."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# ------------------------------------------------------------------ site state
+
+
+SiteStateName = Literal["starting", "ready", "dead"]
+
+
+class SiteState(_Model):
+    """A site as the controller of one mesh job sees it."""
+
+    state: SiteStateName
+    incarnation: str | None = Field(default=None, description="Id of the site's job process; a new one means a restart.")
+    reason: str | None = Field(default=None, description="Why the site is dead (or what failed at start).")
+    load: SiteLoad = SiteLoad()
+    pid: int | None = None
+    seen_s: float | None = Field(default=None, description="Seconds since the site was last heard from.")
+
+
+# ------------------------------------------------------------ app commands
+
+
+class ClientFrame(_Model):
+    """One wire frame (Envelope JSON) for one site."""
+
+    id: str = Field(min_length=1, max_length=64, description="Unique per frame; resending the same id is a no-op.")
+    site: str = Field(min_length=1, max_length=64)
+    data: str
+
+
+class ExchangeRequest(_Model):
+    """Send frames, acknowledge received pieces, and wait briefly for new ones, in one round trip."""
+
+    client: str = Field(min_length=1, max_length=64, description="The client's id; replies go to its mailbox.")
+    ack: int = Field(default=0, ge=0, description="Highest piece seq the client has processed.")
+    wait: float = Field(default=0.0, ge=0.0, le=MAX_WAIT)
+    max_bytes: int = Field(default=8 << 20, ge=1 << 10)
+    frames: list[ClientFrame] = Field(default_factory=list, max_length=100_000)
+    awaiting: int = Field(
+        default=0,
+        ge=0,
+        description="Requests the client waits answers for, these frames' included. While it is above 0 the "
+        "client keeps exchanging, and a silence longer than the mesh job's client_timeout means it is gone.",
+    )
+    closing: bool = Field(default=False, description="The client is leaving: drop its mailbox, cancel its work.")
+
+
+class Piece(_Model):
+    """One chunk of a reply frame (ReplyEnvelope JSON) in a client's mailbox."""
+
+    seq: int
+    site: str
+    frame: str
+    index: int = Field(ge=0)
+    count: int = Field(ge=1)
+    data: str
+
+
+class ExchangeReply(_Model):
+    pieces: list[Piece] = Field(default_factory=list)
+    more: bool = Field(default=False, description="More pieces are waiting; exchange again at once.")
+    sites: dict[str, SiteState] = Field(default_factory=dict)
+    rejected: dict[str, str] = Field(default_factory=dict, description="site -> why its frames were not queued.")
+    expired: str | None = Field(
+        default=None,
+        description="The controller had declared this client gone, and why: the requests it sent before this "
+        "exchange were cancelled at the sites and will not be answered.",
+    )
+
+
+class StatusRequest(_Model):
+    wait_ready: list[str] = Field(default_factory=list, max_length=1000, description="Wait until these sites are ready ...")
+    wait: float = Field(default=0.0, ge=0.0, le=MAX_WAIT, description="... for at most this long.")
+
+
+class StatusReply(_Model):
+    sites: dict[str, SiteState]
+    clients: int = Field(description="Client mailboxes open in the controller.")
+    buffered_bytes: int
+    uptime_s: float
+    counters: dict[str, int] = Field(default_factory=dict, description="Exchanges, frames, dispatches, reply chunks so far.")
+
+
+class CommandError(_Model):
+    """What an app command returns when its input was not understood."""
+
+    error: str
+
+
+# -------------------------------------------------------------------- aux
+
+
+class Hello(_Model):
+    """A site's job process announces itself: ready, or unable to serve (``error``)."""
+
+    site: str
+    incarnation: str
+    pid: int
+    capacity: int = 1
+    error: str | None = None
+
+
+class Heartbeat(_Model):
+    site: str
+    incarnation: str
+    load: SiteLoad = SiteLoad()
+
+
+class HeartbeatAck(_Model):
+    known: bool = Field(description="False: the controller lost track of this site; say hello again.")
+
+
+class PeerFrame(_Model):
+    peer: str
+    data: str
+
+
+class DispatchBatch(_Model):
+    frames: list[PeerFrame] = Field(default_factory=list)
+    closed_peers: list[str] = Field(default_factory=list, description="Clients that left: cancel their work.")
+
+
+class DispatchAck(_Model):
+    accepted: int
+    error: str | None = None
+
+
+class ReplyChunk(_Model):
+    """One chunk of a reply frame, site -> controller."""
+
+    site: str
+    incarnation: str
+    peer: str
+    frame: str
+    index: int = Field(ge=0)
+    count: int = Field(ge=1)
+    data: str
+
+
+class ReplyAck(_Model):
+    accepted: bool
+    reason: str | None = Field(default=None, description="Why not: the site resends the chunk later.")

@@ -1,0 +1,204 @@
+"""Start and stop a federation of local site processes (the local transport).
+
+Example:
+
+```python
+from dfm_prefect.transports.local.launcher import LocalFederation
+
+with LocalFederation(["north.yaml", "south.yaml"], workdir=".dfm") as fed:
+    print(fed.federation_file)        # pass this to FederationTaskRunner
+```
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from pydantic import SecretStr
+
+from dfm_prefect.core.errors import ConfigError, SiteUnavailableError
+from dfm_prefect.transports.base import Launcher, Started, free_port, site_name, write_spec
+from dfm_prefect.transports.local.client import LocalSpec
+from dfm_prefect.transports.local.protocol import AUTHKEY_ENV, READY
+
+
+@dataclass
+class _Site:
+    name: str
+    config: Path
+    port: int
+    process: subprocess.Popen[str] | None = None
+    log: IO[str] | None = None
+
+
+class LocalFederation(Launcher):
+    """Site processes on this machine, one per site config, and the federation file to reach them."""
+
+    def __init__(
+        self,
+        configs: Sequence[str | os.PathLike[str]],
+        *,
+        workdir: str | os.PathLike[str],
+        env: Mapping[str, str] | None = None,
+        pythonpath: Sequence[str] = (),
+        ready_timeout: float = 120.0,
+    ) -> None:
+        self.workdir = Path(workdir)
+        self.env = dict(env or {})
+        self.pythonpath = list(pythonpath)
+        self.ready_timeout = ready_timeout
+        self.authkey = secrets.token_hex(32)
+        self._sites: dict[str, _Site] = {}
+        for config in map(Path, configs):
+            name = site_name(config)
+            if name in self._sites:
+                raise ConfigError(f"two site configs are named {name!r}")
+            self._sites[name] = _Site(name=name, config=config.resolve(), port=free_port())
+
+    @property
+    def sites(self) -> list[str]:
+        return list(self._sites)
+
+    @property
+    def federation_file(self) -> Path:
+        return self.workdir / "federation.json"
+
+    @property
+    def spec(self) -> LocalSpec:
+        return LocalSpec(
+            sites={name: f"127.0.0.1:{site.port}" for name, site in self._sites.items()},
+            authkey=SecretStr(self.authkey),
+        )
+
+    def start(self) -> LocalSpec:
+        """Start every site, wait until each is serving, write the federation file."""
+        (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
+        try:
+            for name in self._sites:
+                self.start_site(name)
+        except BaseException:
+            self.stop()
+            raise
+        write_spec(self.spec, self.federation_file)
+        return self.spec
+
+    def start_site(self, name: str) -> None:
+        """Start (or restart) one site on its fixed port and wait until it serves."""
+        site = self._sites[name]
+        env = {**os.environ, **self.env, AUTHKEY_ENV: self.authkey, "PYTHONUNBUFFERED": "1"}
+        if self.pythonpath:
+            env["PYTHONPATH"] = os.pathsep.join([*self.pythonpath, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        site.log = open(self.workdir / "logs" / f"{name}.log", "a")
+        site.process = subprocess.Popen(
+            [sys.executable, "-m", "dfm_prefect.transports.local.server", str(site.config), "--port", str(site.port)],
+            stdout=subprocess.PIPE,
+            stderr=site.log,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )
+        self._await_ready(site)
+
+    def _await_ready(self, site: _Site) -> None:
+        assert site.process is not None and site.process.stdout is not None
+        stdout = site.process.stdout
+        ready = threading.Event()
+        settled = threading.Event()
+
+        def watch() -> None:
+            # Keeps draining stdout after the ready line so the site never blocks on it.
+            for line in stdout:
+                if line.startswith(READY):
+                    ready.set()
+                    settled.set()
+            settled.set()
+
+        threading.Thread(target=watch, name=f"dfm-site-{site.name}-stdout", daemon=True).start()
+        settled.wait(self.ready_timeout)
+        if ready.is_set():
+            return
+        code = site.process.poll()
+        self.stop_site(site.name)
+        log_path = self.workdir / "logs" / f"{site.name}.log"
+        tail = log_path.read_text()[-2000:] if log_path.exists() else ""
+        cause = f"exited with code {code}" if code is not None else f"was not ready within {self.ready_timeout}s"
+        raise SiteUnavailableError(f"the site process {cause}; its log ends with:\n{tail}", site=site.name)
+
+    def stop_site(self, name: str, *, kill: bool = False, timeout: float = 15.0) -> None:
+        """Stop one site (SIGTERM, or SIGKILL with ``kill=True``) and wait for it to exit."""
+        site = self._sites[name]
+        process, site.process = site.process, None
+        if process is not None and process.poll() is None:
+            try:
+                os.killpg(process.pid, signal.SIGKILL if kill else signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout)
+        if process is not None and process.stdout is not None:
+            process.stdout.close()
+        if site.log is not None:
+            site.log.close()
+            site.log = None
+
+    def stop(self) -> None:
+        """Stop every site process."""
+        for name in self._sites:
+            self.stop_site(name)
+
+    def site_pids(self, site: str) -> list[int]:
+        process = self._sites[site].process
+        return [process.pid] if process is not None and process.poll() is None else []
+
+    def __enter__(self) -> LocalFederation:
+        self.start()
+        return self
+
+    @classmethod
+    def up(cls, configs: Sequence[str | os.PathLike[str]], workdir: Path) -> Started:
+        # Each site runs in its own session, so it outlives this process.
+        local = cls(configs, workdir=workdir)
+        local.start()
+        pids = {site: pids[0] for site, pids in local.pids().items()}
+        return Started(transport="local", federation_file=str(local.federation_file), sites=local.sites, pids=pids, workdir=str(workdir))
+
+    @classmethod
+    def down(cls, started: Started) -> list[str]:
+        lines = []
+        for site, pid in started.pids.items():
+            try:
+                os.killpg(pid, signal.SIGTERM)
+                lines.append(f"stopped {site} (pid {pid})")
+            except ProcessLookupError:
+                lines.append(f"{site} (pid {pid}) was not running")
+        deadline = time.monotonic() + 15
+        while any(_alive(pid) for pid in started.pids.values()) and time.monotonic() < deadline:
+            time.sleep(0.1)  # not our children: there is nothing to wait() on
+        for site, pid in started.pids.items():
+            if _alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
+                lines.append(f"killed {site} (pid {pid}): it did not stop within 15s")
+        return lines
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

@@ -1,0 +1,12 @@
+"""What both ends of the local transport agree on: frame limit, ready line, key variable."""
+
+from __future__ import annotations
+
+MAX_FRAME = 256 << 20
+"""Largest frame either end accepts, in bytes."""
+
+READY = "DFM-SITE-READY"
+"""The line a site process prints on stdout once it serves (followed by its address)."""
+
+AUTHKEY_ENV = "DFM_AUTHKEY"
+"""The environment variable that hands a site process the federation's key (hex)."""
