@@ -9,7 +9,6 @@ that comes back from each site.
 from __future__ import annotations
 
 import atexit
-import hashlib
 import logging
 import threading
 import uuid
@@ -22,12 +21,11 @@ from dfm_prefect.core.errors import (
     FederationError,
     PlacementError,
     RequestCancelledError,
-    ResultIntegrityError,
     SiteUnavailableError,
     error_class,
 )
 from dfm_prefect.core.framing import BatchingWriter
-from dfm_prefect.core.refs import DataRef, set_fetcher
+from dfm_prefect.core.refs import DataRef, check_integrity, set_fetcher
 from dfm_prefect.core.wire import (
     CancelRequest,
     ClientMessage,
@@ -46,6 +44,7 @@ from dfm_prefect.core.wire import (
     StatsRequest,
     b64decode,
     b64size,
+    unwrap,
 )
 from dfm_prefect.placement import Placement, place
 from dfm_prefect.spec import load_spec, spec_key
@@ -296,30 +295,6 @@ class FederationClient:
             ids = [rid for rid, (s, _) in self._pending.items() if site is None or s == site]
         for request_id in ids:
             self._resolve(request_id, error=error)
-
-
-def unwrap(reply: RunResult) -> DataRef:
-    """The `DataRef` of a successful result (with its inline value attached), or raise its error."""
-    if not reply.ok or reply.ref is None:
-        error = reply.error
-        code, message = (error.code, error.message) if error else ("federation_error", "the site sent no result")
-        raise error_class(code)(message, site=reply.site)
-    if reply.payload:
-        reply.ref.attach_payload(check_integrity(reply.ref, b64decode(reply.payload)))
-    return reply.ref
-
-
-def check_integrity(ref: DataRef, data: bytes) -> bytes:
-    """``data`` if it is exactly the stored result ``ref`` names (size and sha256), else `ResultIntegrityError`.
-
-    The site verifies what it reads from its store; this check, end to end, also
-    covers what happened to the bytes on the way.
-    """
-    if len(data) != ref.size or hashlib.sha256(data).hexdigest() != ref.sha256:
-        raise ResultIntegrityError(
-            f"the bytes received for {ref!r} do not match its size and sha256; fetch it again", site=ref.site
-        )
-    return data
 
 
 # ------------------------------------------------------------ process-wide clients

@@ -18,10 +18,9 @@ from prefect.logging import get_run_logger
 from prefect.task_engine import TaskRunTimeoutError
 from pydantic_core import PydanticSerializationError, to_jsonable_python
 
-from dfm_prefect.client import unwrap
 from dfm_prefect.core.errors import FederationError, InvalidParametersError, SiteUnavailableError
 from dfm_prefect.core.refs import DataRef
-from dfm_prefect.core.wire import ProgressUpdate, RunResult, SiteMessage, b64size
+from dfm_prefect.core.wire import ProgressUpdate, RunResult, SiteMessage, b64size, unwrap
 from dfm_prefect.placement import Placement
 from dfm_prefect.report import ProgressReporter, StepRecord
 

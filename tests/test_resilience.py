@@ -30,9 +30,9 @@ from prefect.futures import wait
 
 from adapters.core import echo, sleep
 from adapters.xarray_ops import moments
-from dfm_prefect.client import FederationClient, check_integrity, get_client
+from dfm_prefect.client import FederationClient, get_client
 from dfm_prefect.core.errors import ResultIntegrityError
-from dfm_prefect.core.refs import DataRef
+from dfm_prefect.core.refs import DataRef, check_integrity
 from dfm_prefect.task_runner import FederationTaskRunner
 from dfm_prefect.transports.flare.deploy.job import MeshJobConfig
 from dfm_prefect.transports.local.launcher import LocalFederation

@@ -22,13 +22,14 @@ def stats():
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from dfm_prefect.core.codecs import decode
-from dfm_prefect.core.errors import FederationError
+from dfm_prefect.core.errors import FederationError, ResultIntegrityError
 
 Fetcher = Callable[["DataRef", Any], bytes]
 """Streams a reference's bytes from its site: ``fetcher(ref, client_or_None)``."""
@@ -99,3 +100,16 @@ class DataRef(BaseModel):
                 raise FederationError("no federation client is loaded here to fetch this reference: import dfm_prefect.client")
             self._payload = _FETCHER[0](self, client)
         return self._payload
+
+
+def check_integrity(ref: DataRef, data: bytes) -> bytes:
+    """``data`` if it is exactly the stored result ``ref`` names (size and sha256), else `ResultIntegrityError`.
+
+    The site verifies what it reads from its store; this check, end to end, also
+    covers what happened to the bytes on the way.
+    """
+    if len(data) != ref.size or hashlib.sha256(data).hexdigest() != ref.sha256:
+        raise ResultIntegrityError(
+            f"the bytes received for {ref!r} do not match its size and sha256; fetch it again", site=ref.site
+        )
+    return data

@@ -13,7 +13,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
-from dfm_prefect.core.refs import DataRef, ResultKind
+from dfm_prefect.core.errors import error_class
+from dfm_prefect.core.refs import DataRef, ResultKind, check_integrity
 
 WIRE_VERSION: Literal[1] = 1
 MAX_BATCH = 10_000
@@ -242,3 +243,14 @@ def b64size(text: str) -> int:
 
 def b64decode(text: str) -> bytes:
     return base64.b64decode(text.encode("ascii"), validate=True)
+
+
+def unwrap(reply: RunResult) -> DataRef:
+    """The `DataRef` of a successful result (with its inline value attached), or raise its error."""
+    if not reply.ok or reply.ref is None:
+        error = reply.error
+        code, message = (error.code, error.message) if error else ("federation_error", "the site sent no result")
+        raise error_class(code)(message, site=reply.site)
+    if reply.payload:
+        reply.ref.attach_payload(check_integrity(reply.ref, b64decode(reply.payload)))
+    return reply.ref

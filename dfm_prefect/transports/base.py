@@ -139,7 +139,6 @@ class Launcher(ABC):
     tests and the demo, or detached for ``dfm-prefect federation up``/``down``.
     """
 
-    @abstractmethod
     def __init__(
         self,
         configs: Sequence[str | os.PathLike[str]],
@@ -147,18 +146,36 @@ class Launcher(ABC):
         workdir: str | os.PathLike[str],
         env: Mapping[str, str] | None = None,
         pythonpath: Sequence[str] = (),
+        ready_timeout: float = 120.0,
     ) -> None:
         """Read the site configs; start nothing yet. ``env`` and ``pythonpath`` go to the site processes."""
+        self.workdir = Path(workdir).resolve()
+        self.env = dict(env or {})
+        self.pythonpath = list(pythonpath)
+        self.ready_timeout = ready_timeout
+        self.configs: dict[str, Path] = {}
+        for config in map(Path, configs):
+            name = site_name(config)
+            if name in self.configs:
+                raise ConfigError(f"two site configs are named {name!r}")
+            self.configs[name] = config.resolve()
 
     @property
-    @abstractmethod
     def sites(self) -> list[str]:
         """The site names, from the site configs."""
+        return list(self.configs)
 
     @property
-    @abstractmethod
     def federation_file(self) -> Path:
         """The federation file to give ``FederationTaskRunner`` (written by :meth:`start`)."""
+        return self.workdir / "federation.json"
+
+    def process_env(self, **extra: str) -> dict[str, str]:
+        """The environment of a process this launcher starts: ours, ``env``, ``pythonpath`` first on PYTHONPATH."""
+        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1", **extra}
+        if self.pythonpath:
+            env["PYTHONPATH"] = os.pathsep.join([*self.pythonpath, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        return env
 
     @abstractmethod
     def start(self) -> BaseModel:

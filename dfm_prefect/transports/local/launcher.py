@@ -27,8 +27,8 @@ from typing import IO
 
 from pydantic import SecretStr
 
-from dfm_prefect.core.errors import ConfigError, SiteUnavailableError
-from dfm_prefect.transports.base import Launcher, Started, free_port, site_name, write_spec
+from dfm_prefect.core.errors import SiteUnavailableError
+from dfm_prefect.transports.base import Launcher, Started, free_port, write_spec
 from dfm_prefect.transports.local.client import LocalSpec
 from dfm_prefect.transports.local.protocol import AUTHKEY_ENV, READY
 
@@ -54,25 +54,9 @@ class LocalFederation(Launcher):
         pythonpath: Sequence[str] = (),
         ready_timeout: float = 120.0,
     ) -> None:
-        self.workdir = Path(workdir)
-        self.env = dict(env or {})
-        self.pythonpath = list(pythonpath)
-        self.ready_timeout = ready_timeout
+        super().__init__(configs, workdir=workdir, env=env, pythonpath=pythonpath, ready_timeout=ready_timeout)
         self.authkey = secrets.token_hex(32)
-        self._sites: dict[str, _Site] = {}
-        for config in map(Path, configs):
-            name = site_name(config)
-            if name in self._sites:
-                raise ConfigError(f"two site configs are named {name!r}")
-            self._sites[name] = _Site(name=name, config=config.resolve(), port=free_port())
-
-    @property
-    def sites(self) -> list[str]:
-        return list(self._sites)
-
-    @property
-    def federation_file(self) -> Path:
-        return self.workdir / "federation.json"
+        self._sites = {name: _Site(name=name, config=config, port=free_port()) for name, config in self.configs.items()}
 
     @property
     def spec(self) -> LocalSpec:
@@ -96,9 +80,7 @@ class LocalFederation(Launcher):
     def start_site(self, name: str) -> None:
         """Start (or restart) one site on its fixed port and wait until it serves."""
         site = self._sites[name]
-        env = {**os.environ, **self.env, AUTHKEY_ENV: self.authkey, "PYTHONUNBUFFERED": "1"}
-        if self.pythonpath:
-            env["PYTHONPATH"] = os.pathsep.join([*self.pythonpath, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        env = self.process_env(**{AUTHKEY_ENV: self.authkey})
         site.log = open(self.workdir / "logs" / f"{name}.log", "a")
         site.process = subprocess.Popen(
             [sys.executable, "-m", "dfm_prefect.transports.local.server", str(site.config), "--port", str(site.port)],

@@ -38,7 +38,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from dfm_prefect.core.errors import ConfigError, FederationError, SiteUnavailableError
-from dfm_prefect.transports.base import Launcher, Started, site_name, write_spec
+from dfm_prefect.transports.base import Launcher, Started, write_spec
 from dfm_prefect.transports.flare import admin
 from dfm_prefect.transports.flare.client import FlareSpec
 from dfm_prefect.transports.flare.deploy.job import MeshJobConfig, write_job
@@ -64,32 +64,15 @@ class FlareFederation(Launcher):
         ready_timeout: float = 120.0,
         supervise: bool = True,
     ) -> None:
-        self.workdir = Path(workdir).resolve()
-        self.env = dict(env or {})
-        self.pythonpath = list(pythonpath)
+        super().__init__(configs, workdir=workdir, env=env, pythonpath=pythonpath, ready_timeout=ready_timeout)
         self.job = job
-        self.ready_timeout = ready_timeout
         self.supervise = supervise
-        self.configs: dict[str, Path] = {}
-        for config in map(Path, configs):
-            name = site_name(config)
-            if name in self.configs:
-                raise ConfigError(f"two site configs are named {name!r}")
-            self.configs[name] = config.resolve()
         self.poc = Poc(self.workdir / "flare", list(self.configs))
         self.job_id: str | None = None
         self.seconds: dict[str, float] = {}
         self.supervisor: MeshSupervisor | None = None
         self._session: admin.LockedSession | None = None
         self._spec_lock = threading.Lock()
-
-    @property
-    def sites(self) -> list[str]:
-        return list(self.configs)
-
-    @property
-    def federation_file(self) -> Path:
-        return self.workdir / "federation.json"
 
     @property
     def job_folder(self) -> Path:
@@ -108,12 +91,9 @@ class FlareFederation(Launcher):
     # ---------------------------------------------------------------- start
 
     def _env(self, site: str | None = None) -> dict[str, str]:
-        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
-        if self.pythonpath:
-            env["PYTHONPATH"] = os.pathsep.join([*self.pythonpath, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-        if site is not None:
-            env[SITE_CONFIG_ENV] = str(self.configs[site])  # job processes inherit it from their FLARE client
-        return env
+        if site is None:
+            return self.process_env()
+        return self.process_env(**{SITE_CONFIG_ENV: str(self.configs[site])})  # job processes inherit it from their FLARE client
 
     def start(self) -> FlareSpec:
         """Provision, start FLARE and the mesh job, wait until every site is ready, write the federation file."""
