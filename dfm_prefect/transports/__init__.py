@@ -2,9 +2,9 @@
 
 A transport is found by name through the ``dfm_prefect.transports`` entry-point
 group, so new ones plug in without touching the core: the entry point names the
-transport's package, whose ``transport()`` returns its client-side
+transport's package, whose ``transport_class()`` returns its client-side
 :class:`~dfm_prefect.transports.base.Transport` class (which declares its
-federation spec model as ``Spec``) and ``launcher()`` its
+federation spec model as ``Spec``) and ``launcher_class()`` its
 :class:`~dfm_prefect.transports.base.Launcher`.
 
 Example (``pyproject.toml`` of a package that adds a transport)::
@@ -35,13 +35,13 @@ def _entry(name: str) -> EntryPoint:
 
 def transport_class(name: str) -> type[Transport]:
     """The client side of the transport registered under ``name``."""
-    cls: Any = _entry(name).load().transport()
+    cls: Any = _entry(name).load().transport_class()
     return cls
 
 
 def launcher_class(name: str) -> type[Launcher]:
     """What starts a federation of the transport registered under ``name`` on this machine."""
-    cls: Any = _entry(name).load().launcher()
+    cls: Any = _entry(name).load().launcher_class()
     return cls
 
 

@@ -2,8 +2,8 @@
 
 A transport is one package under ``dfm_prefect/transports/`` holding all its sides
 (client, site endpoint, server side, launcher) and one entry point in the
-``dfm_prefect.transports`` group naming that package, whose ``transport()`` and
-``launcher()`` return its :class:`Transport` and :class:`Launcher` classes.
+``dfm_prefect.transports`` group naming that package, whose ``transport_class()`` and
+``launcher_class()`` return its :class:`Transport` and :class:`Launcher` classes.
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ class Started(BaseModel):
 class Launcher(ABC):
     """Starts a federation of site configs on this machine and writes the federation file clients use.
 
-    Each transport ships one (its ``Transport.launcher()``): in a ``with`` block for
+    Each transport ships one (its package's ``launcher_class()``): in a ``with`` block for
     tests and the demo, or detached for ``dfm-prefect federation up``/``down``.
     """
 

@@ -12,14 +12,14 @@ if TYPE_CHECKING:
     from dfm_prefect.transports.base import Launcher, Transport
 
 
-def transport() -> type[Transport]:
+def transport_class() -> type[Transport]:
     """The client side (imported on first use: sites and servers never need it)."""
     from dfm_prefect.transports.local.client import LocalTransport
 
     return LocalTransport
 
 
-def launcher() -> type[Launcher]:
+def launcher_class() -> type[Launcher]:
     """What starts a federation of this transport on this machine."""
     from dfm_prefect.transports.local.launcher import LocalFederation
 
