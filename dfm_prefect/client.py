@@ -25,6 +25,7 @@ from dfm_prefect.core.errors import (
     error_class,
 )
 from dfm_prefect.core.framing import BatchingWriter
+from dfm_prefect.core.identity import Signer
 from dfm_prefect.core.refs import DataRef, check_integrity, set_fetcher
 from dfm_prefect.core.wire import (
     CancelRequest,
@@ -73,6 +74,8 @@ class FederationClient:
         self.bytes_in: Counter[str] = Counter()
         self._writer: BatchingWriter[tuple[str, ClientMessage]] | None = None
         self._opened = False
+        self.signer: Signer | None = transport.signer()
+        """Signs every request with this user's certificate, so sites know who asks (None: anonymous)."""
 
     # ------------------------------------------------------------ lifecycle
 
@@ -148,10 +151,15 @@ class FederationClient:
 
     # -------------------------------------------------------------- requests
 
+    @property
+    def identity(self) -> str | None:
+        """Who this client's requests are signed as (the certificate's common name), if anyone."""
+        return self.signer.identity if self.signer is not None else None
+
     def request(
         self, site: str, message: ClientMessage, *, on_progress: Callable[[ProgressUpdate], None] | None = None
     ) -> Future[SiteMessage]:
-        """Send one message to a site; the future holds its reply or the error it carried.
+        """Send one message to a site, signed; the future holds its reply or the error it carried.
 
         ``on_progress`` is called (from a transport thread: keep it quick) with each
         progress update the site sends for this request.
@@ -165,8 +173,11 @@ class FederationClient:
                 self._progress[message.id] = on_progress
             if isinstance(message, RunRequest):
                 self._inflight[site] += 1
-        self._writer.put((site, message))
+        self._writer.put((site, self._sign(message, site)))
         return future
+
+    def _sign(self, message: ClientMessage, site: str) -> ClientMessage:
+        return self.signer.sign(message, site) if self.signer is not None else message
 
     def run(
         self,
@@ -208,7 +219,7 @@ class FederationClient:
         if entry is not None:
             self._resolve(request_id, error=RequestCancelledError("cancelled by the client", site=site))
         if self._opened and self._writer is not None:
-            self._writer.put((site, CancelRequest(id=new_id(), target=request_id)))
+            self._writer.put((site, self._sign(CancelRequest(id=new_id(), target=request_id), site)))
 
     def stats(self, site: str, timeout: float = 30.0) -> SiteStats:
         reply = self.request(site, StatsRequest(id=new_id())).result(timeout=timeout)

@@ -17,8 +17,10 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from dfm_prefect.core.errors import FederationError, OperationFailedError
+from dfm_prefect.core.operations import Operation
 from dfm_prefect.core.refs import DataRef
-from dfm_prefect.core.wire import ErrorInfo
+from dfm_prefect.core.wire import ErrorInfo, ExportInfo, OperationInfo, SiteInfo, SiteLoad, SourceInfo
+from site_workers.config import ExportPolicy
 
 log = logging.getLogger("dfm_prefect.site")
 MAX_ERROR = 8192
@@ -103,3 +105,24 @@ def refs_in(value: Any) -> list[DataRef]:
     if isinstance(value, dict):
         return [ref for item in value.values() for ref in refs_in(item)]
     return []
+
+
+def site_info(name: str, operations: dict[str, Operation], sources: list[SourceInfo], export: ExportPolicy, load: SiteLoad, compute: str) -> SiteInfo:
+    """What a site says about itself: operations with parameter schemas, sources, export policy, load."""
+    return SiteInfo(
+        name=name,
+        operations={
+            op_name: OperationInfo(
+                name=op_name,
+                version=op.version,
+                result_kind=op.result_kind,
+                description=op.description.split("\n\n")[0],
+                params_schema=op.params.model_json_schema(),
+            )
+            for op_name, op in operations.items()
+        },
+        sources=sources,
+        export=ExportInfo(kinds=list(export.kinds), max_bytes=export.max_bytes, inline_bytes=export.inline_bytes, share_logs=export.share_logs),
+        load=load,
+        compute=compute,
+    )

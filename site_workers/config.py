@@ -205,6 +205,27 @@ class ComputeConfig(_Model):
         return self
 
 
+class IdentityPolicy(_Model):
+    """Whose requests the site believes, and whether it serves anonymous ones.
+
+    Requests are signed with the sender's certificate (see
+    :mod:`dfm_prefect.core.identity`); the site checks them against ``root_ca``
+    (over FLARE the site kit's root CA is used when this is not set). With
+    ``require: true`` unsigned requests are refused; otherwise they run as
+    anonymous, which ``export.recipients`` never names. ``audit_log`` is the
+    file where the site records who ran what on which data and what left.
+
+    Example::
+
+        identities: {require: true, audit_log: /var/log/dfm/north.audit.jsonl}
+    """
+
+    root_ca: str | None = Field(default=None, description="PEM root CA whose certificates may sign requests.")
+    require: bool = False
+    max_age_s: float = Field(default=120.0, gt=0, le=3600, description="How old a signature may be (and clock skew).")
+    audit_log: str | None = Field(default=None, description="JSON-lines audit file (default: $DFM_AUDIT_DIR/<site>.audit.jsonl, else the site log).")
+
+
 class SiteConfig(_Model):
     """A validated site config file."""
 
@@ -221,6 +242,7 @@ class SiteConfig(_Model):
     limits: Limits = Limits()
     compute: ComputeConfig = ComputeConfig()
     user_code: UserCodePolicy = UserCodePolicy()
+    identities: IdentityPolicy = IdentityPolicy()
 
     _env_secrets: frozenset[str] = PrivateAttr(default=frozenset())
 

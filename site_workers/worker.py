@@ -26,6 +26,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from dfm_prefect.core.errors import (
+    AccessDeniedError,
+    AuthenticationError,
     ConfigError,
     ExportRefusedError,
     FederationError,
@@ -43,10 +45,8 @@ from dfm_prefect.core.wire import (
     Envelope,
     ErrorInfo,
     ErrorReply,
-    ExportInfo,
     FetchChunk,
     FetchRequest,
-    OperationInfo,
     ProgressUpdate,
     RunRequest,
     RunResult,
@@ -58,11 +58,12 @@ from dfm_prefect.core.wire import (
     StatsRequest,
     b64encode,
 )
-from site_workers.answers import error_info, guess_id, refs_in, validation_message, wire_safe_id
+from site_workers.answers import error_info, guess_id, refs_in, site_info, validation_message, wire_safe_id
 from site_workers.catalog import Catalog
 from site_workers.compute import make_backend
 from site_workers.config import USER_CODE_OPERATION, SiteConfig
 from site_workers.context import SiteContext
+from site_workers.identities import AuditLog, Identities, data_inputs
 from site_workers.policy import ExportGate
 from site_workers.redaction import Redactor
 from site_workers.sources import SourceResolver
@@ -87,7 +88,7 @@ class _Job:
 class SiteWorker:
     """Runs the operations a site offers, for any transport."""
 
-    def __init__(self, config: SiteConfig) -> None:
+    def __init__(self, config: SiteConfig, *, root_ca: str | None = None) -> None:
         self.config = config
         self.name = config.name
         if config.user_code.enabled:
@@ -106,6 +107,8 @@ class SiteWorker:
         self.catalog.warm()
         self.redactor = Redactor.for_config(config)
         self.gate = ExportGate(config.name, config.export, self.redactor)
+        self.identities = Identities(config.name, config.identities, root_ca)
+        self.audit = AuditLog(config.name, config.identities.audit_log)
         self._pool = ThreadPoolExecutor(max_workers=config.limits.concurrency, thread_name_prefix=f"site-{config.name}")
         self._lock = threading.Lock()
         self._jobs: dict[str, _Job] = {}
@@ -134,8 +137,9 @@ class SiteWorker:
             self.handle_message(message, reply, peer, identity)
 
     def handle_message(self, message: Any, reply: Reply, peer: str = "local", identity: str | None = None) -> None:
-        """Answer one decoded message."""
+        """Answer one decoded message, acting for the identity that signed it (or the transport's)."""
         try:
+            identity = self.identities.who(message) or identity
             if isinstance(message, RunRequest):
                 self._accept_run(message, reply, peer, identity)
             elif isinstance(message, DescribeRequest):
@@ -145,10 +149,12 @@ class SiteWorker:
             elif isinstance(message, FetchRequest):
                 self._safe_reply(reply, self._fetch(message, identity))
             elif isinstance(message, CancelRequest):
-                self.cancel(message.target)
+                self.cancel(message.target, by=identity)
         except Exception as exc:  # a bad request must never stop the site
             log.warning("request %s refused: %s", getattr(message, "id", "?"), self.redactor.text(str(exc)))
-            self._safe_reply(reply, ErrorReply(id=wire_safe_id(getattr(message, "id", None)), error=self._error(exc)))
+            error = self._error(exc)
+            self.audit.record("refused", identity if not isinstance(exc, AuthenticationError) else None, wire_safe_id(getattr(message, "id", None)), kind=getattr(message, "kind", "?"), error=error.code)
+            self._safe_reply(reply, ErrorReply(id=wire_safe_id(getattr(message, "id", None)), error=error))
 
     def _error(self, exc: BaseException) -> ErrorInfo:
         return error_info(exc, self.config.export.error_detail, self.name, self.redactor.text)
@@ -278,6 +284,7 @@ class SiteWorker:
                 self._stats["completed"] += 1
                 self._stats["bytes_stored"] += ref.size
                 self._stats["bytes_out"] += len(inline or b"")
+            outcome: dict[str, Any] = {"kind": ref.kind, "size": ref.size, "sha256": ref.sha256, "bytes_out": len(inline or b"")}
         except Exception as exc:
             if not isinstance(exc, FederationError):
                 log.warning(
@@ -286,10 +293,12 @@ class SiteWorker:
             with self._lock:
                 self._stats["failed"] += 1
             message = self._failure(request, exc, time.monotonic() - started, ctx.logs)
+            outcome = {"error": message.error.code if message.error else "?"}
         finally:
             with self._lock:
                 self._running -= 1
                 self._jobs.pop(request.id, None)
+        self.audit.record("run", job.identity, request.id, op=op.name, inputs=data_inputs(params), **outcome)
         self._safe_reply(job.reply, message)
 
     def _failure(self, request: RunRequest, exc: BaseException, duration: float, logs: list[Any] | None = None) -> RunResult:
@@ -305,12 +314,18 @@ class SiteWorker:
 
     # ---------------------------------------------------------------- control
 
-    def cancel(self, request_id: str) -> bool:
-        """Cancel a queued request (answered as cancelled) or flag a running one."""
+    def cancel(self, request_id: str, *, by: str | None | bool = False) -> bool:
+        """Cancel a queued request (answered as cancelled) or flag a running one.
+
+        ``by`` is the identity asking; a run a signed identity sent is cancelled only
+        by that identity (``False``: the site itself, e.g. when a client is gone).
+        """
         with self._lock:
             job = self._jobs.get(request_id)
         if job is None:
             return False
+        if by is not False and job.identity is not None and by != job.identity:
+            raise AccessDeniedError(f"request {request_id!r} was sent by another identity; only its sender may cancel it", site=self.name)
         job.cancelled.set()
         if job.future is not None and job.future.cancel():
             with self._lock:
@@ -336,29 +351,7 @@ class SiteWorker:
 
     def describe(self) -> SiteInfo:
         """What this site offers: operations with parameter schemas, sources, export policy, load."""
-        export = self.config.export
-        return SiteInfo(
-            name=self.name,
-            operations={
-                name: OperationInfo(
-                    name=name,
-                    version=op.version,
-                    result_kind=op.result_kind,
-                    description=op.description.split("\n\n")[0],
-                    params_schema=op.params.model_json_schema(),
-                )
-                for name, op in self.operations.items()
-            },
-            sources=self.catalog.entries(),
-            export=ExportInfo(
-                kinds=list(export.kinds),
-                max_bytes=export.max_bytes,
-                inline_bytes=export.inline_bytes,
-                share_logs=export.share_logs,
-            ),
-            load=self.load(),
-            compute=self.compute.name,
-        )
+        return site_info(self.name, self.operations, self.catalog.entries(), self.config.export, self.load(), self.compute.name)
 
     def stats(self) -> SiteStats:
         with self._lock:
@@ -384,6 +377,7 @@ class SiteWorker:
         data = self.store.read_bytes(ref, request.offset, request.length)
         with self._lock:
             self._stats["bytes_out"] += len(data)
+        self.audit.record("fetch", identity, request.id, ref=ref.uri, kind=ref.kind, offset=request.offset, bytes_out=len(data))
         end = request.offset + len(data)
         return FetchChunk(id=request.id, offset=request.offset, data=b64encode(data), total=ref.size, eof=end >= ref.size)
 

@@ -49,6 +49,12 @@ class AccessDeniedError(FederationError):
     code = "access_denied"
 
 
+class AuthenticationError(AccessDeniedError):
+    """A request's signature, certificate or freshness does not hold, or a signature the site requires is missing."""
+
+    code = "unauthenticated"
+
+
 class ExportRefusedError(FederationError):
     """The site's export policy does not let this result leave the site."""
 
@@ -105,6 +111,7 @@ ERROR_CODES: dict[str, type[FederationError]] = {
         UnknownOperationError,
         InvalidParametersError,
         AccessDeniedError,
+        AuthenticationError,
         ExportRefusedError,
         OperationFailedError,
         SiteUnavailableError,

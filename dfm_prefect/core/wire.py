@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 from dfm_prefect.core.errors import error_class
+from dfm_prefect.core.identity import RequestSignature
 from dfm_prefect.core.refs import DataRef, ResultKind, check_integrity
 
 WIRE_VERSION: Literal[1] = 1
@@ -40,6 +41,7 @@ class RunRequest(_Message):
     task_run_id: str | None = Field(default=None, max_length=64)
     attempt: int = Field(default=1, ge=1)
     timeout_s: float | None = Field(default=None, gt=0)
+    auth: RequestSignature | None = None
 
 
 class CancelRequest(_Message):
@@ -48,6 +50,7 @@ class CancelRequest(_Message):
     kind: Literal["cancel"] = "cancel"
     id: str = Field(min_length=1, max_length=64)
     target: str = Field(min_length=1, max_length=64)
+    auth: RequestSignature | None = None
 
 
 class DescribeRequest(_Message):
@@ -55,6 +58,7 @@ class DescribeRequest(_Message):
 
     kind: Literal["describe"] = "describe"
     id: str = Field(min_length=1, max_length=64)
+    auth: RequestSignature | None = None
 
 
 class FetchRequest(_Message):
@@ -65,6 +69,7 @@ class FetchRequest(_Message):
     ref: DataRef
     offset: int = Field(default=0, ge=0)
     length: int = Field(default=4 << 20, gt=0, le=64 << 20)
+    auth: RequestSignature | None = None
 
 
 class StatsRequest(_Message):
@@ -72,6 +77,7 @@ class StatsRequest(_Message):
 
     kind: Literal["stats"] = "stats"
     id: str = Field(min_length=1, max_length=64)
+    auth: RequestSignature | None = None
 
 
 ClientMessage = Annotated[

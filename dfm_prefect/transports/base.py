@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict
 
 from dfm_prefect.core.errors import ConfigError
+from dfm_prefect.core.identity import Signer
 from dfm_prefect.core.wire import ClientMessage, SiteMessage
 
 OnMessage = Callable[[str, SiteMessage], None]
@@ -59,6 +60,10 @@ class Transport(ABC):
     @abstractmethod
     def close(self) -> None:
         """Disconnect and stop every thread the transport started."""
+
+    def signer(self) -> Signer | None:
+        """The user's signing identity from the spec (certificate and key), or None for anonymous requests."""
+        return None
 
     def site_states(self) -> dict[str, str]:
         """What the transport itself knows about each site (for ``federation status``); empty if nothing."""
@@ -176,6 +181,10 @@ class Launcher(ABC):
         if self.pythonpath:
             env["PYTHONPATH"] = os.pathsep.join([*self.pythonpath, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         return env
+
+    @abstractmethod
+    def spec_for(self, identity: str) -> BaseModel:
+        """The federation spec for one person: the same sites, reached with that person's own credentials."""
 
     @abstractmethod
     def start(self) -> BaseModel:

@@ -31,6 +31,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from dfm_prefect.core.errors import ConfigError, SiteUnavailableError
+from dfm_prefect.core.identity import Signer
 from dfm_prefect.core.wire import ClientMessage, Envelope
 from dfm_prefect.transports.base import OnMessage, OnSiteLost, Transport
 from dfm_prefect.transports.flare import admin
@@ -97,6 +98,11 @@ class FlareTransport(Transport):
     @classmethod
     def from_spec(cls, spec: FlareSpec) -> FlareTransport:
         return cls(spec)
+
+    def signer(self) -> Signer:
+        """The admin kit's own certificate and key: every request is signed as that person."""
+        startup = Path(self.spec.admin_kit) / "startup"
+        return Signer.from_files(startup / "client.crt", startup / "client.key")
 
     @classmethod
     def portable_spec(cls, spec: FlareSpec) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from dfm_prefect.core.errors import SiteUnavailableError
+from dfm_prefect.core.identity import Signer
 from dfm_prefect.core.wire import ClientMessage, Envelope, ReplyEnvelope
 from dfm_prefect.transports.base import OnMessage, OnSiteLost, Transport
 from dfm_prefect.transports.local.protocol import MAX_FRAME
@@ -34,6 +35,8 @@ class LocalSpec(BaseModel):
     transport: Literal["local"] = "local"
     sites: dict[str, str] = Field(description="site name -> 'host:port'")
     authkey: SecretStr = Field(description="hex shared key of the federation")
+    cert: str | None = Field(default=None, description="This user's certificate (PEM), issued by the federation's CA.")
+    key: str | None = Field(default=None, description="This user's private key (PEM) for signing requests.")
 
 
 class _Link:
@@ -107,6 +110,12 @@ class LocalTransport(Transport):
     @classmethod
     def from_spec(cls, spec: LocalSpec) -> LocalTransport:
         return cls(spec)
+
+    def signer(self) -> Signer | None:
+        """The user's certificate and key from the spec; without them requests are anonymous."""
+        if self.spec.cert is None or self.spec.key is None:
+            return None
+        return Signer.from_files(self.spec.cert, self.spec.key)
 
     @property
     def sites(self) -> list[str]:

@@ -30,7 +30,9 @@ from pydantic import SecretStr
 from dfm_prefect.core.errors import SiteUnavailableError
 from dfm_prefect.transports.base import Launcher, Started, free_port, write_spec
 from dfm_prefect.transports.local.client import LocalSpec
-from dfm_prefect.transports.local.protocol import AUTHKEY_ENV, READY
+from dfm_prefect.transports.local.pki import LocalCA
+from dfm_prefect.transports.local.protocol import AUTHKEY_ENV, DEFAULT_USER, READY
+from site_workers.identities import AUDIT_DIR_ENV, ROOT_CA_ENV
 
 
 @dataclass
@@ -53,21 +55,40 @@ class LocalFederation(Launcher):
         env: Mapping[str, str] | None = None,
         pythonpath: Sequence[str] = (),
         ready_timeout: float = 120.0,
+        user: str = DEFAULT_USER,
     ) -> None:
         super().__init__(configs, workdir=workdir, env=env, pythonpath=pythonpath, ready_timeout=ready_timeout)
         self.authkey = secrets.token_hex(32)
+        self.user = user
         self._sites = {name: _Site(name=name, config=config, port=free_port()) for name, config in self.configs.items()}
+        self.ca: LocalCA | None = None
 
     @property
     def spec(self) -> LocalSpec:
+        """How the launching user reaches the sites (signing as ``user`` once started)."""
+        return self.spec_for(self.user) if self.ca is not None else self._spec(None, None)
+
+    def spec_for(self, identity: str) -> LocalSpec:
+        """A federation spec for another person: the same sites, their own certificate from this federation's CA."""
+        if self.ca is None:
+            raise SiteUnavailableError("start the federation before issuing identities")
+        cert, key = (self.ca.folder / f"{identity}.crt", self.ca.folder / f"{identity}.key")
+        if not cert.exists():
+            cert, key = self.ca.issue(identity)
+        return self._spec(cert, key)
+
+    def _spec(self, cert: Path | None, key: Path | None) -> LocalSpec:
         return LocalSpec(
             sites={name: f"127.0.0.1:{site.port}" for name, site in self._sites.items()},
             authkey=SecretStr(self.authkey),
+            cert=str(cert) if cert else None,
+            key=str(key) if key else None,
         )
 
     def start(self) -> LocalSpec:
-        """Start every site, wait until each is serving, write the federation file."""
+        """Make the federation's CA, start every site, wait until each is serving, write the federation file."""
         (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
+        self.ca = LocalCA.create(self.workdir / "identities")
         try:
             for name in self._sites:
                 self.start_site(name)
@@ -80,7 +101,8 @@ class LocalFederation(Launcher):
     def start_site(self, name: str) -> None:
         """Start (or restart) one site on its fixed port and wait until it serves."""
         site = self._sites[name]
-        env = self.process_env(**{AUTHKEY_ENV: self.authkey})
+        assert self.ca is not None, "start() makes the CA first"
+        env = self.process_env(**{AUTHKEY_ENV: self.authkey, ROOT_CA_ENV: str(self.ca.root_ca), AUDIT_DIR_ENV: str(self.workdir / "audit")})
         site.log = open(self.workdir / "logs" / f"{name}.log", "a")
         site.process = subprocess.Popen(
             [sys.executable, "-m", "dfm_prefect.transports.local.server", str(site.config), "--port", str(site.port)],

@@ -10,3 +10,6 @@ READY = "DFM-SITE-READY"
 
 AUTHKEY_ENV = "DFM_AUTHKEY"
 """The environment variable that hands a site process the federation's key (hex)."""
+
+DEFAULT_USER = "admin@local"
+"""The identity of the person who starts a local federation (the one its federation file signs as)."""

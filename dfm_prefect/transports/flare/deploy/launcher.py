@@ -45,6 +45,7 @@ from dfm_prefect.transports.flare.deploy.job import MeshJobConfig, write_job
 from dfm_prefect.transports.flare.deploy.poc import ADMIN_USER, SERVER, Poc, sweep
 from dfm_prefect.transports.flare.deploy.supervisor import MeshSupervisor
 from dfm_prefect.transports.flare.protocol import SITE_CONFIG_ENV, StatusReply
+from site_workers.identities import AUDIT_DIR_ENV
 
 READY = "DFM-FLARE-READY"
 log = logging.getLogger("dfm_prefect.transports.flare.federation")
@@ -80,9 +81,13 @@ class FlareFederation(Launcher):
 
     @property
     def spec(self) -> FlareSpec:
+        return self.spec_for(ADMIN_USER)
+
+    def spec_for(self, identity: str) -> FlareSpec:
+        """A federation spec for one of the POC's people (``admin@nvidia.com``, ``researcher@nvidia.com``): their own admin kit."""
         return FlareSpec(
-            admin_kit=str(self.poc.admin_kit),
-            username=ADMIN_USER,
+            admin_kit=str(self.poc.kit(identity)),
+            username=identity,
             job_name=self.job.name,
             job_id=self.job_id,
             sites=self.sites,
@@ -93,7 +98,8 @@ class FlareFederation(Launcher):
     def _env(self, site: str | None = None) -> dict[str, str]:
         if site is None:
             return self.process_env()
-        return self.process_env(**{SITE_CONFIG_ENV: str(self.configs[site])})  # job processes inherit it from their FLARE client
+        audit = {AUDIT_DIR_ENV: str(self.workdir / "audit")}
+        return self.process_env(**{SITE_CONFIG_ENV: str(self.configs[site]), **audit})  # job processes inherit it from their FLARE client
 
     def start(self) -> FlareSpec:
         """Provision, start FLARE and the mesh job, wait until every site is ready, write the federation file."""

@@ -39,6 +39,8 @@ from dfm_prefect.transports.flare.deploy.kits import harden_kit
 
 log = logging.getLogger("dfm_prefect.transports.flare.deploy.poc")
 ADMIN_USER = "admin@nvidia.com"
+RESEARCHER = "researcher@nvidia.com"
+"""A second person of the POC (role ``lead``: runs flows, administers nothing), with an admin kit of their own."""
 SERVER = "server"
 PROJECT = "dfm"
 
@@ -112,6 +114,7 @@ class Poc:
                 participants.append({**participant, "name": SERVER, "fed_learn_port": self.fl_port, "admin_port": self.admin_port})
             elif participant["type"] == "admin" and participant.get("role") == "project_admin":
                 participants.append(participant)
+        participants.append({"name": RESEARCHER, "type": "admin", "org": "nvidia", "role": "lead"})
         participants += [{"name": site, "type": "client", "org": "nvidia"} for site in self.sites]
         project["participants"] = participants
         source.write_text(yaml.safe_dump(project))
@@ -135,10 +138,11 @@ class Poc:
             for server in config["servers"]:
                 server["service"]["target"] = target
             client_json.write_text(json.dumps(config, indent=2))
-        admin_json = self.admin_kit / "startup" / "fed_admin.json"
-        config = json.loads(admin_json.read_text())
-        config["admin"]["host"] = "127.0.0.1"
-        admin_json.write_text(json.dumps(config, indent=2))
+        for user in (ADMIN_USER, RESEARCHER):
+            admin_json = self.kit(user) / "startup" / "fed_admin.json"
+            config = json.loads(admin_json.read_text())
+            config["admin"]["host"] = "127.0.0.1"
+            admin_json.write_text(json.dumps(config, indent=2))
 
         harden_kit(self.kit(SERVER), storage_root=self.workspace / "server-storage")
         resources_json = self.kit(SERVER) / "local" / "resources.json"

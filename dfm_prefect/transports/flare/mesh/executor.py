@@ -159,7 +159,9 @@ class MeshExecutor(Executor):
             config = load_site_config(path)
             if config.name != self.site:
                 return f"{path} configures site {config.name!r} but this FLARE client is {self.site!r}"
-            self.worker = SiteWorker(config)
+            # Requests are signed by people with certificates from this federation's provisioning.
+            root_ca = self._engine.get_workspace().get_file_path_in_startup("rootCA.pem") if self._engine else None
+            self.worker = SiteWorker(config, root_ca=root_ca)
         except FederationError as exc:
             return str(exc)
         except Exception as exc:  # report any start failure to the controller instead of dying silently

@@ -1,0 +1,102 @@
+"""A small certificate authority for a local federation: one certificate per person who runs flows.
+
+Over FLARE, provisioning issues each person an admin kit; the local transport
+gets the same kind of identity from this CA, so requests are signed per person
+on both transports and a site's ``export.recipients`` rules work on both.
+Keys and certificates are written owner-only (0600 in a 0700 folder).
+
+Example:
+
+```python
+from dfm_prefect.transports.local.pki import LocalCA
+
+ca = LocalCA.create("/tmp/dfm-ca")
+cert, key = ca.issue("alice@lab.example")       # give these to alice: her federation file names them
+```
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from dfm_prefect.core.errors import ConfigError
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@+-]{0,127}$")
+VALID_DAYS = 365
+
+
+def _write_private(path: Path, data: bytes) -> Path:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    return path
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+class LocalCA:
+    """A root CA kept in a folder, which issues per-person certificates."""
+
+    def __init__(self, folder: Path, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> None:
+        self.folder = folder
+        self._key = key
+        self.cert = cert
+
+    @property
+    def root_ca(self) -> Path:
+        """The PEM root certificate sites trust (``DFM_ROOT_CA``)."""
+        return self.folder / "rootCA.pem"
+
+    @classmethod
+    def create(cls, folder: str | os.PathLike[str]) -> LocalCA:
+        """A new CA in ``folder`` (made private); an existing one there is replaced."""
+        root = Path(folder)
+        root.mkdir(parents=True, exist_ok=True)
+        os.chmod(root, 0o700)
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = dt.datetime.now(dt.timezone.utc)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(_name("dfm-prefect local federation CA"))
+            .issuer_name(_name("dfm-prefect local federation CA"))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=VALID_DAYS))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .sign(key, hashes.SHA256())
+        )
+        ca = cls(root, key, cert)
+        _write_private(ca.root_ca, cert.public_bytes(serialization.Encoding.PEM))
+        return ca
+
+    def issue(self, common_name: str) -> tuple[Path, Path]:
+        """A certificate and key for one person (the common name is their identity); return their paths."""
+        if not _NAME.match(common_name):
+            raise ConfigError(f"identity {common_name!r}: use letters, digits and . _ @ + - (at most 128)")
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = dt.datetime.now(dt.timezone.utc)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(_name(common_name))
+            .issuer_name(self.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=VALID_DAYS))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .sign(self._key, hashes.SHA256())
+        )
+        pem_key = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        cert_path = _write_private(self.folder / f"{common_name}.crt", cert.public_bytes(serialization.Encoding.PEM))
+        return cert_path, _write_private(self.folder / f"{common_name}.key", pem_key)

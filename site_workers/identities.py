@@ -1,0 +1,113 @@
+"""Who asks: the site checks each request's signature against the federation's root CA, and keeps an audit log.
+
+The identity a site acts on (``export.recipients``, who may cancel a run, the
+audit log) is the common name of the certificate that signed the request, and
+only after the certificate chains to the root CA the site trusts, the signature
+covers this request for this site, it is fresh and it was not seen before. An
+unsigned request is anonymous: it never receives a kind that ``recipients``
+restricts, and with ``identities.require: true`` it is refused outright.
+
+Where the root CA comes from, first found wins: ``identities.root_ca`` in the
+site's YAML, the FLARE site kit's ``startup/rootCA.pem`` (over FLARE), the
+``DFM_ROOT_CA`` environment variable (set by the local transport's launcher).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from dfm_prefect.core.errors import AuthenticationError
+from dfm_prefect.core.identity import Verifier
+from site_workers.config import IdentityPolicy
+
+ROOT_CA_ENV = "DFM_ROOT_CA"
+"""Environment variable naming the PEM root CA a site trusts for request signatures."""
+
+AUDIT_DIR_ENV = "DFM_AUDIT_DIR"
+"""Environment variable naming a folder for ``<site>.audit.jsonl`` when the YAML names no audit log."""
+
+log = logging.getLogger("dfm_prefect.site.audit")
+
+
+class Identities:
+    """Verifies signed requests for one site."""
+
+    def __init__(self, site: str, policy: IdentityPolicy, root_ca: str | None = None) -> None:
+        self.site = site
+        self.policy = policy
+        source = policy.root_ca or root_ca or os.environ.get(ROOT_CA_ENV)
+        self.root_ca = source
+        self._verifier = Verifier.from_file(source, max_age_s=policy.max_age_s) if source else None
+        if policy.require and self._verifier is None:
+            from dfm_prefect.core.errors import ConfigError
+
+            raise ConfigError(
+                f"site {site!r} requires signed requests (identities.require) but trusts no root CA: "
+                f"set identities.root_ca or {ROOT_CA_ENV}"
+            )
+
+    def who(self, message: Any) -> str | None:
+        """The verified identity behind ``message``, None for an allowed anonymous one; `AuthenticationError` otherwise."""
+        if getattr(message, "auth", None) is None:
+            if self.policy.require:
+                raise AuthenticationError(
+                    "this site accepts only signed requests (identities.require): connect with your own "
+                    "certificate (a FLARE admin kit, or cert/key in a local federation file)",
+                    site=self.site,
+                )
+            return None
+        if self._verifier is None:
+            raise AuthenticationError(
+                "the request is signed but this site trusts no root CA to check it; ask its administrator "
+                f"to set identities.root_ca (or {ROOT_CA_ENV})",
+                site=self.site,
+            )
+        try:
+            return self._verifier.verify(message, self.site)
+        except AuthenticationError as exc:
+            raise AuthenticationError(str(exc), site=self.site) from None
+
+
+class AuditLog:
+    """One JSON line per event at this site: who, what, on which data, what left. Private to the site (0600)."""
+
+    def __init__(self, site: str, path: str | None) -> None:
+        self.site = site
+        folder = os.environ.get(AUDIT_DIR_ENV)
+        self.path = Path(path) if path else (Path(folder) / f"{site}.audit.jsonl" if folder else None)
+        self._lock = threading.Lock()
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            os.close(fd)
+
+    def record(self, event: str, identity: str | None, request_id: str, **fields: Any) -> None:
+        """Append one event (also to the site's log at INFO when no file is configured)."""
+        entry = {"time": round(time.time(), 3), "site": self.site, "event": event, "identity": identity or "anonymous", "request": request_id, **fields}
+        line = json.dumps(entry, sort_keys=True, default=str)
+        if self.path is None:
+            log.info("audit %s", line)
+            return
+        with self._lock, open(self.path, "a") as handle:
+            handle.write(line + "\n")
+
+
+def data_inputs(params: Any) -> list[str]:
+    """The sources and references a request's parameters name (what data it touched), for the audit log."""
+    from dfm_prefect.core.refs import DataRef
+
+    found: list[str] = []
+    for value in getattr(params, "__dict__", {}).values():
+        items = value if isinstance(value, (list, tuple)) else [value]
+        for item in items:
+            if isinstance(item, DataRef):
+                found.append(f"ref:{item.uri}")
+            elif isinstance(item, str) and ("/" in item or "://" in item):
+                found.append(item)
+    return found
