@@ -20,10 +20,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from pydantic import SecretStr
 
@@ -47,17 +47,9 @@ class _Site:
 class LocalFederation(Launcher):
     """Site processes on this machine, one per site config, and the federation file to reach them."""
 
-    def __init__(
-        self,
-        configs: Sequence[str | os.PathLike[str]],
-        *,
-        workdir: str | os.PathLike[str],
-        env: Mapping[str, str] | None = None,
-        pythonpath: Sequence[str] = (),
-        ready_timeout: float = 120.0,
-        user: str = DEFAULT_USER,
-    ) -> None:
-        super().__init__(configs, workdir=workdir, env=env, pythonpath=pythonpath, ready_timeout=ready_timeout)
+    def __init__(self, configs: Sequence[str | os.PathLike[str]], *, user: str = DEFAULT_USER, **options: Any) -> None:
+        """``user`` is whom the federation file signs as; ``options`` as for `Launcher` (workdir, env, ...)."""
+        super().__init__(configs, **options)
         self.authkey = secrets.token_hex(32)
         self.user = user
         self._sites = {name: _Site(name=name, config=config, port=free_port()) for name, config in self.configs.items()}

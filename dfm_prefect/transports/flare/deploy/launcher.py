@@ -34,8 +34,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from dfm_prefect.core.errors import ConfigError, FederationError, SiteUnavailableError
 from dfm_prefect.transports.base import Launcher, Started, write_spec
@@ -55,17 +56,10 @@ class FlareFederation(Launcher):
     """A FLARE server, one FLARE client per site config and the mesh job, all on 127.0.0.1."""
 
     def __init__(
-        self,
-        configs: Sequence[str | os.PathLike[str]],
-        *,
-        workdir: str | os.PathLike[str],
-        env: Mapping[str, str] | None = None,
-        pythonpath: Sequence[str] = (),
-        job: MeshJobConfig = MeshJobConfig(),
-        ready_timeout: float = 120.0,
-        supervise: bool = True,
+        self, configs: Sequence[str | os.PathLike[str]], *, job: MeshJobConfig = MeshJobConfig(), supervise: bool = True, **options: Any
     ) -> None:
-        super().__init__(configs, workdir=workdir, env=env, pythonpath=pythonpath, ready_timeout=ready_timeout)
+        """``job`` configures the mesh job, ``supervise`` replaces it when it fails; ``options`` as for `Launcher`."""
+        super().__init__(configs, **options)
         self.job = job
         self.supervise = supervise
         self.poc = Poc(self.workdir / "flare", list(self.configs))
