@@ -67,8 +67,7 @@ def demo(
     transport: Annotated[str, typer.Option(help=TRANSPORT_HELP, callback=_transport)] = "flare",
 ) -> None:
     """Run the federated climate demo on two sites (one on S3) over FLARE and check the answer."""
-    from dfm_prefect.demo import RTOL, run_demo
-    from dfm_prefect.testing.climate import ClimateSpec
+    from dfm_prefect.demo import RTOL, ClimateSpec, run_demo
 
     # Without PREFECT_API_URL, Prefect starts a local server process for the run; it
     # reads this from its environment and would otherwise try to send telemetry.
