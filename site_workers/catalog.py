@@ -15,7 +15,7 @@ import threading
 from typing import Any
 
 from dfm_prefect.core.wire import SourceInfo
-from site_workers.readers import open_location
+from site_workers.readers import dataset_paths, open_location
 from site_workers.sources import Location, SourceResolver
 from site_workers.summaries import summarize
 
@@ -25,9 +25,10 @@ CSV_COUNT_LIMIT = 64 << 20
 
 
 def _storage_bytes(location: Location) -> int | None:
-    """Bytes the source takes in storage (all files under its path)."""
+    """Bytes the source takes in storage (all files under its path, or under each match of its glob)."""
+    fs = location.filesystem()
     try:
-        return int(location.filesystem().du(location.path, total=True))
+        return sum(int(fs.du(path, total=True)) for path in location.files())
     except (OSError, ValueError) as exc:
         log.info("cannot size %s: %s", location.url, exc)
         return None
@@ -38,7 +39,7 @@ def _table_rows(location: Location, frame: Any, stored: int | None) -> int | Non
     if location.format == "parquet":
         import pyarrow.dataset as pads
 
-        return int(pads.dataset(location.path, filesystem=location.filesystem(), format="parquet").count_rows())
+        return int(pads.dataset(dataset_paths(location), filesystem=location.filesystem(), format="parquet").count_rows())
     if location.format == "csv" and stored is not None and stored <= CSV_COUNT_LIMIT:
         import dask
 

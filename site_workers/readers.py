@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from dfm_prefect.core.errors import InvalidParametersError
+from dfm_prefect.core.errors import AccessDeniedError, InvalidParametersError
+from site_workers.confine import refuse_external_storage
 from site_workers.sources import Location
 
 Reader = Callable[[Location], Any]
@@ -31,31 +32,59 @@ def open_location(location: Location) -> Any:
     return reader(location)
 
 
+def dataset_paths(location: Location) -> str | list[str]:
+    """What to hand a multi-file reader (Parquet, CSV): the one confined path, or the confined matches of a glob."""
+    paths = location.files()
+    return paths[0] if len(paths) == 1 else paths
+
+
+def _one_path(location: Location) -> str:
+    paths = location.files()
+    if len(paths) != 1:
+        raise InvalidParametersError(
+            f"{location.url!r} matches {len(paths)} paths; a {location.format} dataset is one file or store, so name one"
+        )
+    return paths[0]
+
+
 def _zarr(location: Location) -> Any:
     import xarray as xr
 
-    mapper = location.filesystem().get_mapper(location.path)
+    # Every chunk is opened through the location's (confined) filesystem, so a chunk
+    # file or directory symlinked out of the store is refused when it is read.
+    mapper = location.filesystem().get_mapper(_one_path(location))
     return xr.open_zarr(mapper, chunks={})
 
 
 def _netcdf(location: Location) -> Any:
     import xarray as xr
 
+    path = _one_path(location)
     if location.protocol == "file":
-        return xr.open_dataset(location.path, engine="h5netcdf", chunks="auto")
-    return xr.open_dataset(location.filesystem().open(location.path, "rb"), engine="h5netcdf", chunks="auto")
+        refuse_external_storage(path, location.url)
+        return xr.open_dataset(path, engine="h5netcdf", chunks="auto")
+    handle = location.filesystem().open(path, "rb")
+    try:
+        refuse_external_storage(handle, location.url)
+    except AccessDeniedError:
+        handle.close()
+        raise
+    handle.seek(0)
+    return xr.open_dataset(handle, engine="h5netcdf", chunks="auto")
 
 
 def _parquet(location: Location) -> Any:
     import dask.dataframe as dd
 
-    return dd.read_parquet(location.url, storage_options=location.storage_options)
+    return dd.read_parquet(dataset_paths(location), filesystem=location.filesystem())
 
 
 def _csv(location: Location) -> Any:
     import dask.dataframe as dd
 
-    return dd.read_csv(location.url, storage_options=location.storage_options)
+    # Dask opens these paths as given: each is a resolved, confined file, never a pattern.
+    paths = location.files()
+    return dd.read_csv([f"{location.protocol}://{path}" for path in paths], storage_options=location.storage_options)
 
 
 register_reader("zarr", _zarr)

@@ -6,6 +6,12 @@ A request names data as a source name (``temperature``), a site-qualified name
 lies under a declared data root, after normalisation: no ``..`` segments, no
 chained or other protocols, no query strings, and for local files no symlink
 that leads out of the root.
+
+Each `Location` carries the boundary it was allowed under (the root, or the
+source's own path), and what a reader opens for it is confined to that boundary
+again when it is read (`site_workers.confine`): globs are expanded here and every
+match checked, local files are opened through a filesystem that refuses symlinks
+out of the boundary.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from fsspec.core import split_protocol
 
 from dfm_prefect.core.errors import AccessDeniedError, InvalidParametersError
 from site_workers.config import SiteConfig, SourceConfig
+from site_workers.confine import ConfinedFileSystem, expand, glob_base, within
 
 _FORMATS = {
     ".zarr": "zarr",
@@ -37,20 +44,37 @@ _LOCAL = {"file", "local"}
 
 @dataclass(frozen=True)
 class Location:
-    """A place the site may read: canonical protocol, normalised path, options."""
+    """A place the site may read: canonical protocol, normalised path (maybe a glob), options.
+
+    ``root`` is the boundary it was allowed under (a data root, or the declared
+    source's path); without one the path's part before any glob is the boundary.
+    """
 
     protocol: str
     path: str
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
     format: str | None = None
     source: str | None = None
+    root: str | None = None
 
     @property
     def url(self) -> str:
         return f"{self.protocol}://{self.path}"
 
+    @property
+    def boundary(self) -> str:
+        """Nothing outside this path is read for this location."""
+        return self.root or glob_base(self.path)
+
     def filesystem(self) -> fsspec.AbstractFileSystem:
+        """The filesystem to read through; for local files one confined to :attr:`boundary`."""
+        if self.protocol == "file":
+            return ConfinedFileSystem(root=self.boundary)
         return fsspec.filesystem(self.protocol, **self.storage_options)
+
+    def files(self) -> list[str]:
+        """The paths a reader opens: the path, or each match of its glob, confined to :attr:`boundary`."""
+        return expand(self.filesystem(), self.path, self.boundary, local=self.protocol == "file", url=self.url)
 
 
 def canonical(url: str) -> tuple[str, str]:
@@ -74,10 +98,6 @@ def canonical(url: str) -> tuple[str, str]:
     if protocol == "file":
         normal = os.path.realpath(normal)
     return protocol, normal.rstrip("/") or "/"
-
-
-def _within(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip("/") + "/")
 
 
 def infer_format(path: str, declared: str | None = None) -> str | None:
@@ -126,11 +146,12 @@ class SourceResolver:
             return self._named(name, name)
         protocol, path = canonical(name)
         for location in self._source_locations.values():
-            if location.protocol == protocol and _within(path, location.path):
-                return Location(protocol, path, location.storage_options, infer_format(path, location.format), location.source)
+            if location.protocol == protocol and within(path, location.path):
+                format = infer_format(path, location.format)
+                return Location(protocol, path, location.storage_options, format, location.source, location.boundary)
         for root in self._roots:
-            if root.protocol == protocol and _within(path, root.path):
-                return Location(protocol, path, root.storage_options, infer_format(path))
+            if root.protocol == protocol and within(path, root.path):
+                return Location(protocol, path, root.storage_options, infer_format(path), root=root.path)
         raise AccessDeniedError(
             f"{name!r} is not a data source of this site and not under its data roots; "
             f"sources here: {sorted(self.sources)}"

@@ -65,6 +65,7 @@ def site(tables, s3, tmp_path_factory):
         {"name": "parquet", "url": f"file://{root / 'visits.parquet'}", "format": "parquet"},
         {"name": "csv", "url": f"file://{root / 'visits.csv'}"},
         {"name": "s3", "url": f"s3://{BUCKET}/south/visits.parquet", "storage_options": s3_options},
+        {"name": "s3_glob", "url": f"s3://{BUCKET}/south/*.parquet", "storage_options": s3_options},
     ]
     with InProcessSite(tmp_path_factory.mktemp("tables-store"), sources) as site:
         yield site
@@ -84,10 +85,10 @@ def test_catalog_lists_columns_dtypes_and_rows_from_metadata(site, tables):
     assert entries["s3"].format == "parquet"
 
 
-@pytest.mark.parametrize("source", ["parquet", "csv", "s3"])
+@pytest.mark.parametrize("source", ["parquet", "csv", "s3", "s3_glob"])
 def test_filter_keeps_the_rows_where_every_condition_holds(site, tables, source):
     _, local, remote = tables
-    frame = remote if source == "s3" else local
+    frame = remote if source.startswith("s3") else local
     where = [
         {"column": "ward", "op": "in", "value": ["cardio", "onco"]},
         {"column": "age", "op": "between", "value": [40, 65]},
