@@ -51,10 +51,11 @@ def error_info(
     exception comes from an operation or a library and its message may quote the
     data; with ``detail="type"`` only its type leaves, and the full message goes
     to the site's log (through ``redact``) under an incident id that the site's
-    administrator can look up.
+    administrator can look up. Text is masked by ``redact`` before it is cut: a
+    credential straddling the cut would otherwise leave minus its last characters.
     """
     if isinstance(exc, FederationError):
-        return ErrorInfo(code=exc.code, message=wire_text(str(exc), MAX_ERROR))
+        return ErrorInfo(code=exc.code, message=wire_text(redact(str(exc)), MAX_ERROR))
     if detail == "type":
         incident = uuid.uuid4().hex[:12]
         log.warning("incident %s: %s: %s", incident, type(exc).__name__, wire_text(redact(str(exc))))
@@ -63,7 +64,7 @@ def error_info(
             f"details (its export policy has error_detail: type); its administrator can look up incident {incident}"
         )
         return ErrorInfo(code=OperationFailedError.code, message=message)
-    return ErrorInfo(code=OperationFailedError.code, message=wire_text(f"{type(exc).__name__}: {exc}", MAX_ERROR))
+    return ErrorInfo(code=OperationFailedError.code, message=wire_text(redact(f"{type(exc).__name__}: {exc}"), MAX_ERROR))
 
 
 def validation_message(exc: ValidationError) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from dfm_prefect.core.wire import SourceInfo
@@ -50,8 +51,9 @@ def _table_rows(location: Location, frame: Any, stored: int | None) -> int | Non
 class Catalog:
     """Source summaries, computed once per source on first request (metadata reads only)."""
 
-    def __init__(self, resolver: SourceResolver) -> None:
+    def __init__(self, resolver: SourceResolver, redact: Callable[[str], str] = str) -> None:
         self._resolver = resolver
+        self._redact = redact
         self._summaries: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
 
@@ -71,8 +73,9 @@ class Catalog:
             if callable(close):
                 close()
         except Exception as exc:  # an unreadable source is reported, not fatal
-            log.warning("cannot summarize source %s: %s", name, exc)
-            return {"error": f"{type(exc).__name__}: {exc}"[:500]}
+            message = self._redact(f"{type(exc).__name__}: {exc}")  # masked before it is cut
+            log.warning("cannot summarize source %s: %s", name, message)
+            return {"error": message[:500]}
         with self._lock:
             self._summaries[name] = summary
         return summary

@@ -140,6 +140,14 @@ class Limits(_Model):
     concurrency: int = Field(default=4, ge=1, le=1024)
     queue: int = Field(default=10_000, ge=0, description="Requests that may wait for a slot.")
     max_params_bytes: int = Field(default=1 << 20, ge=1024)
+    reply_buffer_bytes: int = Field(
+        default=64 << 20,
+        ge=1 << 20,
+        description="Replies one client may have waiting unread; beyond it the site stops reading that client's frames.",
+    )
+    reply_stall_s: float = Field(default=120.0, gt=0, description="A client that reads nothing this long while replies wait is dropped.")
+    handshake_timeout_s: float = Field(default=10.0, gt=0, le=600, description="Local transport: time to authenticate.")
+    max_unauthenticated: int = Field(default=64, ge=1, le=4096, description="Local transport: connections waiting to authenticate.")
 
 
 USER_CODE_OPERATION = "code.python"

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from dfm_prefect.core.errors import AccessDeniedError, RequestCancelledError
+from dfm_prefect.core.errors import AccessDeniedError, FederationError, RequestCancelledError
 from dfm_prefect.core.refs import DataRef
 from dfm_prefect.core.wire import LogLine
 from site_workers.answers import wire_text
@@ -23,6 +23,8 @@ from site_workers.summaries import summarize
 
 OPS_LOGGER = "dfm_prefect.site.ops"
 _lines: contextvars.ContextVar[list[LogLine] | None] = contextvars.ContextVar("dfm_site_log_lines", default=None)
+_LOG_LIMIT = 8192
+_PROGRESS_LIMIT = 512
 _redact: contextvars.ContextVar[Callable[[str], str] | None] = contextvars.ContextVar("dfm_site_redact", default=None)
 
 
@@ -37,12 +39,17 @@ class _RedactingFilter(logging.Filter):
 
 
 class _CapturingHandler(logging.Handler):
-    """Collects the log lines of the operation running in the current thread."""
+    """Collects the log lines of the operation running in the current thread, masked before they are cut.
+
+    (Records of child loggers reach this handler without passing the filter above.)
+    """
 
     def emit(self, record: logging.LogRecord) -> None:
         lines = _lines.get()
         if lines is not None:
-            lines.append(LogLine(level=record.levelno, message=wire_text(record.getMessage(), 8192), time=record.created))
+            redact = _redact.get() or str
+            message = wire_text(redact(record.getMessage()), _LOG_LIMIT)
+            lines.append(LogLine(level=record.levelno, message=message, time=record.created))
 
 
 logging.getLogger(OPS_LOGGER).addFilter(_RedactingFilter())
@@ -62,6 +69,7 @@ class SiteContext:
         store: ResultStore,
         compute: ComputeBackend,
         cancelled: threading.Event,
+        stopped: Callable[[], FederationError | None] | None = None,
         on_progress: Callable[[float, str], None] | None = None,
         user_code: UserCodePolicy | None = None,
         redact: Callable[[str], str] | None = None,
@@ -72,6 +80,7 @@ class SiteContext:
         self._store = store
         self._compute = compute
         self._cancelled = cancelled
+        self._stopped = stopped
         self._on_progress = on_progress
         self._redact = redact
         self.user_code = user_code or UserCodePolicy()
@@ -135,7 +144,11 @@ class SiteContext:
         if self._on_progress is None or (now - self._last_progress < 0.5 and fraction < 1.0):
             return
         self._last_progress = now
-        self._on_progress(fraction, message[:512])
+        self._on_progress(fraction, wire_text(self.mask(message), _PROGRESS_LIMIT))  # masked before it is cut
+
+    def mask(self, text: str) -> str:
+        """``text`` with the site's credentials masked (do this before cutting text that may leave the site)."""
+        return self._redact(text) if self._redact is not None else text
 
     def sleep(self, seconds: float) -> None:
         """Wait ``seconds``, waking at once (and raising) if the request is cancelled; reports progress."""
@@ -151,9 +164,10 @@ class SiteContext:
         return self._cancelled.wait(timeout)
 
     def check_cancelled(self) -> None:
-        """Raise if the client cancelled this request (call between long steps)."""
+        """Raise if the client cancelled this request or the site stopped it (its timeout); call between long steps."""
         if self._cancelled.is_set():
-            raise RequestCancelledError("the request was cancelled by the client", site=self.site)
+            stop = self._stopped() if self._stopped is not None else None
+            raise stop if stop is not None else RequestCancelledError("the request was cancelled by the client", site=self.site)
 
 
 class _DaskProgress:

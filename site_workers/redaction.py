@@ -10,6 +10,12 @@ gate when a result's bytes contain one. Values shorter than
 :data:`MIN_SECRET_LENGTH` characters are not redacted: they would match
 ordinary text, and a credential that short protects nothing.
 
+Masking always comes before cutting (a secret straddling a cut would no longer
+match whole). As a second line, a text that *ends* with the start of a secret,
+or *starts* with the end of one (at least :data:`MIN_SECRET_LENGTH` characters
+of it), has that piece masked too: that is what a secret cut by someone else
+upstream looks like.
+
 Example:
 
 ```python
@@ -79,6 +85,10 @@ class Redactor:
         ordered = sorted((form for form in forms if len(form) >= MIN_SECRET_LENGTH), key=len, reverse=True)
         self._pattern = re.compile("|".join(map(re.escape, ordered))) if ordered else None
         self._bytes = [form.encode("utf-8", "surrogatepass") for form in ordered]
+        # Pieces of a secret that a cut leaves at the end (its starts) or the start (its ends) of a text.
+        self._heads = {form[:n] for form in ordered for n in range(MIN_SECRET_LENGTH, len(form))}
+        self._tails = {form[-n:] for form in ordered for n in range(MIN_SECRET_LENGTH, len(form))}
+        self._longest = max(map(len, ordered), default=0)
 
     @classmethod
     def for_config(cls, config: SiteConfig) -> Redactor:
@@ -90,10 +100,30 @@ class Redactor:
         return self._pattern is not None
 
     def text(self, text: str, limit: int | None = None) -> str:
-        """``text`` with every secret masked, made JSON-safe and cut to ``limit`` characters."""
-        if self._pattern is not None:
-            text = self._pattern.sub(MASK, text)
-        return wire_text(text, limit)
+        """``text`` with every secret masked, then made JSON-safe and cut to ``limit`` characters.
+
+        Masks first, cuts second, then masks what a cut left of a secret at either edge.
+        """
+        if self._pattern is None:
+            return wire_text(text, limit)
+        text = self._edges(wire_text(self._pattern.sub(MASK, text)))
+        if limit is not None and len(text) > limit:
+            text = self._edges(text[:limit])
+            if len(text) > limit:  # the mask is longer than the piece it replaced
+                text = text[: limit - len(MASK)] + MASK
+        return text
+
+    def _edges(self, text: str) -> str:
+        """``text`` with a piece of a secret at its end or its start masked (what a cut leaves)."""
+        for n in range(min(self._longest, len(text)), MIN_SECRET_LENGTH - 1, -1):
+            if text[-n:] in self._heads:
+                text = text[:-n] + MASK
+                break
+        for n in range(min(self._longest, len(text)), MIN_SECRET_LENGTH - 1, -1):
+            if text[:n] in self._tails:
+                text = MASK + text[n:]
+                break
+        return text
 
     def value(self, value: Any) -> Any:
         """A JSON-like value with every string (keys included) masked."""

@@ -4,14 +4,20 @@ A result's file name binds it to the kind and format the site gave it
 (``<uuid>.<kind>.<format>``), so a client cannot relabel a stored dataset as a
 ``value`` to get it past the export policy: the name, not the reference the
 client sends, is what the site believes.
+
+On local disk results are private to the site's OS user: the store directory
+is mode 0700 and every result file 0600 (created so, never readable by others
+even for a moment).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import posixpath
 import re
+import shutil
 import tempfile
 import threading
 import uuid
@@ -20,12 +26,14 @@ from typing import Any
 import fsspec
 
 from dfm_prefect.core.codecs import codec_for, decode
-from dfm_prefect.core.errors import AccessDeniedError, ResultIntegrityError
+from dfm_prefect.core.errors import AccessDeniedError, ConfigError, ResultIntegrityError
 from dfm_prefect.core.refs import DataRef, ResultKind
 from site_workers.config import StoreConfig
 from site_workers.sources import canonical
 
 _CHUNK = 4 << 20
+_PRIVATE_DIR = 0o700
+_PRIVATE_FILE = 0o600
 _BOUND_NAME = re.compile(r"^[0-9a-f]{32}\.(value|aggregate|dataset|table)\.([a-z0-9_]+)$")
 _LEGACY_NAME = re.compile(r"^[0-9a-f]{32}\.([a-z0-9_]+)$")
 
@@ -38,6 +46,25 @@ def _sha256_file(path: str) -> str:
     return digest.hexdigest()
 
 
+def _write_private(path: str, data: bytes) -> None:
+    """Write a new file that only the site's OS user can read (mode set at creation, not after)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _PRIVATE_FILE)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+
+
+def _move_private(source: str, target: str) -> None:
+    """Move a private file into the store; across file systems, copy it into a file created private."""
+    try:
+        os.rename(source, target)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _PRIVATE_FILE)
+        with os.fdopen(fd, "wb") as out, open(source, "rb") as handle:
+            shutil.copyfileobj(handle, out, _CHUNK)
+
+
 class ResultStore:
     """Writes results under one fsspec location and hands out `DataRef`s to them."""
 
@@ -46,6 +73,14 @@ class ResultStore:
         self.protocol, self.root = canonical(config.url)
         self.fs = fsspec.filesystem(self.protocol, **config.storage_options)
         self.fs.makedirs(self.root, exist_ok=True)
+        if self.is_local:
+            try:
+                os.chmod(self.root, _PRIVATE_DIR)
+            except PermissionError as exc:
+                raise ConfigError(
+                    f"site {site!r}: its result store {self.root} cannot be made private (mode 0700): {exc}; "
+                    "point result_store at a directory the site's OS user owns"
+                ) from None
         # uri -> (sha256, stamp) of results already hashed; a changed stamp re-hashes.
         self._verified: dict[str, tuple[str, Any]] = {}
         self._lock = threading.Lock()
@@ -63,14 +98,21 @@ class ResultStore:
         if codec.write_file is None:
             payload = codec.encode(value)
             size, sha = len(payload), hashlib.sha256(payload).hexdigest()
-            self.fs.pipe_file(target, payload)
+            if self.is_local:
+                _write_private(target, payload)
+            else:
+                self.fs.pipe_file(target, payload)
         else:
             # Lazy values stream to a local file chunk by chunk, then move to the store.
             with tempfile.TemporaryDirectory(prefix="dfm-result-") as scratch:
                 local = os.path.join(scratch, name)
                 codec.write_file(value, local)
                 size, sha = os.path.getsize(local), _sha256_file(local)
-                self.fs.put_file(local, target)
+                if self.is_local:
+                    os.chmod(local, _PRIVATE_FILE)  # in a 0700 scratch directory until it moves
+                    _move_private(local, target)
+                else:
+                    self.fs.put_file(local, target)
         stamp = self._stamp(target)
         ref = DataRef(
             site=self.site,

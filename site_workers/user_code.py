@@ -10,9 +10,12 @@ What a run gets: the source is written to a private scratch directory and run
 by a fresh interpreter (``python -I``: no ``PYTHON*`` variables, no user site,
 no current directory on the path) in its own session, with an environment that
 holds none of the site's variables (so none of its credentials), CPU-time,
-address-space, file-size and core-dump limits, and a wall-clock timeout after
-which its whole process group is killed. The site process never compiles or
-runs the source itself. The code sees its JSON ``inputs`` as the global
+address-space, file-size and core-dump limits, and a wall-clock timeout. A
+runner process (`site_workers.containment`, a child subreaper) sits between the
+site and the code: when the code ends, times out or is cancelled, or the site
+dies, every process the code started (even one that left its session with
+``setsid()``) is killed with it. The site process never compiles or runs the
+source itself. The code sees its JSON ``inputs`` as the global
 ``inputs`` and returns a JSON value by setting the global ``result``; what it
 prints comes back as log lines (if the site shares logs).
 
@@ -42,6 +45,7 @@ from pydantic import Field, JsonValue
 
 from dfm_prefect.core.errors import InvalidParametersError, OperationFailedError, UnknownOperationError
 from dfm_prefect.core.operations import OperationParams, operation
+from site_workers import containment
 from site_workers.config import USER_CODE_OPERATION, UserCodePolicy
 
 # Runs in the child, never in the site: set the limits, then run the client's file as __main__.
@@ -57,7 +61,9 @@ with open(result_path, "w") as handle:
     json.dump(namespace.get("result"), handle, allow_nan=False)
 """
 _TAIL = 4000
+_MASK_MARGIN = 4096
 _TICK = 0.1
+_RUNNER_GRACE_S = 10.0
 
 
 class PythonParams(OperationParams):
@@ -107,8 +113,9 @@ def _run(scratch: Path, params: PythonParams, policy: UserCodePolicy, timeout: f
     script = scratch / "user_code.py"
     script.write_text(params.source)
     (scratch / "inputs.json").write_text(json.dumps(params.inputs))
-    result_path = scratch / "result.json"
-    command = [sys.executable, "-I", "-c", _BOOTSTRAP, str(script), json.dumps(_limits(policy)), str(result_path)]
+    result_path, status_path = scratch / "result.json", scratch / "status.json"
+    code = [sys.executable, "-I", "-c", _BOOTSTRAP, str(script), json.dumps(_limits(policy)), str(result_path)]
+    command = [sys.executable, "-I", containment.__file__, str(os.getpid()), str(status_path), "--", *code]
     with open(scratch / "output.txt", "wb") as output:
         process = subprocess.Popen(
             command,
@@ -132,33 +139,56 @@ def _run(scratch: Path, params: PythonParams, policy: UserCodePolicy, timeout: f
                 if ctx.wait_cancelled(_TICK):
                     break
         finally:
-            _kill_group(process)
+            _stop(process)
     ctx.check_cancelled()
     output = scratch / "output.txt"
-    printed = _tail(output)
+    printed = _tail(output, ctx)
     if timed_out:
         raise OperationFailedError(f"the code ran past its {timeout:g} s limit and was stopped")
-    if process.returncode != 0:
-        reason = _exit_reason(process.returncode, policy, output.stat().st_size)
+    returncode = _exit_code(status_path, printed)
+    if returncode != 0:
+        reason = _exit_reason(returncode, policy, output.stat().st_size)
         raise OperationFailedError(f"the code failed ({reason}); the end of its output:\n{printed}")
     if printed:
         ctx.log.info("output of the code:\n%s", printed)
     return _result(result_path, policy)
 
 
-def _kill_group(process: subprocess.Popen[bytes]) -> None:
-    """Stop the child and anything it started (they share its session)."""
+def _stop(runner: subprocess.Popen[bytes]) -> None:
+    """Have the runner kill everything the code started, then make sure the runner itself is gone."""
+    if runner.poll() is None:
+        runner.send_signal(signal.SIGTERM)
+        try:
+            runner.wait(_RUNNER_GRACE_S)
+        except subprocess.TimeoutExpired:
+            pass
     try:
-        os.killpg(process.pid, signal.SIGKILL)
+        os.killpg(runner.pid, signal.SIGKILL)  # what is left of its session, if the runner was stuck
     except ProcessLookupError:
         pass
-    process.wait()
+    runner.wait()
 
 
-def _tail(path: Path) -> str:
+def _exit_code(status_path: Path, printed: str) -> int:
+    """The code's exit status as its runner recorded it."""
+    try:
+        status = json.loads(status_path.read_text())
+    except (OSError, ValueError):
+        raise OperationFailedError(f"the user-code runner ended without a status; the end of its output:\n{printed}") from None
+    if "error" in status:
+        raise OperationFailedError(
+            f"this site cannot contain user code ({status['error']}); its administrator must run it where "
+            "prctl(PR_SET_CHILD_SUBREAPER) is allowed"
+        )
+    return int(status["exit"]) if status.get("exit") is not None else -signal.SIGKILL
+
+
+def _tail(path: Path, ctx: Any) -> str:
+    """The end of what the code printed, masked before it is cut (the margin is longer than any secret)."""
     with open(path, "rb") as handle:
-        handle.seek(max(0, path.stat().st_size - _TAIL))
-        return handle.read().decode("utf-8", "replace").strip()
+        handle.seek(max(0, path.stat().st_size - _TAIL - _MASK_MARGIN))
+        text = ctx.mask(handle.read().decode("utf-8", "replace"))
+    return text[-_TAIL:].strip()
 
 
 def _exit_reason(code: int, policy: UserCodePolicy, printed_bytes: int) -> str:

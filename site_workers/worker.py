@@ -14,7 +14,6 @@ with each frame; the export policy's ``recipients`` rules decide on it.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -31,11 +30,10 @@ from dfm_prefect.core.errors import (
     ConfigError,
     ExportRefusedError,
     FederationError,
-    InvalidParametersError,
     MalformedRequestError,
     RequestCancelledError,
+    RequestTimeoutError,
     SiteOverloadedError,
-    UnknownOperationError,
 )
 from dfm_prefect.core.operations import Operation, load_operations
 from dfm_prefect.core.wire import (
@@ -58,11 +56,13 @@ from dfm_prefect.core.wire import (
     StatsRequest,
     b64encode,
 )
-from site_workers.answers import error_info, guess_id, refs_in, site_info, validation_message, wire_safe_id
+from site_workers import admission
+from site_workers.answers import error_info, guess_id, site_info, validation_message, wire_safe_id
 from site_workers.catalog import Catalog
 from site_workers.compute import make_backend
-from site_workers.config import USER_CODE_OPERATION, SiteConfig
+from site_workers.config import SiteConfig
 from site_workers.context import SiteContext
+from site_workers.deadlines import Deadlines
 from site_workers.identities import AuditLog, Identities, data_inputs
 from site_workers.policy import ExportGate
 from site_workers.redaction import Redactor
@@ -83,6 +83,10 @@ class _Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     future: Future[None] | None = None
     answered: bool = False
+    stop: FederationError | None = None
+    """Why the site stopped it (a timeout); None while it may run or when the client cancelled it."""
+    deadline: int | None = None
+    accepted: float = field(default_factory=time.monotonic)
 
 
 class SiteWorker:
@@ -103,9 +107,9 @@ class SiteWorker:
         self.resolver = SourceResolver(config)
         self.store = ResultStore(config.name, config.result_store)
         self.compute = make_backend(config.compute)
-        self.catalog = Catalog(self.resolver)
-        self.catalog.warm()
         self.redactor = Redactor.for_config(config)
+        self.catalog = Catalog(self.resolver, redact=self.redactor.text)
+        self.catalog.warm()
         self.gate = ExportGate(config.name, config.export, self.redactor)
         self.identities = Identities(config.name, config.identities, root_ca)
         self.audit = AuditLog(config.name, config.identities.audit_log)
@@ -115,6 +119,7 @@ class SiteWorker:
         self._running = 0
         self._stats = {"requests": 0, "completed": 0, "failed": 0, "rejected": 0, "bytes_out": 0, "bytes_stored": 0}
         self._closed = False
+        self._deadlines = Deadlines(config.name)
 
     # ------------------------------------------------------------------ frames
 
@@ -131,7 +136,7 @@ class SiteWorker:
             with self._lock:
                 self._stats["rejected"] += 1
             message = f"the frame does not follow the dfm-prefect wire schema v1: {validation_message(exc)}"
-            self._safe_reply(reply, ErrorReply(id=guess_id(frame), error=ErrorInfo(code=MalformedRequestError.code, message=message[:8192])))
+            self._safe_reply(reply, ErrorReply(id=guess_id(frame), error=ErrorInfo(code=MalformedRequestError.code, message=self.redactor.text(message, 8192))))
             return
         for message in envelope.messages:
             self.handle_message(message, reply, peer, identity)
@@ -172,8 +177,8 @@ class SiteWorker:
         with self._lock:
             self._stats["requests"] += 1
         try:
-            op = self._check(request)
-            params = self._validate(op, request)
+            op = admission.operation_for(request, self.operations, self.name)
+            params = admission.validated_params(op, request, self.config.limits, self.store, self.name)
         except FederationError as exc:
             with self._lock:
                 self._stats["rejected"] += 1
@@ -193,6 +198,9 @@ class SiteWorker:
                 raise MalformedRequestError(f"request id {request.id!r} is already in use", site=self.name)
             else:
                 self._jobs[request.id] = job
+                if request.timeout_s is not None:
+                    # Counted from acceptance: time spent queued is part of the client's budget.
+                    job.deadline = self._deadlines.add(job.accepted + request.timeout_s, lambda: self._time_out(job))
                 job.future = self._pool.submit(self._execute, job, op, params)
         if full:
             # Answered outside the lock: the answer reads the load, which takes the lock.
@@ -202,46 +210,6 @@ class SiteWorker:
                 site=self.name,
             )
             self._safe_reply(reply, self._failure(request, overloaded, 0.0))
-
-    def _check(self, request: RunRequest) -> Operation:
-        op = self.operations.get(request.op)
-        if op is None:
-            if request.op == USER_CODE_OPERATION:
-                raise UnknownOperationError(
-                    f"operation {request.op!r} is not offered here: this site does not run code sent by clients "
-                    "(its administrator has not opted in with user_code.enabled; see docs/security.md)",
-                    site=self.name,
-                )
-            raise UnknownOperationError(
-                f"operation {request.op!r} is not offered here (it is not in this site's allow-list); "
-                f"this site offers {sorted(self.operations)}",
-                site=self.name,
-            )
-        if request.version is not None and request.version != op.version:
-            raise UnknownOperationError(
-                f"operation {request.op!r} version {request.version!r} is not offered here (this site has version {op.version!r})",
-                site=self.name,
-            )
-        return op
-
-    def _validate(self, op: Operation, request: RunRequest) -> Any:
-        size = len(json.dumps(request.params, separators=(",", ":")))
-        if size > self.config.limits.max_params_bytes:
-            raise InvalidParametersError(
-                f"parameters of {op.name!r} are {size} bytes; this site accepts at most "
-                f"{self.config.limits.max_params_bytes}",
-                site=self.name,
-            )
-        try:
-            params = op.params.model_validate(request.params)
-        except ValidationError as exc:
-            raise InvalidParametersError(
-                f"invalid parameters for {op.name!r}: {validation_message(exc)}", site=self.name
-            ) from None
-        for value in params.__dict__.values():
-            for ref in refs_in(value):
-                self.store.check_owned(ref)
-        return params
 
     def _execute(self, job: _Job, op: Operation, params: Any) -> None:
         request = job.request
@@ -255,6 +223,7 @@ class SiteWorker:
             store=self.store,
             compute=self.compute,
             cancelled=job.cancelled,
+            stopped=lambda: job.stop,
             user_code=self.config.user_code,
             redact=self.redactor.text if self.redactor.active else None,
             on_progress=lambda fraction, message: self._safe_reply(
@@ -298,8 +267,36 @@ class SiteWorker:
             with self._lock:
                 self._running -= 1
                 self._jobs.pop(request.id, None)
+            if job.deadline is not None:
+                self._deadlines.discard(job.deadline)
         self.audit.record("run", job.identity, request.id, op=op.name, inputs=data_inputs(params), **outcome)
+        self._answer(job, message)
+
+    def _answer(self, job: _Job, message: RunResult) -> None:
+        """Send a run's one answer; later ones (an operation that finished after its timeout) are dropped."""
+        with self._lock:
+            if job.answered:
+                return
+            job.answered = True
         self._safe_reply(job.reply, message)
+
+    def _time_out(self, job: _Job) -> None:
+        """A request ran past its ``timeout_s``: stop it at the site and tell the client now.
+
+        An operation that checks for cancellation stops at once; one that does not keeps
+        its slot until it returns (the load stays honest), but its answer is dropped.
+        """
+        timeout = job.request.timeout_s
+        job.stop = RequestTimeoutError(
+            f"request {job.request.id} ran past its timeout_s of {timeout:g} s and was stopped at the site; "
+            "give it a longer timeout_s or make the work smaller",
+            site=self.name,
+        )
+        job.cancelled.set()
+        if job.future is not None and job.future.cancel():
+            with self._lock:
+                self._jobs.pop(job.request.id, None)
+        self._answer(job, self._failure(job.request, job.stop, time.monotonic() - job.accepted))
 
     def _failure(self, request: RunRequest, exc: BaseException, duration: float, logs: list[Any] | None = None) -> RunResult:
         return RunResult(
@@ -330,7 +327,9 @@ class SiteWorker:
         if job.future is not None and job.future.cancel():
             with self._lock:
                 self._jobs.pop(request_id, None)
-            self._safe_reply(job.reply, self._failure(job.request, RequestCancelledError("cancelled before it started", site=self.name), 0.0))
+            if job.deadline is not None:
+                self._deadlines.discard(job.deadline)
+            self._answer(job, self._failure(job.request, RequestCancelledError("cancelled before it started", site=self.name), 0.0))
         return True
 
     def cancel_peer(self, peer: str) -> int:
@@ -386,4 +385,5 @@ class SiteWorker:
         with self._lock:
             self._closed = True
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._deadlines.close()
         self.compute.close()

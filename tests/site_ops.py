@@ -35,19 +35,21 @@ def flaky(params: FlakyParams, ctx: Any) -> int:
 class LeakParams(OperationParams):
     variable: str = Field(pattern=r"^DFM_TEST_[A-Z_]+$", description="The site environment variable to leak.")
     mode: Literal["raise", "return", "progress"] = "raise"
+    pad: int = Field(default=0, ge=0, le=16384, description="Characters before the credential (to place it across a cut).")
 
 
 @operation("testing.leak", version="1", result="value")
 def leak(params: LeakParams, ctx: Any) -> Any:
     """A careless operation: puts a site credential in a log line, a progress message, an error or its result."""
     secret = os.environ.get(params.variable, "")
-    ctx.log.info("connecting with %s", secret)
+    pad = "." * params.pad
+    ctx.log.info("%sconnecting with %s", pad, secret)
     if params.mode == "progress":
-        ctx.progress(1.0, f"token {secret}")
+        ctx.progress(1.0, f"{pad}token {secret}")
         return "done"
     if params.mode == "return":
         return {"token": secret}
-    raise RuntimeError(f"login failed for token={secret} (row 17: patient_weight=81.4)")
+    raise RuntimeError(f"{pad}login failed for token={secret} (row 17: patient_weight=81.4)")
 
 
 class WhereParams(OperationParams):

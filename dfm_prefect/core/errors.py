@@ -91,6 +91,12 @@ class RequestCancelledError(FederationError):
     code = "cancelled"
 
 
+class RequestTimeoutError(FederationError, TimeoutError):
+    """The request ran past its ``timeout_s`` and the site stopped it (also a built-in `TimeoutError`)."""
+
+    code = "timeout"
+
+
 class MalformedRequestError(FederationError):
     """A message could not be decoded or does not follow the wire schema."""
 
@@ -118,6 +124,7 @@ ERROR_CODES: dict[str, type[FederationError]] = {
         SiteOverloadedError,
         ResultIntegrityError,
         RequestCancelledError,
+        RequestTimeoutError,
         MalformedRequestError,
         PlacementError,
     )

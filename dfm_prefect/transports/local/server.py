@@ -4,6 +4,12 @@ Connections are authenticated with a shared key (HMAC challenge in both
 directions, from :mod:`multiprocessing.connection`); frames are JSON bytes sent
 with ``send_bytes``/``recv_bytes``, never pickles.
 
+A connection that has not authenticated is held to a deadline and a cap
+(:mod:`~dfm_prefect.transports.local.gate`); ``accept()`` failing (no
+descriptors left) sheds such a connection and never ends the site. Each
+client's replies wait in a bounded :class:`~dfm_prefect.core.backpressure.ReplyBuffer`:
+while it is full the site reads no more of that client's frames.
+
 Run a site::
 
     DFM_AUTHKEY=<hex> python -m dfm_prefect.transports.local.server north.yaml --port 0
@@ -12,6 +18,7 @@ Run a site::
 from __future__ import annotations
 
 import argparse
+import errno
 import itertools
 import logging
 import os
@@ -22,14 +29,19 @@ import threading
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Connection, Listener, answer_challenge, deliver_challenge
 
+from dfm_prefect.core.backpressure import ReplyBuffer
 from dfm_prefect.core.errors import ConfigError
-from dfm_prefect.core.framing import BatchingWriter
 from dfm_prefect.core.wire import ReplyEnvelope, SiteMessage
+from dfm_prefect.transports.local.gate import HandshakeGate, shutdown
 from dfm_prefect.transports.local.protocol import AUTHKEY_ENV, MAX_FRAME, READY
 from site_workers.config import load_site_config
 from site_workers.worker import SiteWorker
 
 log = logging.getLogger("dfm_prefect.site.local")
+
+# accept() failures that mean "no descriptor or memory for one more connection right now".
+_OUT_OF_ROOM = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+_BACKLOG = 128
 
 
 class LocalSiteServer:
@@ -38,11 +50,14 @@ class LocalSiteServer:
     def __init__(self, worker: SiteWorker, *, authkey: bytes, host: str = "127.0.0.1", port: int = 0) -> None:
         self.worker = worker
         self._authkey = authkey
-        self._listener = Listener((host, port), family="AF_INET")
+        self._listener = Listener((host, port), family="AF_INET", backlog=_BACKLOG)
         self._peers = itertools.count(1)
         self._connections: set[Connection] = set()
         self._lock = threading.Lock()
+        self._ended = threading.Condition(self._lock)  # notified whenever a connection closes
         self._closing = threading.Event()
+        limits = worker.config.limits
+        self.gate = HandshakeGate(timeout=limits.handshake_timeout_s, limit=limits.max_unauthenticated)
 
     @property
     def address(self) -> str:
@@ -54,23 +69,53 @@ class LocalSiteServer:
         while not self._closing.is_set():
             try:
                 conn = self._listener.accept()
-            except OSError:
+            except OSError as exc:
                 if self._closing.is_set():
                     return
-                raise
+                self._accept_failed(exc)
+                continue
             peer = f"local-{next(self._peers)}"
-            threading.Thread(target=self._serve, args=(conn, peer), name=f"site-conn-{peer}", daemon=True).start()
+            self.gate.admit(peer, conn)
+            try:
+                threading.Thread(target=self._serve, args=(conn, peer), name=f"site-conn-{peer}", daemon=True).start()
+            except RuntimeError as exc:  # no thread for it: refuse this one connection, keep serving
+                log.warning("refused connection %s: %s", peer, exc)
+                self._end(conn, peer)
+
+    def _accept_failed(self, exc: OSError) -> None:
+        """A failed accept() never ends the site: make room if it ran out of descriptors, then go on."""
+        if exc.errno not in _OUT_OF_ROOM:
+            log.warning("accept() failed: %s; still serving", exc)
+            return
+        if self.gate.shed_oldest(f"accept() failed ({exc.strerror}): a descriptor was needed"):
+            return
+        log.warning("accept() failed (%s) and no unauthenticated connection can be shed; waiting for one to end", exc.strerror)
+        with self._ended:
+            self._ended.wait(1.0)  # also a backstop: descriptors may be freed outside this server
+
+    def _end(self, conn: Connection, peer: str) -> None:
+        self.gate.passed(peer)
+        with self._ended:
+            self._connections.discard(conn)
+            conn.close()
+            self._ended.notify_all()
 
     def _serve(self, conn: Connection, peer: str) -> None:
         try:
             deliver_challenge(conn, self._authkey)
             answer_challenge(conn, self._authkey)
+            refused = None if self.gate.passed(peer) else f"it did not authenticate within {self.gate.timeout:g} s"
         except (AuthenticationError, OSError, EOFError) as exc:
-            log.warning("refused connection %s: %s", peer, exc)
-            conn.close()
+            refused = str(exc) or type(exc).__name__
+        if refused is not None:
+            log.info("refused connection %s: %s", peer, refused)
+            self._end(conn, peer)
             return
         with self._lock:
             self._connections.add(conn)
+        self._serve_client(conn, peer)
+
+    def _serve_client(self, conn: Connection, peer: str) -> None:
         send_lock = threading.Lock()
 
         def send(batch: list[SiteMessage]) -> None:
@@ -78,22 +123,34 @@ class LocalSiteServer:
             with send_lock:
                 conn.send_bytes(frame)
 
-        writer: BatchingWriter[SiteMessage] = BatchingWriter(send, name=f"site-writer-{peer}")
+        limits = self.worker.config.limits
+        replies = ReplyBuffer(
+            send,
+            name=f"site-writer-{peer}",
+            on_overflow=lambda _reason: shutdown(conn),
+            max_bytes=limits.reply_buffer_bytes,
+            stall_s=limits.reply_stall_s,
+        )
+        reader = threading.get_ident()
+
+        def reply(message: SiteMessage) -> None:
+            # Only this connection's own reader may wait for room; the site's worker threads never do.
+            replies.put(message, wait=threading.get_ident() == reader)
+
         try:
-            while True:
+            while replies.wait_for_room():
                 try:
                     frame = conn.recv_bytes(MAX_FRAME)
                 except (EOFError, OSError):
                     break
-                self.worker.handle_frame(frame, writer.put, peer)
+                self.worker.handle_frame(frame, reply, peer)
         finally:
             cancelled = self.worker.cancel_peer(peer)
             if cancelled:
-                log.info("client %s went away; cancelled %d of its requests", peer, cancelled)
-            writer.close()
-            with self._lock:
-                self._connections.discard(conn)
-            conn.close()
+                log.info("client %s went away or was dropped; cancelled %d of its requests", peer, cancelled)
+            shutdown(conn)  # a writer blocked on a client that does not read fails now, not later
+            replies.close()
+            self._end(conn, peer)
 
     def close(self) -> None:
         self._closing.set()
@@ -105,6 +162,7 @@ class LocalSiteServer:
         except OSError:
             pass
         self._listener.close()
+        self.gate.close()
         with self._lock:
             connections = list(self._connections)
         for conn in connections:

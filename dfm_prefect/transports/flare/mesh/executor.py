@@ -175,8 +175,16 @@ class MeshExecutor(Executor):
             chunk_bytes=self.chunk_bytes,
             frame_bytes=self.frame_bytes,
             linger=self.reply_linger,
+            max_buffer_bytes=self.worker.config.limits.reply_buffer_bytes,
+            on_overflow=self._drop_peer,
         )
         return None
+
+    def _drop_peer(self, peer: str, reason: str) -> None:
+        """A client left more replies unread than the site holds: its work is cancelled, its replies dropped."""
+        if self.worker is not None:
+            cancelled = self.worker.cancel_peer(peer)
+            log.warning("site %s dropped client %s (%s); cancelled %d of its requests", self.site, peer, reason, cancelled)
 
     def _life(self) -> None:
         error = self._build_worker()

@@ -3,8 +3,12 @@
 Independent of FLARE (the executor passes the function that sends one chunk
 with a site -> server aux message), so it is tested on its own.
 
-Replies for one client queue up in a `BatchingWriter` while the previous frame
-is being sent, then go out as one `ReplyEnvelope` frame; a frame is capped at
+Replies for one client queue up in a bounded
+:class:`~dfm_prefect.core.backpressure.ReplyBuffer` while the previous frame is
+being sent, then go out as one `ReplyEnvelope` frame. The buffer never blocks
+(one intake thread reads every client's frames): a client whose replies do not
+fit gets lighter ones, and one that leaves more than twice the bound unread is
+given up on (``on_overflow``: the executor cancels its work). Frames are sent; a frame is capped at
 ``frame_bytes`` and cut into chunks of ``chunk_bytes``, each sent and
 acknowledged before the next, so no single message is large and the
 controller's buffer is the only place a frame waits. A refused or failed chunk
@@ -19,7 +23,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from dfm_prefect.core.framing import BatchingWriter
+from dfm_prefect.core.backpressure import DEFAULT_MAX_BYTES, ReplyBuffer
 from dfm_prefect.core.wire import ReplyEnvelope, SiteMessage
 from dfm_prefect.transports.flare.chunks import split
 from dfm_prefect.transports.flare.protocol import ReplyAck, ReplyChunk
@@ -51,6 +55,8 @@ class ReplySender:
         frame_bytes: int = 1 << 20,
         max_backoff: float = 2.0,
         linger: float = 0.0,
+        max_buffer_bytes: int = DEFAULT_MAX_BYTES,
+        on_overflow: Callable[[str, str], None] | None = None,
     ) -> None:
         self.site = site
         self.incarnation = incarnation
@@ -62,18 +68,30 @@ class ReplySender:
         self._send = send
         self._stop = stop
         self._lock = threading.Lock()
-        self._writers: dict[str, BatchingWriter[SiteMessage]] = {}
+        self.max_buffer_bytes = max_buffer_bytes
+        self._on_overflow = on_overflow
+        self._writers: dict[str, ReplyBuffer] = {}
 
     def reply_for(self, peer: str) -> Callable[[SiteMessage], None]:
         """The ``reply`` callback to hand `SiteWorker.handle_frame` for frames from ``peer``."""
         with self._lock:
             writer = self._writers.get(peer)
             if writer is None:
-                writer = BatchingWriter(
-                    lambda batch: self._send_batch(peer, batch), name=f"dfm-reply-{peer[:8]}", linger=self.linger
+                writer = ReplyBuffer(
+                    lambda batch: self._send_batch(peer, batch),
+                    name=f"dfm-reply-{peer[:8]}",
+                    on_overflow=lambda reason: self._overflowed(peer, reason),
+                    max_bytes=self.max_buffer_bytes,
+                    linger=self.linger,
                 )
                 self._writers[peer] = writer
             return writer.put
+
+    def _overflowed(self, peer: str, reason: str) -> None:
+        log.warning("site %s gave up on client %s: %s", self.site, peer, reason)
+        if self._on_overflow is not None:
+            self._on_overflow(peer, reason)
+        self.close_peer(peer)
 
     @property
     def peers(self) -> list[str]:

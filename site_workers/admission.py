@@ -1,0 +1,64 @@
+"""Admission of a run request: is the operation offered here, and are its parameters valid?
+
+Nothing runs until both hold. Names are looked up in the site's own allow-list,
+never imported; parameters are size-checked before their pydantic model parses
+them, and every reference in them must point into this site's own store.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import ValidationError
+
+from dfm_prefect.core.errors import InvalidParametersError, UnknownOperationError
+from dfm_prefect.core.operations import Operation
+from dfm_prefect.core.wire import RunRequest
+from site_workers.answers import refs_in, validation_message
+from site_workers.config import USER_CODE_OPERATION, Limits
+from site_workers.store import ResultStore
+
+
+def operation_for(request: RunRequest, operations: dict[str, Operation], site: str) -> Operation:
+    """The operation a request names, if this site offers it (that name and version), else `UnknownOperationError`."""
+    op = operations.get(request.op)
+    if op is None:
+        if request.op == USER_CODE_OPERATION:
+            raise UnknownOperationError(
+                f"operation {request.op!r} is not offered here: this site does not run code sent by clients "
+                "(its administrator has not opted in with user_code.enabled; see docs/security.md)",
+                site=site,
+            )
+        raise UnknownOperationError(
+            f"operation {request.op!r} is not offered here (it is not in this site's allow-list); "
+            f"this site offers {sorted(operations)}",
+            site=site,
+        )
+    if request.version is not None and request.version != op.version:
+        raise UnknownOperationError(
+            f"operation {request.op!r} version {request.version!r} is not offered here (this site has version {op.version!r})",
+            site=site,
+        )
+    return op
+
+
+def validated_params(op: Operation, request: RunRequest, limits: Limits, store: ResultStore, site: str) -> Any:
+    """The request's parameters validated by the operation's model, size-checked first; every `DataRef` in them must be this site's."""
+    size = len(json.dumps(request.params, separators=(",", ":")))
+    if size > limits.max_params_bytes:
+        raise InvalidParametersError(
+            f"parameters of {op.name!r} are {size} bytes; this site accepts at most "
+            f"{limits.max_params_bytes}",
+            site=site,
+        )
+    try:
+        params = op.params.model_validate(request.params)
+    except ValidationError as exc:
+        raise InvalidParametersError(
+            f"invalid parameters for {op.name!r}: {validation_message(exc)}", site=site
+        ) from None
+    for value in params.__dict__.values():
+        for ref in refs_in(value):
+            store.check_owned(ref)
+    return params
