@@ -18,8 +18,15 @@ The site config picks one (``compute.kind``):
     ``gpu`` when a CUDA device, CuPy and dask-cuda are there, else ``cpu``, with a
     warning in the site log that says why.
 
+Every cluster a site starts listens on 127.0.0.1 and speaks only mutual TLS,
+with a CA and certificate made for it alone (`site_workers.dask_tls`): Dask runs
+the pickled functions it is sent, so a cluster anyone could talk to would run
+anyone's code as the site. Its HTTP listeners are closed.
+
 With ``scheduler_address`` (and ``kind: cpu`` or ``gpu``) the site starts no
-cluster and sends its work to that scheduler.
+cluster and sends its work to that scheduler, as a TLS client with the
+certificate in ``scheduler_tls`` (or, where the admin opted out, in clear, with
+a warning at every start).
 
 Example (a custom backend)::
 
@@ -41,10 +48,13 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dfm_prefect.core.errors import ConfigError
 from site_workers.config import ComputeConfig
+
+if TYPE_CHECKING:
+    from site_workers.dask_tls import ClusterCertificates
 
 log = logging.getLogger("dfm_prefect.site.compute")
 
@@ -140,9 +150,19 @@ class DistributedBackend(ComputeBackend):
 
     name = "cpu"
 
-    def __init__(self, client: Any, cluster: Any = None, *, arrays: ArrayModule | None = None, name: str | None = None) -> None:
+    def __init__(
+        self,
+        client: Any,
+        cluster: Any = None,
+        *,
+        arrays: ArrayModule | None = None,
+        name: str | None = None,
+        certificates: ClusterCertificates | None = None,
+    ) -> None:
         self.client = client
         self.cluster = cluster
+        self.certificates = certificates
+        """The cluster's TLS certificates when the site started the cluster (removed by `close`)."""
         self.arrays = arrays
         if name:
             self.name = name
@@ -181,9 +201,13 @@ class DistributedBackend(ComputeBackend):
         return value
 
     def close(self) -> None:
-        self.client.close()
-        if self.cluster is not None:
-            self.cluster.close()
+        try:
+            self.client.close()
+            if self.cluster is not None:
+                self.cluster.close()
+        finally:
+            if self.certificates is not None:
+                self.certificates.close()
 
 
 def _xarray_to_host(value: Any, arrays: ArrayModule) -> Any:
@@ -206,27 +230,65 @@ def _cluster_kwargs(config: ComputeConfig) -> dict[str, Any]:
 def _connect(config: ComputeConfig) -> Any:
     from distributed import Client
 
+    address = config.scheduler_address
+    security = None
+    if config.scheduler_tls is not None:
+        from site_workers.dask_tls import admin_security
+
+        tls = config.scheduler_tls
+        security = admin_security(tls.ca_file, tls.cert_file, tls.key_file)
+    elif config.allow_unauthenticated_scheduler and not str(address).startswith("inproc://"):
+        log.warning(
+            "compute: sending work to %s without authentication (allow_unauthenticated_scheduler: true): any process "
+            "that reaches that scheduler runs code as this site; give it TLS and scheduler_tls instead",
+            address,
+        )
     try:
-        return Client(config.scheduler_address, set_as_default=False, timeout="30s")
+        return Client(address, security=security, set_as_default=False, timeout="30s")
     except OSError as exc:
+        hint = " and that it trusts the CA of scheduler_tls.cert_file (and its CA signed the scheduler's certificate)" if security else ""
         raise ConfigError(
-            f"compute.scheduler_address {config.scheduler_address!r} cannot be reached: {exc}; "
-            "start the scheduler first or remove scheduler_address to let the site start its own cluster"
+            f"compute.scheduler_address {address!r} cannot be reached: {exc}; "
+            f"check that the scheduler runs{hint}, or remove scheduler_address to let the site start its own cluster"
         ) from None
+
+
+def _start_cluster(make: Callable[..., Any], label: str, **kwargs: Any) -> tuple[Any, Any, ClusterCertificates]:
+    """A cluster made by ``make`` that speaks only mutual TLS on 127.0.0.1, its client, and its certificates."""
+    import dask
+    from distributed import Client
+
+    from site_workers.dask_tls import NO_HTTP_ROUTES, ClusterCertificates, close_http_servers
+
+    certificates = ClusterCertificates(label)
+    security = certificates.security()
+    cluster = client = None
+    try:
+        with dask.config.set(NO_HTTP_ROUTES):  # nannies pass this config on to every worker they (re)start
+            cluster = make(protocol="tls://", host="127.0.0.1", security=security, **kwargs)
+        client = Client(cluster, security=security, set_as_default=False)
+        close_http_servers(client)
+        return cluster, client, certificates
+    except BaseException:
+        for part in (client, cluster):
+            if part is not None:
+                part.close()
+        certificates.close()
+        raise
 
 
 def cpu_backend(config: ComputeConfig) -> DistributedBackend:
     """``kind: cpu``: a LocalCluster of worker processes (or the scheduler at ``scheduler_address``)."""
-    from distributed import Client, LocalCluster
+    from distributed import LocalCluster
 
     if config.scheduler_address:
         return DistributedBackend(_connect(config), name="cpu")
     cores = os.cpu_count() or 1
     workers = config.workers or max(1, min(cores, 4))
     kwargs = {"threads_per_worker": max(1, cores // workers), **_cluster_kwargs(config)}
-    cluster = LocalCluster(n_workers=workers, processes=True, **kwargs)
-    log.info("compute: cpu, %d worker processes (%s)", workers, kwargs.get("memory_limit", "auto memory limit"))
-    return DistributedBackend(Client(cluster, set_as_default=False), cluster, name="cpu")
+    cluster, client, certificates = _start_cluster(LocalCluster, "dfm-dask-cpu", n_workers=workers, processes=True, **kwargs)
+    log.info("compute: cpu, %d worker processes (%s), mutual TLS on 127.0.0.1", workers, kwargs.get("memory_limit", "auto memory limit"))
+    return DistributedBackend(client, cluster, name="cpu", certificates=certificates)
 
 
 def gpu_unavailable() -> str | None:
@@ -258,14 +320,13 @@ def gpu_backend(config: ComputeConfig) -> DistributedBackend:
     if reason is not None:
         raise ConfigError(f"compute kind 'gpu' cannot run here: {reason}; use kind: auto to fall back to the CPU")
     from dask_cuda import LocalCUDACluster
-    from distributed import Client
 
     kwargs = _cluster_kwargs(config)
     if config.workers is not None:
         kwargs["n_workers"] = config.workers
-    cluster = LocalCUDACluster(**kwargs)
-    log.info("compute: gpu, dask-cuda LocalCUDACluster with %d GPU workers", len(cluster.workers))
-    return DistributedBackend(Client(cluster, set_as_default=False), cluster, arrays=cupy_module(), name="gpu")
+    cluster, client, certificates = _start_cluster(LocalCUDACluster, "dfm-dask-gpu", **kwargs)
+    log.info("compute: gpu, dask-cuda LocalCUDACluster with %d GPU workers, mutual TLS on 127.0.0.1", len(cluster.workers))
+    return DistributedBackend(client, cluster, arrays=cupy_module(), name="gpu", certificates=certificates)
 
 
 def auto_backend(config: ComputeConfig) -> ComputeBackend:
