@@ -102,6 +102,10 @@ class FlareTransport(Transport):
     def signer(self) -> Signer:
         """The admin kit's own certificate and key: every request is signed as that person."""
         startup = Path(self.spec.admin_kit) / "startup"
+        if not (startup / "fed_admin.json").is_file():
+            raise ConfigError(
+                f"{self.spec.admin_kit} is not an admin startup kit (no startup/fed_admin.json); point admin_kit at the admin's kit folder"
+            )
         return Signer.from_files(startup / "client.crt", startup / "client.key")
 
     @classmethod
