@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import threading
 
-from dfm_prefect.core.wire import ErrorInfo, ErrorReply, ReplyEnvelope, RunRequest
+from dfm_prefect.core.wire import CancelRequest, ErrorInfo, ErrorReply, ReplyEnvelope, RunRequest
 from dfm_prefect.transports.flare.deploy.kits import harden_kit, kit_policy_problems
 from dfm_prefect.transports.flare.link import JobLink
 from dfm_prefect.transports.flare.mesh.mailbox import Delivery, Mailboxes
@@ -126,3 +126,8 @@ def test_the_client_takes_an_answer_only_from_the_site_its_request_went_to():
     assert link.dropped["north"] == {"about a request sent to another site": 1}
     honest = piece.model_copy(update={"seq": 2, "site": "south"})
     assert [m.id for _, m in link.absorb(ExchangeReply(pieces=[honest], sites=link.states)).messages] == ["r1"]
+    link.expect("south", [CancelRequest(id="c1", target="r1")])  # a refused cancel is answered, an accepted one is not
+    refusal = ReplyEnvelope(messages=[ErrorReply(id="c1", error=ErrorInfo(code="access_denied", message="not yours"))])
+    pieces = [Piece(seq=seq, site=site, frame="g", index=0, count=1, data=refusal.model_dump_json()) for seq, site in ((3, "north"), (4, "south"))]
+    assert [(site, m.id) for site, m in link.absorb(ExchangeReply(pieces=pieces, sites=link.states)).messages] == [("south", "c1")]
+    assert link.dropped["north"] == {"about a request sent to another site": 2}

@@ -5,8 +5,7 @@ tested on its own. The FLARE transport keeps one current link and, during a
 blue/green switch, the previous job's link until its last answers are in.
 
 A reply is taken only from the site its request went to: a message about a
-request that this link sent to another site, or never sent (or that was
-answered already), is dropped and counted in ``dropped`` (site -> reason ->
+request that this link sent to another site, or never sent, is dropped and counted in ``dropped`` (site -> reason ->
 count). Together with the controller, which lets a site reply only as itself,
 a site cannot answer for another.
 """
@@ -14,7 +13,7 @@ a site cannot answer for another.
 from __future__ import annotations
 
 import time
-from collections import Counter, defaultdict
+from collections import Counter, OrderedDict, defaultdict
 from dataclasses import dataclass, field
 
 from pydantic import ValidationError
@@ -24,7 +23,9 @@ from dfm_prefect.transports.flare.chunks import Reassembler
 from dfm_prefect.transports.flare.protocol import ExchangeReply, SiteState
 
 OTHER_SITES_REQUEST = "about a request sent to another site"
-NOT_AWAITED = "about a request not awaited"
+NOT_AWAITED = "about a request it was not sent"
+REMEMBER_ROUTES = 100_000
+"""How many recent request ids are remembered with the site they went to (cancels get no answer when accepted)."""
 ANSWERED = ("run", "describe", "fetch", "stats")
 """Message kinds a site answers exactly once (a cancel gets no answer)."""
 INTERIM = ("progress",)
@@ -59,6 +60,7 @@ class JobLink:
         self.pieces = 0
         self.largest_piece = 0
         self._joiner = Reassembler()
+        self._routes: OrderedDict[str, str] = OrderedDict()
 
     def told(self, ack: int, awaiting: int) -> None:
         """Record what the job last heard from this client: its cursor and how many answers it waited for."""
@@ -82,10 +84,13 @@ class JobLink:
         return f"site is dead in mesh job {self.job_id}: {state.reason}"
 
     def expect(self, site: str, messages: list[ClientMessage]) -> None:
-        """Remember the messages sent to ``site`` that will be answered."""
+        """Remember where each message went, and those that will be answered."""
         for message in messages:
+            self._routes[message.id] = site
             if message.kind in ANSWERED:
                 self.awaiting[message.id] = site
+        while len(self._routes) > REMEMBER_ROUTES:
+            self._routes.popitem(last=False)
 
     def forget_messages(self, messages: list[ClientMessage]) -> None:
         """Stop waiting for these messages (they were not delivered; they will be sent again)."""
@@ -120,7 +125,7 @@ class JobLink:
 
     def _refusal(self, site: str, request_id: str) -> str | None:
         """Why a message from ``site`` about ``request_id`` is not taken (None: it is)."""
-        sent_to = self.awaiting.get(request_id)
+        sent_to = self.awaiting.get(request_id) or self._routes.get(request_id)
         if sent_to is None:
             return NOT_AWAITED
         return None if sent_to == site else OTHER_SITES_REQUEST
@@ -151,7 +156,7 @@ class JobLink:
                         self.dropped[piece.site][refused] += 1
                         continue
                     if message.kind not in INTERIM:
-                        del self.awaiting[message.id]
+                        self.awaiting.pop(message.id, None)
                 digest.messages.append((piece.site, message))
         lost = self.set_states(reply.sites)
         for site, reason in reply.rejected.items():
