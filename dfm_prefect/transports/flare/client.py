@@ -103,7 +103,7 @@ class FlareTransport(Transport):
 
     def signer(self) -> Signer:
         """The admin kit's own certificate and key: every request is signed as that person."""
-        startup = Path(self.spec.admin_kit) / "startup"
+        startup = admin.admin_kit_folder(self.spec.admin_kit) / "startup"
         return Signer.from_files(startup / "client.crt", startup / "client.key")
 
     @classmethod
