@@ -207,12 +207,16 @@ def federation_status(
 def federation_join(
     kit: Annotated[Path, typer.Argument(help="This site's FLARE startup kit (the folder holding startup/ and local/).")],
     config: Annotated[Path, typer.Argument(help="This site's YAML config.")],
+    shell_for: Annotated[
+        Optional[list[str]],
+        typer.Option(help="Opt in: this admin role may run FLARE shell commands (ls, cat, grep) on this site, logs included."),
+    ] = None,
 ) -> None:
     """Run this site in a provisioned FLARE federation: harden the kit's policy, start its FLARE client."""
     from dfm_prefect.transports.flare.deploy.participant import run_site
 
     try:
-        raise typer.Exit(run_site(kit, config, log=console.print))
+        raise typer.Exit(run_site(kit, config, log=console.print, shell_roles=shell_for or ()))
     except FederationError as exc:
         raise _fail(exc) from None
 

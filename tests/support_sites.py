@@ -225,7 +225,7 @@ class RawMeshConnection:
 
         spec = load_spec(fed.federation_file)
         self.site = site
-        self.client_id = uuid.uuid4().hex
+        self.mailbox = uuid.uuid4().hex  # its mailbox secret (32 hex characters)
         self.session = admin.open_session(spec.admin_kit, spec.username)  # type: ignore[attr-defined]
         self.job_id = admin.find_mesh_job(self.session, spec.job_name).id  # type: ignore[attr-defined]
         self.link = JobLink(self.job_id)
@@ -236,7 +236,7 @@ class RawMeshConnection:
         from dfm_prefect.transports.flare.protocol import ClientFrame, ExchangeRequest
 
         request = ExchangeRequest(
-            client=self.client_id,
+            mailbox=self.mailbox,
             ack=self.link.ack,
             wait=wait,
             awaiting=1,
@@ -266,7 +266,7 @@ class RawMeshConnection:
         from dfm_prefect.transports.flare import admin
         from dfm_prefect.transports.flare.protocol import ExchangeRequest
 
-        admin.exchange(self.session, self.job_id, ExchangeRequest(client=self.client_id, closing=True))
+        admin.exchange(self.session, self.job_id, ExchangeRequest(mailbox=self.mailbox, closing=True))
         admin.close_session(self.session)
 
 

@@ -16,7 +16,7 @@ from dfm_prefect.transports.flare.chunks import Reassembler, split
 from dfm_prefect.transports.flare.deploy.job import ALLOW_PREFIX, MeshJobConfig, write_job
 from dfm_prefect.transports.flare.deploy.kits import harden_kit, kit_policy_problems
 from dfm_prefect.transports.flare.link import JobLink
-from dfm_prefect.transports.flare.mesh.mailbox import Mailboxes
+from dfm_prefect.transports.flare.mesh.mailbox import Delivery, Mailboxes
 from dfm_prefect.transports.flare.mesh.replies import ReplySender
 from dfm_prefect.transports.flare.mesh.router import Router
 from dfm_prefect.transports.flare.protocol import (
@@ -30,6 +30,7 @@ from dfm_prefect.transports.flare.protocol import (
     ReplyChunk,
     SiteState,
     StatusRequest,
+    peer_of,
 )
 
 
@@ -49,6 +50,8 @@ def test_chunks_split_and_rejoin_interleaved_frames():
 
 def test_mailboxes_redeliver_until_acknowledged_and_keep_clients_apart():
     boxes = Mailboxes()
+    for client in ("c1", "c2"):
+        boxes.begin(client, ack=0, watched=True)
     boxes.deliver("c1", "north", "f1", 0, 1, "one")
     boxes.deliver("c2", "north", "f2", 0, 1, "other client")
     first, _ = boxes.collect("c1", ack=0, wait=0, max_bytes=1 << 20)
@@ -62,15 +65,25 @@ def test_mailboxes_redeliver_until_acknowledged_and_keep_clients_apart():
 
 def test_mailbox_long_poll_returns_when_a_reply_arrives_and_limits_bytes():
     boxes = Mailboxes(max_bytes=10)
+    boxes.begin("c", ack=0, watched=True)
     threading.Timer(0.1, lambda: boxes.deliver("c", "north", "f", 0, 1, "12345")).start()
     started = time.monotonic()
     pieces, more = boxes.collect("c", ack=0, wait=5.0, max_bytes=1 << 20)
     assert [p.data for p in pieces] == ["12345"] and not more
     assert time.monotonic() - started < 2.0
-    assert boxes.deliver("c", "north", "g", 0, 1, "67890")
-    assert not boxes.deliver("c", "north", "h", 0, 1, "x")  # over budget: the site resends later
+    assert boxes.deliver("c", "north", "g", 0, 1, "67890") is Delivery.QUEUED
+    assert boxes.deliver("c", "north", "h", 0, 1, "x") is Delivery.FULL  # over budget: the site resends later
     pieces, more = boxes.collect("c", ack=0, wait=0, max_bytes=6)
     assert len(pieces) == 1 and more
+
+
+def _secret(name: str) -> str:
+    """A mailbox secret for a named test client (its peer id, what sites see, is peer_of(it))."""
+    return f"{name}-secret".ljust(32, "x")
+
+
+def _peer(name: str) -> str:
+    return peer_of(_secret(name))
 
 
 def _router(clock: list[float]) -> Router:
@@ -84,18 +97,18 @@ def _frame(site: str, frame_id: str = "f1") -> ClientFrame:
 def test_router_refuses_frames_until_a_site_said_hello_and_drops_them_when_it_dies():
     clock = [100.0]
     router = _router(clock)
-    reply = router.exchange(ExchangeRequest(client="c", frames=[_frame("north")]))
+    reply = router.exchange(ExchangeRequest(mailbox=_secret("c"), frames=[_frame("north")]))
     assert "has not said hello" in reply.rejected["north"] and reply.sites["north"].state == "starting"
-    router.hello(Hello(site="north", incarnation="i1", pid=7, capacity=4))
-    reply = router.exchange(ExchangeRequest(client="c", frames=[_frame("north", "f2"), _frame("mars", "f3")]))
+    router.hello(Hello(site="north", incarnation="i1", pid=7, capacity=4), "north")
+    reply = router.exchange(ExchangeRequest(mailbox=_secret("c"), frames=[_frame("north", "f2"), _frame("mars", "f3")]))
     assert reply.sites["north"].state == "ready" and "not part of this mesh job" in reply.rejected["mars"]
     stop = threading.Event()
     batch = router.next_batch("north", stop)
-    assert batch is not None and [f.peer for f in batch.frames] == ["c"]
-    router.exchange(ExchangeRequest(client="c", frames=[_frame("north", "f4")]))
+    assert batch is not None and [f.peer for f in batch.frames] == [_peer("c")]
+    router.exchange(ExchangeRequest(mailbox=_secret("c"), frames=[_frame("north", "f4")]))
     clock[0] += 3.5
     assert router.check_liveness() == ["north"]
-    reply = router.exchange(ExchangeRequest(client="c", frames=[_frame("north", "f5")]))
+    reply = router.exchange(ExchangeRequest(mailbox=_secret("c"), frames=[_frame("north", "f5")]))
     assert reply.sites["north"].reason.startswith("no heartbeat") and "is dead" in reply.rejected["north"]
     stop.set()
     assert router.next_batch("north", stop) is None  # f4 was dropped with the dead site
@@ -104,29 +117,31 @@ def test_router_refuses_frames_until_a_site_said_hello_and_drops_them_when_it_di
 def test_router_ignores_resent_frames_and_tracks_heartbeats_and_incarnations():
     clock = [0.0]
     router = _router(clock)
-    router.hello(Hello(site="south", incarnation="a", pid=1))
-    router.exchange(ExchangeRequest(client="c", frames=[_frame("south", "same")]))
-    router.exchange(ExchangeRequest(client="c", frames=[_frame("south", "same")]))
+    router.hello(Hello(site="south", incarnation="a", pid=1), "south")
+    router.exchange(ExchangeRequest(mailbox=_secret("c"), frames=[_frame("south", "same")]))
+    router.exchange(ExchangeRequest(mailbox=_secret("c"), frames=[_frame("south", "same")]))
     assert len(router.next_batch("south", threading.Event()).frames) == 1
-    assert router.heartbeat(Heartbeat(site="south", incarnation="a", load=SiteLoad(running=2, capacity=4)))
+    assert router.heartbeat(Heartbeat(site="south", incarnation="a", load=SiteLoad(running=2, capacity=4)), "south") is True
     assert router.states()["south"].load.running == 2
-    assert not router.heartbeat(Heartbeat(site="south", incarnation="old"))  # asks it to say hello again
-    router.hello(Hello(site="south", incarnation="b", pid=2))
+    assert router.heartbeat(Heartbeat(site="south", incarnation="old"), "south") == "not its current job process"
+    router.hello(Hello(site="south", incarnation="b", pid=2), "south")
     assert router.states()["south"].incarnation == "b"
-    router.hello(Hello(site="north", incarnation="x", pid=3, error="config names 'mars'"))
+    router.hello(Hello(site="north", incarnation="x", pid=3, error="config names 'mars'"), "north")
     assert router.status(StatusRequest()).sites["north"].reason == "could not start: config names 'mars'"
 
 
 def test_router_status_waits_for_readiness_and_replies_reach_the_right_mailbox():
     router = _router([0.0])
-    threading.Timer(0.1, lambda: router.hello(Hello(site="north", incarnation="i", pid=1))).start()
+    threading.Timer(0.1, lambda: router.hello(Hello(site="north", incarnation="i", pid=1), "north")).start()
     started = time.monotonic()
     status = router.status(StatusRequest(wait_ready=["north"], wait=5.0))
     assert status.sites["north"].state == "ready" and time.monotonic() - started < 2.0
-    ack = router.reply(ReplyChunk(site="north", incarnation="i", peer="c9", frame="r", index=0, count=1, data="hi"))
+    router.exchange(ExchangeRequest(mailbox=_secret("c9"), frames=[_frame("north")]))
+    router.next_batch("north", threading.Event())
+    ack = router.reply(ReplyChunk(site="north", incarnation="i", peer=_peer("c9"), frame="r", index=0, count=1, data="hi"), "north")
     assert ack.accepted
-    assert [p.data for p in router.exchange(ExchangeRequest(client="c9")).pieces] == ["hi"]
-    assert router.exchange(ExchangeRequest(client="other")).pieces == []
+    assert [p.data for p in router.exchange(ExchangeRequest(mailbox=_secret("c9"))).pieces] == ["hi"]
+    assert router.exchange(ExchangeRequest(mailbox=_secret("other"))).pieces == []
 
 
 def test_reply_sender_batches_into_bounded_frames_and_resends_refused_chunks():
@@ -253,7 +268,7 @@ def test_a_client_that_waits_for_answers_but_stops_exchanging_is_gone_and_told_w
     now[0] = 5.5
     (gone,) = boxes.expire()
     assert gone[0] == "busy" and "client_timeout 5s" in gone[1]
-    assert boxes.deliver("busy", "north", "f2", 0, 1, "late") and boxes.buffered_bytes == 0  # dropped, not kept
+    assert boxes.deliver("busy", "north", "f2", 0, 1, "late") is Delivery.DROPPED and boxes.buffered_bytes == 0
     now[0] = 59.0
     assert boxes.expire() == []  # the idle client waits for nothing: never gone for that
     assert "client_timeout" in (boxes.begin("busy", ack=7, watched=True) or "")  # it returns, and is told
@@ -280,21 +295,21 @@ def test_a_client_in_a_long_poll_is_never_declared_gone():
 
 def test_router_cancels_a_leaving_clients_work_before_frames_it_sends_later():
     router = Router(["north"], site_timeout=3.0)
-    router.hello(Hello(site="north", incarnation="i", pid=1))
+    router.hello(Hello(site="north", incarnation="i", pid=1), "north")
     stop = threading.Event()
-    router.exchange(ExchangeRequest(client="old", frames=[_frame("north", "a")], awaiting=1))
-    router.exchange(ExchangeRequest(client="keep", frames=[_frame("north", "b")], awaiting=1))
-    router.exchange(ExchangeRequest(client="old", closing=True))
+    router.exchange(ExchangeRequest(mailbox=_secret("old"), frames=[_frame("north", "a")], awaiting=1))
+    router.exchange(ExchangeRequest(mailbox=_secret("keep"), frames=[_frame("north", "b")], awaiting=1))
+    router.exchange(ExchangeRequest(mailbox=_secret("old"), closing=True))
     batch = router.next_batch("north", stop)
-    assert [f.peer for f in batch.frames] == ["keep"] and batch.closed_peers == ["old"]  # its queued frame was dropped
-    router.exchange(ExchangeRequest(client="gone", frames=[_frame("north", "c")], awaiting=1))
-    router.exchange(ExchangeRequest(client="keep", awaiting=0))  # answered: it waits for nothing now
+    assert [f.peer for f in batch.frames] == [_peer("keep")] and batch.closed_peers == [_peer("old")]  # its queued frame was dropped
+    router.exchange(ExchangeRequest(mailbox=_secret("gone"), frames=[_frame("north", "c")], awaiting=1))
+    router.exchange(ExchangeRequest(mailbox=_secret("keep"), awaiting=0))  # answered: it waits for nothing now
     router.next_batch("north", stop)
     router.mailboxes.client_timeout = 0.0  # declare it gone at once
     time.sleep(0.01)
-    assert [client for client, _ in router.expire_clients()] == ["gone"]
-    reply = router.exchange(ExchangeRequest(client="gone", frames=[_frame("north", "d")], awaiting=2))
+    assert [client for client, _ in router.expire_clients()] == [_peer("gone")]
+    reply = router.exchange(ExchangeRequest(mailbox=_secret("gone"), frames=[_frame("north", "d")], awaiting=2))
     assert reply.expired is not None and "client_timeout" in reply.expired
     batch = router.next_batch("north", stop)
-    assert batch.closed_peers == ["gone"] and [f.peer for f in batch.frames] == ["gone"]  # the executor cancels first
+    assert batch.closed_peers == [_peer("gone")] and [f.peer for f in batch.frames] == [_peer("gone")]  # the executor cancels first
     assert router.status(StatusRequest()).counters["clients_expired"] == 1

@@ -181,7 +181,7 @@ mesh_frames = st.lists(
 exchange_payloads = st.fixed_dictionaries(
     {},
     optional={
-        "client": st.sampled_from(["c", "x" * 64, "x" * 65, ""]) | hostile_text | json_values,
+        "mailbox": st.sampled_from(["c", "x" * 32, "x" * 128, "x" * 129, ""]) | hostile_text | json_values,
         "ack": st.integers(min_value=-5, max_value=10**20) | json_values,
         "wait": quick_wait,
         "max_bytes": st.integers(min_value=-1, max_value=1 << 40),

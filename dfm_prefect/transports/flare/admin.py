@@ -53,6 +53,14 @@ def quiet_flare() -> None:
     set_output_format("json")
 
 
+def admin_kit_folder(admin_kit: str | os.PathLike[str]) -> Path:
+    """``admin_kit`` as a path, or `ConfigError` if it is not an admin startup kit."""
+    kit = Path(admin_kit)
+    if not (kit / "startup" / "fed_admin.json").exists():
+        raise ConfigError(f"{kit} is not an admin startup kit (no startup/fed_admin.json); point admin_kit at the admin's kit folder")
+    return kit
+
+
 def open_session(admin_kit: str | os.PathLike[str], username: str, *, command_timeout: float = 30.0, connect_timeout: float = 30.0) -> Any:
     """An authenticated admin session (close it when done, or it keeps reconnecting).
 
@@ -65,9 +73,7 @@ def open_session(admin_kit: str | os.PathLike[str], username: str, *, command_ti
 
     from dfm_prefect.transports.flare.trust import admin_address, tls_problem
 
-    kit = Path(admin_kit)
-    if not (kit / "startup" / "fed_admin.json").exists():
-        raise ConfigError(f"{kit} is not an admin startup kit (no startup/fed_admin.json); point admin_kit at the admin's kit folder")
+    kit = admin_kit_folder(admin_kit)
     host, port = admin_address(kit)
 
     def untrusted(problem: str) -> ConfigError:

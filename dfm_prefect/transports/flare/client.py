@@ -19,6 +19,7 @@ import atexit
 import base64
 import json
 import os
+import secrets
 import tempfile
 import threading
 import uuid
@@ -36,7 +37,7 @@ from dfm_prefect.core.wire import ClientMessage, Envelope
 from dfm_prefect.transports.base import OnMessage, OnSiteLost, Transport
 from dfm_prefect.transports.flare import admin
 from dfm_prefect.transports.flare.link import JobLink
-from dfm_prefect.transports.flare.protocol import DEFAULT_JOB_NAME, MAX_WAIT, ClientFrame
+from dfm_prefect.transports.flare.protocol import DEFAULT_JOB_NAME, MAX_WAIT, ClientFrame, describe_rejections
 from dfm_prefect.transports.flare.pump import MeshPump, Outgoing, PumpSettings
 from dfm_prefect.transports.flare.trust import admin_address
 
@@ -91,7 +92,8 @@ class FlareTransport(Transport):
 
     def __init__(self, spec: FlareSpec) -> None:
         self.spec = spec
-        self.client_id = uuid.uuid4().hex
+        # Opens this client's mailbox in the mesh job; sites see only protocol.peer_of(it). Never logged or sent elsewhere.
+        self._mailbox = secrets.token_hex(32)
         self._session: Any = None
         self._pump: MeshPump | None = None
 
@@ -101,11 +103,7 @@ class FlareTransport(Transport):
 
     def signer(self) -> Signer:
         """The admin kit's own certificate and key: every request is signed as that person."""
-        startup = Path(self.spec.admin_kit) / "startup"
-        if not (startup / "fed_admin.json").is_file():
-            raise ConfigError(
-                f"{self.spec.admin_kit} is not an admin startup kit (no startup/fed_admin.json); point admin_kit at the admin's kit folder"
-            )
+        startup = admin.admin_kit_folder(self.spec.admin_kit) / "startup"
         return Signer.from_files(startup / "client.crt", startup / "client.key")
 
     @classmethod
@@ -141,7 +139,7 @@ class FlareTransport(Transport):
             answer_timeout=spec.answer_timeout,
             server=f"FLARE server {host}:{port}",
         )
-        self._pump = MeshPump(self._session, link, settings, client_id=self.client_id, on_message=on_message, on_lost=on_site_lost)
+        self._pump = MeshPump(self._session, link, settings, mailbox=self._mailbox, on_message=on_message, on_lost=on_site_lost)
         self._pump.start()
         _close_at_exit(self)
 
@@ -193,6 +191,12 @@ class FlareTransport(Transport):
                 out[site] = f"ready: mesh job {link.job_id[:8]}, pid {state.pid}, heard {state.seen_s:.1f}s ago"
             else:
                 out[site] = f"{state.state}: {state.reason or 'no hello yet'}"
+            refused = describe_rejections(state.rejected)
+            if refused:
+                out[site] += f"; mesh job: {refused}"
+            dropped = sum(link.dropped[site].values())
+            if dropped:
+                out[site] += f"; this client dropped {dropped} of its replies ({', '.join(sorted(link.dropped[site]))})"
         return out
 
     @property
@@ -202,13 +206,16 @@ class FlareTransport(Transport):
 
     @property
     def counters(self) -> dict[str, Any]:
-        """Reply bytes received per site, pieces, the largest piece and exchanges, over every job used."""
+        """Reply bytes received per site, replies dropped per site, pieces, the largest piece and exchanges, over every job used."""
         links = self._pump.links if self._pump else []
         bytes_in: Counter[str] = Counter()
+        dropped: Counter[str] = Counter()
         for link in links:
             bytes_in.update(link.bytes_in)
+            dropped.update({site: sum(reasons.values()) for site, reasons in link.dropped.items()})
         return {
             "bytes_in": dict(bytes_in),
+            "dropped_replies": dict(dropped),
             "pieces": sum(link.pieces for link in links),
             "largest_piece": max((link.largest_piece for link in links), default=0),
             "exchanges": self._pump.exchanges if self._pump else 0,

@@ -3,12 +3,17 @@
 Independent of FLARE (it only digests :class:`ExchangeReply` objects), so it is
 tested on its own. The FLARE transport keeps one current link and, during a
 blue/green switch, the previous job's link until its last answers are in.
+
+A reply is taken only from the site its request went to: a message about a
+request that this link sent to another site, or never sent, is dropped and counted in ``dropped`` (site -> reason ->
+count). Together with the controller, which lets a site reply only as itself,
+a site cannot answer for another.
 """
 
 from __future__ import annotations
 
 import time
-from collections import Counter
+from collections import Counter, OrderedDict, defaultdict
 from dataclasses import dataclass, field
 
 from pydantic import ValidationError
@@ -17,6 +22,10 @@ from dfm_prefect.core.wire import ClientMessage, ReplyEnvelope, SiteMessage
 from dfm_prefect.transports.flare.chunks import Reassembler
 from dfm_prefect.transports.flare.protocol import ExchangeReply, SiteState
 
+OTHER_SITES_REQUEST = "about a request sent to another site"
+NOT_AWAITED = "about a request it was not sent"
+REMEMBER_ROUTES = 100_000
+"""How many recent request ids are remembered with the site they went to (cancels get no answer when accepted)."""
 ANSWERED = ("run", "describe", "fetch", "stats")
 """Message kinds a site answers exactly once (a cancel gets no answer)."""
 INTERIM = ("progress",)
@@ -47,9 +56,11 @@ class JobLink:
         self.last_dead: str | None = None
         self.more = False
         self.bytes_in: Counter[str] = Counter()
+        self.dropped: defaultdict[str, Counter[str]] = defaultdict(Counter)
         self.pieces = 0
         self.largest_piece = 0
         self._joiner = Reassembler()
+        self._routes: OrderedDict[str, str] = OrderedDict()
 
     def told(self, ack: int, awaiting: int) -> None:
         """Record what the job last heard from this client: its cursor and how many answers it waited for."""
@@ -73,10 +84,13 @@ class JobLink:
         return f"site is dead in mesh job {self.job_id}: {state.reason}"
 
     def expect(self, site: str, messages: list[ClientMessage]) -> None:
-        """Remember the messages sent to ``site`` that will be answered."""
+        """Remember where each message went, and those that will be answered."""
         for message in messages:
+            self._routes[message.id] = site
             if message.kind in ANSWERED:
                 self.awaiting[message.id] = site
+        while len(self._routes) > REMEMBER_ROUTES:
+            self._routes.popitem(last=False)
 
     def forget_messages(self, messages: list[ClientMessage]) -> None:
         """Stop waiting for these messages (they were not delivered; they will be sent again)."""
@@ -109,6 +123,13 @@ class JobLink:
         self.states = dict(states)
         return lost
 
+    def _refusal(self, site: str, request_id: str) -> str | None:
+        """Why a message from ``site`` about ``request_id`` is not taken (None: it is)."""
+        sent_to = self.awaiting.get(request_id) or self._routes.get(request_id)
+        if sent_to is None:
+            return NOT_AWAITED
+        return None if sent_to == site else OTHER_SITES_REQUEST
+
     def absorb(self, reply: ExchangeReply) -> Digest:
         """Digest one exchange reply (duplicates, already acknowledged, are skipped)."""
         digest = Digest()
@@ -129,8 +150,13 @@ class JobLink:
                 digest.unreadable.append(f"site {piece.site} sent a frame that is not wire v1: {exc.errors()[0]['msg']}")
                 continue
             for message in envelope.messages:
-                if message.kind not in INTERIM and message.id is not None:
-                    self.awaiting.pop(message.id, None)
+                if message.id is not None:
+                    refused = self._refusal(piece.site, message.id)
+                    if refused is not None:
+                        self.dropped[piece.site][refused] += 1
+                        continue
+                    if message.kind not in INTERIM:
+                        self.awaiting.pop(message.id, None)
                 digest.messages.append((piece.site, message))
         lost = self.set_states(reply.sites)
         for site, reason in reply.rejected.items():

@@ -15,6 +15,7 @@ Flow of one request::
 
 from __future__ import annotations
 
+import hashlib
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -43,6 +44,18 @@ CMD_STATUS = "dfm.status"
 
 MAX_WAIT = 10.0
 """Longest long-poll a command may ask for (the admin path is serialized; keep it short)."""
+MAX_CHUNK_CHARS = 16 << 20
+"""Largest piece of a reply frame the controller takes in one aux message."""
+
+
+def peer_of(mailbox: str) -> str:
+    """The id sites see for the client whose mailbox secret is ``mailbox`` (one-way: it does not reveal the secret).
+
+    A client reaches its mailbox only with the secret (``ExchangeRequest.mailbox``);
+    frames go to sites, and replies come back, under this id. A site that knows
+    the id cannot read the client's replies or cancel its work.
+    """
+    return hashlib.sha256(b"dfm-mailbox:" + mailbox.encode()).hexdigest()[:32]
 
 
 class _Model(BaseModel):
@@ -64,9 +77,21 @@ class SiteState(_Model):
     load: SiteLoad = SiteLoad()
     pid: int | None = None
     seen_s: float | None = Field(default=None, description="Seconds since the site was last heard from.")
+    rejected: dict[str, int] = Field(
+        default_factory=dict,
+        description="Messages from this site (as FLARE authenticated it) that the controller dropped, by reason.",
+    )
 
 
 # ------------------------------------------------------------ app commands
+
+
+def describe_rejections(rejected: dict[str, int]) -> str:
+    """``3 refused (spoke for another site: 2, ...)``; empty when nothing was refused."""
+    if not rejected:
+        return ""
+    listed = ", ".join(f"{why}: {count}" for why, count in sorted(rejected.items()))
+    return f"{sum(rejected.values())} refused ({listed})"
 
 
 class ClientFrame(_Model):
@@ -80,7 +105,12 @@ class ClientFrame(_Model):
 class ExchangeRequest(_Model):
     """Send frames, acknowledge received pieces, and wait briefly for new ones, in one round trip."""
 
-    client: str = Field(min_length=1, max_length=64, description="The client's id; replies go to its mailbox.")
+    mailbox: str = Field(
+        min_length=32,
+        max_length=128,
+        description="A secret only this client and the controller know: it opens the client's mailbox. Sites see "
+        "only peer_of(mailbox); FLARE does not tell the job which admin user sent a command, so the secret is the key.",
+    )
     ack: int = Field(default=0, ge=0, description="Highest piece seq the client has processed.")
     wait: float = Field(default=0.0, ge=0.0, le=MAX_WAIT)
     max_bytes: int = Field(default=8 << 20, ge=1 << 10)
@@ -128,6 +158,9 @@ class StatusReply(_Model):
     buffered_bytes: int
     uptime_s: float
     counters: dict[str, int] = Field(default_factory=dict, description="Exchanges, frames, dispatches, reply chunks so far.")
+    rejected_senders: dict[str, int] = Field(
+        default_factory=dict, description="Messages from senders that are not sites of this job, by reason."
+    )
 
 
 class CommandError(_Model):
@@ -183,9 +216,10 @@ class ReplyChunk(_Model):
     frame: str
     index: int = Field(ge=0)
     count: int = Field(ge=1)
-    data: str
+    data: str = Field(max_length=MAX_CHUNK_CHARS)
 
 
 class ReplyAck(_Model):
     accepted: bool
-    reason: str | None = Field(default=None, description="Why not: the site resends the chunk later.")
+    reason: str | None = Field(default=None, description="Why not.")
+    retry: bool = Field(default=True, description="Whether to resend later (a full buffer) or never (a refused chunk).")

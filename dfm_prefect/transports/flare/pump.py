@@ -82,12 +82,12 @@ class MeshPump:
         link: JobLink,
         settings: PumpSettings,
         *,
-        client_id: str,
+        mailbox: str,
         on_message: Callable[[str, SiteMessage], None],
         on_lost: Callable[[str, str], None],
     ) -> None:
         self.settings = settings
-        self.client_id = client_id
+        self._mailbox = mailbox
         self.exchanges = 0
         self.switches: list[str] = []
         self._session = session
@@ -219,7 +219,7 @@ class MeshPump:
         for out in deliver:
             link.expect(out.site, out.messages)
         request = ExchangeRequest(
-            client=self.client_id,
+            mailbox=self._mailbox,
             ack=link.ack,
             wait=wait,
             max_bytes=self.settings.max_exchange_bytes,
@@ -373,6 +373,6 @@ class MeshPump:
 
     def _say_goodbye(self, link: JobLink) -> None:
         try:
-            admin.exchange(self._session, link.job_id, ExchangeRequest(client=self.client_id, closing=True))
+            admin.exchange(self._session, link.job_id, ExchangeRequest(mailbox=self._mailbox, closing=True))
         except FederationError:
             pass  # the job is gone already: nothing to tidy up there

@@ -38,7 +38,9 @@ class MeshJobConfig(BaseModel):
     site_timeout: float = Field(default=3.0, gt=0, description="Seconds without a heartbeat before a site is dead.")
     heartbeat_interval: float = Field(default=0.5, gt=0)
     dispatch_timeout: float = Field(default=10.0, gt=0)
-    max_buffer_bytes: int = Field(default=256 << 20, gt=0)
+    max_buffer_bytes: int = Field(default=256 << 20, gt=0, description="Reply bytes the controller buffers for all clients.")
+    max_site_buffer_bytes: int = Field(default=64 << 20, gt=0, description="Reply bytes one site may have buffered.")
+    max_client_buffer_bytes: int = Field(default=64 << 20, gt=0, description="Reply bytes one client's mailbox may hold.")
     client_timeout: float = Field(
         default=10.0,
         gt=1.0,
@@ -71,6 +73,8 @@ def write_job(folder: str | os.PathLike[str], config: MeshJobConfig = MeshJobCon
                     "site_timeout": config.site_timeout,
                     "dispatch_timeout": config.dispatch_timeout,
                     "max_buffer_bytes": config.max_buffer_bytes,
+                    "max_site_buffer_bytes": config.max_site_buffer_bytes,
+                    "max_client_buffer_bytes": config.max_client_buffer_bytes,
                     "client_timeout": config.client_timeout,
                 },
             }

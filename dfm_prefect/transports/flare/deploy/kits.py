@@ -9,16 +9,27 @@ writes those two files so that the participant
   with the mesh job's package ``dfm_prefect.transports.flare.mesh.`` added, and
 * refuses every job that brings code (``byoc: none`` for every role; the allow
   list is skipped for such jobs, so both are needed),
+* gives the admin roles least privilege for this product: no FLARE shell
+  commands (``ls``, ``cat``, ``grep``, ``head``, ``tail``, ``pwd`` read files of
+  the site's workspace, its logs included, past the site's export policy) for
+  any role, no ``download_job`` and no job log reading (``get_job_log``: only
+  rights listed here exist, so it is never granted), job submission and job
+  management only for the operator (``project_admin``), and for ``lead`` (who
+  runs flows) nothing but ``view`` and app commands,
 
 and lets ``project_admin`` and ``lead`` run app commands on the mesh job (the
-way clients talk to it). It is idempotent: a site administrator runs it once on
-their kit (``dfm-prefect federation join`` does) and can read the result.
+way clients talk to it). Rights are only taken away, never widened, except the
+app command right the product needs. Shell commands come back only by an
+explicit opt-in per role (``shell_roles``), for operators who accept what they
+expose. It is idempotent: a site administrator runs it once on their kit
+(``dfm-prefect federation join`` does) and can read the result.
 
 Example:
 
 ```python
 from dfm_prefect.transports.flare.deploy.kits import harden_kit
 harden_kit("/srv/flare/north")            # the kit folder that holds startup/ and local/
+harden_kit("/srv/flare/north", shell_roles=["project_admin"])   # opt in: the operator may ls/cat/grep here
 ```
 """
 
@@ -26,6 +37,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +57,13 @@ RIGHTS = (
     "server-predeployed-flwr",
 )
 APP_COMMAND_ROLES = ("project_admin", "lead")
+OPERATOR_ROLE = "project_admin"
+NEVER = ("byoc", "server-predeployed-flwr", "download_job")
+"""Rights no role keeps: code in jobs, and the job workspaces (site logs included) that download_job hands out."""
+OPERATOR_ONLY = ("submit_job", "clone_job", "manage_job")
+"""Starting and managing jobs (a second mesh job included): the operator's alone."""
+LEAD_KEEPS = ("view", "app_command")
+"""What a ``lead`` (a flow author) keeps: see jobs and site states, talk to the mesh job."""
 
 
 def _read(local: Path, name: str) -> dict[str, Any]:
@@ -60,24 +79,39 @@ def _read(local: Path, name: str) -> dict[str, Any]:
     raise ConfigError(f"{local} has neither {name} nor {name}.default; is this a FLARE startup kit?")
 
 
-def _role_rights(role: str, rights: Any) -> dict[str, str]:
+def _role_rights(role: str, rights: Any, shell_roles: Sequence[str]) -> dict[str, str]:
     if isinstance(rights, str):  # "any"/"none": the same right for everything
         rights = {right: rights for right in RIGHTS}
     if not isinstance(rights, dict):
         raise ConfigError(f"authorization role {role!r} must be a string or an object")
-    rights = dict(rights)
-    rights["byoc"] = "none"
-    rights["server-predeployed-flwr"] = "none"
+    rights = {right: value for right, value in rights.items() if right in RIGHTS}
+    taken = list(NEVER)
+    if role not in shell_roles:
+        taken.append("shell_commands")
+    if role != OPERATOR_ROLE:
+        taken += OPERATOR_ONLY
+    if role == "lead":
+        taken += [right for right in RIGHTS if right not in LEAD_KEEPS]
+    for right in taken:
+        rights[right] = "none"
     if role in APP_COMMAND_ROLES:
         rights["app_command"] = "any"
     return rights
 
 
-def harden_kit(kit: str | os.PathLike[str], *, storage_root: str | os.PathLike[str] | None = None) -> list[str]:
+def harden_kit(
+    kit: str | os.PathLike[str],
+    *,
+    storage_root: str | os.PathLike[str] | None = None,
+    shell_roles: Sequence[str] = (),
+) -> list[str]:
     """Apply the mesh's site policy to one participant's kit; return what changed, for the operator's log.
 
     ``storage_root`` (server kits only) moves FLARE's job store and snapshots
-    from the shared ``/tmp/nvflare`` into that folder.
+    from the shared ``/tmp/nvflare`` into that folder. ``shell_roles``: roles
+    that keep FLARE's shell commands on this participant (an opt-in: they then
+    read any file of its workspace, job logs with data values and exception
+    text included, whatever the export policy says).
     """
     local = Path(kit) / "local"
     if not local.is_dir():
@@ -104,9 +138,13 @@ def harden_kit(kit: str | os.PathLike[str], *, storage_root: str | os.PathLike[s
     permissions = authorization.get("permissions")
     if not isinstance(permissions, dict):
         raise ConfigError(f"{local}/authorization.json has no permissions object")
-    hardened = {role: _role_rights(role, rights) for role, rights in permissions.items()}
+    hardened = {role: _role_rights(role, rights, shell_roles) for role, rights in permissions.items()}
     if hardened != permissions:
-        changes.append("authorization: byoc = none for every role; app_command for " + ", ".join(APP_COMMAND_ROLES))
+        shell = f"shell commands only for {', '.join(shell_roles)}" if shell_roles else "no shell commands"
+        changes.append(
+            f"authorization: byoc, download_job = none for every role; {shell}; job submission only for "
+            f"{OPERATOR_ROLE}; lead keeps {', '.join(LEAD_KEEPS)}; app_command for {', '.join(APP_COMMAND_ROLES)}"
+        )
     authorization["permissions"] = hardened
     (local / "authorization.json").write_text(json.dumps(authorization, indent=2))
     return changes
@@ -139,7 +177,11 @@ def kit_policy_problems(kit: str | os.PathLike[str]) -> list[str]:
         problems.append(f"class_allow_list lacks {ALLOW_PREFIX!r} (the mesh job could not start here)")
     permissions = _read(local, "authorization.json").get("permissions", {})
     for role, rights in permissions.items():
-        byoc = rights if isinstance(rights, str) else rights.get("byoc", "none")
-        if byoc != "none":
-            problems.append(f"role {role!r} may submit jobs with code (byoc={byoc!r})")
+        granted = {right: rights for right in RIGHTS} if isinstance(rights, str) else rights
+        if granted.get("byoc", "none") != "none":
+            problems.append(f"role {role!r} may submit jobs with code (byoc={granted['byoc']!r})")
+        if granted.get("shell_commands", "none") != "none":
+            problems.append(f"role {role!r} may run shell commands (ls, cat, grep) on this participant")
+        if role != OPERATOR_ROLE and granted.get("submit_job", "none") != "none":
+            problems.append(f"role {role!r} may submit jobs (only {OPERATOR_ROLE} should)")
     return problems

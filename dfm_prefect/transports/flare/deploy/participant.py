@@ -17,7 +17,7 @@ import os
 import signal
 import subprocess
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from dfm_prefect.core.errors import ConfigError
@@ -41,8 +41,13 @@ def kit_client_name(kit: Path) -> str:
         raise ConfigError(f"{kit} is not a FLARE client startup kit (startup/fed_client.json: {exc})") from None
 
 
-def run_site(kit: str | os.PathLike[str], config: str | os.PathLike[str], *, log: Log = print) -> int:
-    """Check the site config against the kit, apply the site policy to the kit, run its FLARE client until it exits."""
+def run_site(
+    kit: str | os.PathLike[str], config: str | os.PathLike[str], *, log: Log = print, shell_roles: Sequence[str] = ()
+) -> int:
+    """Check the site config against the kit, apply the site policy to the kit, run its FLARE client until it exits.
+
+    ``shell_roles``: admin roles that may run FLARE's shell commands on this site (see `harden_kit`).
+    """
     from site_workers.config import load_site_config
 
     kit, config = Path(kit).resolve(), Path(config).resolve()
@@ -50,7 +55,7 @@ def run_site(kit: str | os.PathLike[str], config: str | os.PathLike[str], *, log
     name = kit_client_name(kit)
     if site.name != name:
         raise ConfigError(f"{config} configures site {site.name!r} but the kit {kit} is FLARE client {name!r}")
-    for change in harden_kit(kit):
+    for change in harden_kit(kit, shell_roles=shell_roles):
         log(f"kit policy: {change}")
     env = {**os.environ, SITE_CONFIG_ENV: str(config)}
     log(f"starting FLARE client {name} (site config {config}); stop it with Ctrl-C")

@@ -10,7 +10,8 @@ Outside clients reach it with admin app commands (JSON only):
 ``dfm.exchange`` (send frames, acknowledge and long-poll replies, learn site
 states) and ``dfm.status``. Frames go to sites with server -> site aux messages
 from one dispatcher thread per site; replies, hellos and heartbeats come back
-as site -> server aux messages. FLARE's task channel carries only one
+as site -> server aux messages, each handed to the router with the site FLARE
+authenticated as its sender (:mod:`~dfm_prefect.transports.flare.mesh.senders`). FLARE's task channel carries only one
 never-ending task that keeps the site job processes alive. All routing logic
 lives in :class:`~dfm_prefect.transports.flare.mesh.router.Router`; this class is the FLARE
 shell around it.
@@ -32,7 +33,7 @@ from nvflare.apis.shareable import Shareable
 from nvflare.apis.signal import Signal
 from pydantic import BaseModel, ValidationError
 
-from dfm_prefect.transports.flare.mesh import aux
+from dfm_prefect.transports.flare.mesh import aux, senders
 from dfm_prefect.transports.flare.mesh.mailbox import Mailboxes
 from dfm_prefect.transports.flare.mesh.router import Router
 from dfm_prefect.transports.flare.protocol import (
@@ -64,6 +65,8 @@ class MeshController(Controller):
         dispatch_timeout: how long a site may take to acknowledge a dispatch.
         liveness_interval: how often heartbeats are checked.
         max_buffer_bytes: reply bytes buffered for all clients before sites are told to wait.
+        max_site_buffer_bytes: reply bytes one site may have buffered (over all clients).
+        max_client_buffer_bytes: reply bytes one client's mailbox may hold.
         max_dispatch_frames: most frames in one dispatch message.
         client_timeout: a client that waits for answers and has not exchanged for this
             long is gone: its work at the sites is cancelled (see `Mailboxes`).
@@ -75,10 +78,14 @@ class MeshController(Controller):
         dispatch_timeout: float = 10.0,
         liveness_interval: float = 0.5,
         max_buffer_bytes: int = 256 << 20,
+        max_site_buffer_bytes: int = 64 << 20,
+        max_client_buffer_bytes: int = 64 << 20,
         max_dispatch_frames: int = 500,
         client_timeout: float = 10.0,
     ) -> None:
         super().__init__()
+        self.max_site_buffer_bytes = max_site_buffer_bytes
+        self.max_client_buffer_bytes = max_client_buffer_bytes
         self.client_timeout = client_timeout
         self.site_timeout = site_timeout
         self.dispatch_timeout = dispatch_timeout
@@ -86,6 +93,7 @@ class MeshController(Controller):
         self.max_buffer_bytes = max_buffer_bytes
         self.max_dispatch_frames = max_dispatch_frames
         self.router: Router | None = None
+        self._cells: list[tuple[str, str]] = []
         self._engine: Any = None
         self._stop = threading.Event()
         self._dispatchers: dict[str, threading.Thread] = {}
@@ -95,17 +103,25 @@ class MeshController(Controller):
 
     def start_controller(self, fl_ctx: FLContext) -> None:
         self._engine = fl_ctx.get_engine()
+        clients = self._engine.get_clients()
+        # Each site's FLARE cell: messages from it, or from its job process beneath it, are that site's.
+        self._cells = [(client.name, client.get_fqcn() or client.name) for client in clients]
+        mailboxes = Mailboxes(
+            max_bytes=self.max_buffer_bytes,
+            max_site_bytes=self.max_site_buffer_bytes,
+            max_client_bytes=self.max_client_buffer_bytes,
+            client_timeout=self.client_timeout,
+        )
         self.router = Router(
-            [client.name for client in self._engine.get_clients()],
+            [client.name for client in clients],
             site_timeout=self.site_timeout,
-            mailboxes=Mailboxes(max_bytes=self.max_buffer_bytes, client_timeout=self.client_timeout),
+            mailboxes=mailboxes,
             max_dispatch_frames=self.max_dispatch_frames,
-            on_new_site=self._start_dispatcher,
         )
         engine = self._engine
-        engine.register_aux_message_handler(TOPIC_HELLO, self._on_hello)
-        engine.register_aux_message_handler(TOPIC_HEARTBEAT, self._on_heartbeat)
-        engine.register_aux_message_handler(TOPIC_REPLY, self._on_reply)
+        senders.register(engine, TOPIC_HELLO, self._on_hello)
+        senders.register(engine, TOPIC_HEARTBEAT, self._on_heartbeat)
+        senders.register(engine, TOPIC_REPLY, self._on_reply)
         engine.register_app_command(CMD_EXCHANGE, self._cmd_exchange)
         engine.register_app_command(CMD_STATUS, self._cmd_status)
         for site in self.router.sites:
@@ -167,34 +183,47 @@ class MeshController(Controller):
 
     # ------------------------------------------------------ aux handlers
 
-    def _on_hello(self, topic: str, request: Shareable, fl_ctx: FLContext) -> Shareable:
+    def _site(self, origin: str) -> str | None:
+        return senders.participant_of(origin, self._cells)
+
+    def _on_hello(self, origin: str, request: Any) -> Shareable:
         try:
             hello = aux.unpack(request, Hello)
         except ValidationError as exc:
             return aux.bad_request(f"not a hello: {exc.errors()[0]['msg']}")
         assert self.router is not None
-        self.router.hello(hello)
+        refused = self.router.hello(hello, self._site(origin))
+        if refused is not None:
+            log.warning("refused a hello naming site %s from %s: %s", hello.site, origin, refused)
+            return aux.bad_request(f"hello refused: {refused}")
         if hello.error:
             log.error("site %s could not start: %s", hello.site, hello.error)
         else:
             log.info("site %s is ready (pid %s, incarnation %s)", hello.site, hello.pid, hello.incarnation)
         return aux.reply(HeartbeatAck(known=True))
 
-    def _on_heartbeat(self, topic: str, request: Shareable, fl_ctx: FLContext) -> Shareable:
+    def _on_heartbeat(self, origin: str, request: Any) -> Shareable:
         try:
             beat = aux.unpack(request, Heartbeat)
         except ValidationError as exc:
             return aux.bad_request(f"not a heartbeat: {exc.errors()[0]['msg']}")
         assert self.router is not None
-        return aux.reply(HeartbeatAck(known=self.router.heartbeat(beat)))
+        known = self.router.heartbeat(beat, self._site(origin))
+        if isinstance(known, str):
+            log.warning("refused a heartbeat naming site %s from %s: %s", beat.site, origin, known)
+            return aux.bad_request(f"heartbeat refused: {known}")
+        return aux.reply(HeartbeatAck(known=known))
 
-    def _on_reply(self, topic: str, request: Shareable, fl_ctx: FLContext) -> Shareable:
+    def _on_reply(self, origin: str, request: Any) -> Shareable:
         try:
             chunk = aux.unpack(request, ReplyChunk)
         except ValidationError as exc:
             return aux.bad_request(f"not a reply chunk: {exc.errors()[0]['msg']}")
         assert self.router is not None
-        return aux.reply(self.router.reply(chunk))
+        ack = self.router.reply(chunk, self._site(origin))
+        if not ack.retry:
+            log.debug("refused a reply chunk naming site %s from %s: %s", chunk.site, origin, ack.reason)
+        return aux.reply(ack)
 
     # ------------------------------------------------------- app commands
 

@@ -14,7 +14,10 @@ certificate), so a site cannot be made to serve under another name.
 Life cycle: on START_RUN the executor registers its aux handler and starts a
 thread that builds the worker and says hello to the controller (retried until
 acknowledged: explicit readiness), then sends heartbeats with the site's load.
-Each ``dfm.dispatch`` aux message is acknowledged at once; its frames go to an
+Each ``dfm.dispatch`` aux message is taken only from the FLARE server (another
+site cannot send this site frames or cancel its clients' work: FLARE
+authenticates the sender, see :mod:`~dfm_prefect.transports.flare.mesh.senders`)
+and is acknowledged at once; its frames go to an
 intake thread that hands them to `SiteWorker.handle_frame`. Replies go back
 through a :class:`~dfm_prefect.transports.flare.mesh.replies.ReplySender`.
 
@@ -45,7 +48,7 @@ from nvflare.apis.signal import Signal
 from pydantic import ValidationError
 
 from dfm_prefect.core.errors import FederationError
-from dfm_prefect.transports.flare.mesh import aux
+from dfm_prefect.transports.flare.mesh import aux, senders
 from dfm_prefect.transports.flare.mesh.replies import ReplySender
 from dfm_prefect.transports.flare.protocol import (
     SITE_CONFIG_ENV,
@@ -64,6 +67,8 @@ from dfm_prefect.transports.flare.protocol import (
 )
 
 log = logging.getLogger("dfm_prefect.site.flare")
+SERVER_CELL = ("server", "server")
+"""The FLARE server's cell (FLARE's FQCN.ROOT_SERVER): dispatches come only from it or its job process."""
 
 
 class MeshExecutor(Executor):
@@ -99,6 +104,7 @@ class MeshExecutor(Executor):
         self.chunk_bytes = chunk_bytes
         self.frame_bytes = frame_bytes
         self.incarnation = uuid.uuid4().hex[:16]
+        self.refused_dispatches = 0
         self.site = ""
         self.worker: Any = None
         self.sender: ReplySender | None = None
@@ -118,7 +124,7 @@ class MeshExecutor(Executor):
     def _start(self, fl_ctx: FLContext) -> None:
         self._engine = fl_ctx.get_engine()
         self.site = fl_ctx.get_identity_name()
-        self._engine.register_aux_message_handler(TOPIC_DISPATCH, self._on_dispatch)
+        senders.register(self._engine, TOPIC_DISPATCH, self._on_dispatch)
         for target, name in ((self._life, "dfm-site-life"), (self._take_frames, "dfm-site-intake")):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
@@ -237,7 +243,11 @@ class MeshExecutor(Executor):
 
     # ---------------------------------------------------------------- frames
 
-    def _on_dispatch(self, topic: str, request: Shareable, fl_ctx: FLContext) -> Shareable:
+    def _on_dispatch(self, origin: str, request: Any) -> Shareable:
+        if senders.participant_of(origin, [SERVER_CELL]) is None:
+            self.refused_dispatches += 1
+            log.warning("site %s refused a dispatch from %s: only the FLARE server dispatches", self.site, origin)
+            return aux.bad_request("only the FLARE server's mesh controller dispatches to a site")
         try:
             batch = aux.unpack(request, DispatchBatch)
         except ValidationError as exc:

@@ -7,6 +7,14 @@ highest sequence number back (``ack``); unacknowledged pieces are delivered
 again (at-least-once; the client drops duplicates by sequence). Several clients
 can share one mesh job without taking each other's replies.
 
+Buffer space is per party, so that no one can starve the rest: each site may
+hold at most ``max_site_bytes`` across all mailboxes and each client's mailbox
+at most ``max_client_bytes``, beyond which :meth:`Mailboxes.deliver` answers
+``FULL`` and the site resends later; ``max_bytes`` bounds the total. A site
+with nothing buffered in a mailbox can always add one piece to it, so a site
+or client that fills its own share never blocks another's. Pieces for a client
+that has no mailbox (it never exchanged, or it left) are dropped.
+
 Clients are not connected to the controller: they only send exchanges. So a
 client's liveness is judged from them. A client that said it waits for answers
 (``watched``) exchanges all the time; one that has not done so for
@@ -21,7 +29,7 @@ Example:
 
 ```python
 boxes = Mailboxes()
-boxes.begin("client-1", ack=0, watched=True)
+boxes.begin("client-1", ack=0, watched=True)       # its first exchange opens the mailbox
 boxes.deliver("client-1", "north", "frame-1", 0, 1, '{"v":1,"messages":[]}')
 pieces, more = boxes.collect("client-1", ack=0, wait=0.5, max_bytes=1 << 20)
 assert pieces[0].seq == 1 and not more
@@ -31,9 +39,10 @@ boxes.collect("client-1", ack=1, wait=0.0, max_bytes=1 << 20)  # acknowledges se
 
 from __future__ import annotations
 
+import enum
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -43,11 +52,22 @@ REMEMBER_GONE = 10_000
 """How many gone clients are remembered (to tell them, and to drop late replies for them)."""
 
 
+class Delivery(enum.Enum):
+    """What became of a reply piece handed to :meth:`Mailboxes.deliver`."""
+
+    QUEUED = "queued"
+    FULL = "full"
+    """Over the site's, the client's or the total quota: resend later."""
+    DROPPED = "dropped"
+    """The client is gone or never had a mailbox: nobody will collect it."""
+
+
 @dataclass
 class _Mailbox:
     pieces: OrderedDict[int, Piece] = field(default_factory=OrderedDict)
     seq: int = 0
     bytes: int = 0
+    by_site: Counter[str] = field(default_factory=Counter)
     used: float = 0.0
     watched: bool = False
     active: int = 0
@@ -59,6 +79,8 @@ class Mailboxes:
     Args:
         max_bytes: total bytes buffered for all clients; beyond it :meth:`deliver`
             refuses pieces and sites resend them later (backpressure).
+        max_site_bytes: bytes one site may have buffered, over all mailboxes.
+        max_client_bytes: bytes one client's mailbox may hold.
         client_timeout: a client that waits for answers and has not exchanged for
             this long is gone.
         idle_expiry: a mailbox of a client that waits for nothing is dropped after
@@ -69,11 +91,16 @@ class Mailboxes:
         self,
         *,
         max_bytes: int = 256 << 20,
+        max_site_bytes: int = 64 << 20,
+        max_client_bytes: int = 64 << 20,
         client_timeout: float = 10.0,
         idle_expiry: float = 600.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.max_bytes = max_bytes
+        self.max_site_bytes = max_site_bytes
+        self.max_client_bytes = max_client_bytes
+        self._site_bytes: Counter[str] = Counter()
         self.client_timeout = client_timeout
         self.idle_expiry = idle_expiry
         self.dropped = 0
@@ -111,27 +138,33 @@ class Mailboxes:
             box.watched = watched
             return expired
 
-    def deliver(self, client: str, site: str, frame: str, index: int, count: int, data: str) -> bool:
-        """Queue one reply piece for ``client``; False when the buffer is full (try again later).
-
-        Pieces for a client that is gone are dropped (and count as delivered): it
-        will never collect them.
-        """
+    def deliver(self, client: str, site: str, frame: str, index: int, count: int, data: str) -> Delivery:
+        """Queue one reply piece from ``site`` for ``client`` (see the module doc for the quotas)."""
+        size = len(data)
         with self._cond:
-            if client in self._gone:
-                self.dropped += 1
-                return True
-            if self._bytes + len(data) > self.max_bytes and self._bytes > 0:
-                return False
             box = self._boxes.get(client)
             if box is None:
-                box = self._boxes[client] = _Mailbox(used=self._clock())
+                self.dropped += 1
+                return Delivery.DROPPED
+            held = self._site_bytes[site]
+            if held and (held + size > self.max_site_bytes or self._bytes + size > self.max_bytes):
+                return Delivery.FULL
+            if box.by_site[site] and box.bytes + size > self.max_client_bytes:
+                return Delivery.FULL
             box.seq += 1
             box.pieces[box.seq] = Piece(seq=box.seq, site=site, frame=frame, index=index, count=count, data=data)
-            box.bytes += len(data)
-            self._bytes += len(data)
+            self._account(box, site, size)
             self._cond.notify_all()
-            return True
+            return Delivery.QUEUED
+
+    def _account(self, box: _Mailbox, site: str, size: int) -> None:
+        """Add (or with a negative ``size`` release) buffered bytes of ``site`` in ``box`` (holding the lock)."""
+        box.bytes += size
+        box.by_site[site] += size
+        self._site_bytes[site] += size
+        self._bytes += size
+        if not self._site_bytes[site]:
+            del self._site_bytes[site]
 
     def collect(self, client: str, *, ack: int, wait: float, max_bytes: int) -> tuple[list[Piece], bool]:
         """Drop pieces up to ``ack``, then return pieces after it (waiting up to ``wait`` for one).
@@ -150,8 +183,7 @@ class Mailboxes:
             try:
                 while box.pieces and next(iter(box.pieces)) <= ack:
                     _, piece = box.pieces.popitem(last=False)
-                    box.bytes -= len(piece.data)
-                    self._bytes -= len(piece.data)
+                    self._account(box, piece.site, -len(piece.data))
                 generation = self._generation
                 while not box.pieces and not self._stopped and generation == self._generation:
                     remaining = deadline - time.monotonic()
@@ -200,7 +232,8 @@ class Mailboxes:
     def _forget(self, client: str, reason: str) -> None:
         box = self._boxes.pop(client, None)
         if box is not None:
-            self._bytes -= box.bytes
+            for piece in box.pieces.values():
+                self._account(box, piece.site, -len(piece.data))
         self._gone[client] = reason
         self._gone.move_to_end(client)
         while len(self._gone) > REMEMBER_GONE:

@@ -11,8 +11,10 @@ fit gets lighter ones, and one that leaves more than twice the bound unread is
 given up on (``on_overflow``: the executor cancels its work). Frames are sent; a frame is capped at
 ``frame_bytes`` and cut into chunks of ``chunk_bytes``, each sent and
 acknowledged before the next, so no single message is large and the
-controller's buffer is the only place a frame waits. A refused or failed chunk
-is resent with backoff until it is accepted or the sender stops.
+controller's buffer is the only place a frame waits. A chunk that could not be
+sent or found the buffer full is resent with backoff until it is accepted or
+the sender stops; one the controller refuses for good (``retry=False``: this
+site may not answer that client any more) is given up with the rest of its frame.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class ReplyCounters:
     chunks: int = 0
     bytes: int = 0
     resends: int = 0
+    refused: int = 0
 
 
 class ReplySender:
@@ -161,6 +164,11 @@ class ReplySender:
                 ack = None
             if ack is not None and ack.accepted:
                 return True
+            if ack is not None and not ack.retry:
+                log.warning("reply chunk for %s refused for good: %s", chunk.peer, ack.reason)
+                with self._lock:
+                    self.counters.refused += 1
+                return False
             with self._lock:
                 self.counters.resends += 1
             log.info("reply chunk for %s refused (%s); resending in %.2fs", chunk.peer, ack.reason if ack else "no answer", backoff)

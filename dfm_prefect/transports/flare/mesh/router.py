@@ -7,6 +7,17 @@ around one :class:`Router`: its app commands call :meth:`Router.exchange` and
 site loops on :meth:`Router.next_batch`, and its control flow calls
 :meth:`Router.check_liveness`. The router moves frames; it never decodes them.
 
+Every site message comes with its sender, the site FLARE authenticated
+(see :mod:`~dfm_prefect.transports.flare.mesh.senders`): a site says hello,
+heartbeats and replies only as itself, only from its current job process, and
+replies only to clients whose frames were dispatched to it; anything else is
+dropped and counted against the sender (:mod:`~dfm_prefect.transports.flare.mesh.sites`).
+Only the sites the job was started for exist; a hello from anyone else creates
+nothing.
+
+Clients reach their mailbox with a secret (``ExchangeRequest.mailbox``); sites
+and dispatches see only ``peer_of(secret)``.
+
 A site is ``starting`` until its job process says hello, ``ready`` while it
 sends heartbeats, and ``dead`` (with a reason) when heartbeats stop, a dispatch
 fails, FLARE reports it gone, or it could not start. Frames for a site that is
@@ -27,10 +38,10 @@ import threading
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 
 from dfm_prefect.core.wire import SiteLoad
-from dfm_prefect.transports.flare.mesh.mailbox import Mailboxes
+from dfm_prefect.transports.flare.mesh.mailbox import Delivery, Mailboxes
+from dfm_prefect.transports.flare.mesh.sites import NOT_A_SITE, NOT_ITS_CLIENT, OVER_QUOTA, SiteRecord, admit
 from dfm_prefect.transports.flare.protocol import (
     DispatchBatch,
     ExchangeReply,
@@ -41,37 +52,23 @@ from dfm_prefect.transports.flare.protocol import (
     ReplyAck,
     ReplyChunk,
     SiteState,
-    SiteStateName,
     StatusReply,
     StatusRequest,
+    peer_of,
 )
 
 SEEN_FRAMES = 100_000
 """How many recent frame ids are remembered to make resent frames no-ops."""
 
 
-@dataclass
-class _Site:
-    name: str
-    state: SiteStateName = "starting"
-    incarnation: str | None = None
-    reason: str | None = None
-    load: SiteLoad = field(default_factory=SiteLoad)
-    pid: int | None = None
-    last_seen: float | None = None
-    outbox: deque[PeerFrame] = field(default_factory=deque)
-    closed_peers: list[str] = field(default_factory=list)
-
-
 class Router:
     """Routes frames between clients and sites for one mesh job.
 
     Args:
-        sites: the sites of the job (more may join by saying hello).
+        sites: the sites of the job (no other site can join it).
         site_timeout: a ready site not heard from for this long is dead.
         mailboxes: where replies wait for their clients.
         max_dispatch_frames: most frames sent to a site in one aux message.
-        on_new_site: called (outside the lock) with a site name first seen by hello.
     """
 
     def __init__(
@@ -81,20 +78,19 @@ class Router:
         site_timeout: float = 3.0,
         mailboxes: Mailboxes | None = None,
         max_dispatch_frames: int = 500,
-        on_new_site: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.site_timeout = site_timeout
         self.mailboxes = mailboxes or Mailboxes()
         self.max_dispatch_frames = max_dispatch_frames
-        self._on_new_site = on_new_site
         self._clock = clock
         self._started = clock()
         self._cond = threading.Condition()
-        self._sites: dict[str, _Site] = {name: _Site(name) for name in sites}
+        self._sites: dict[str, SiteRecord] = {name: SiteRecord(name) for name in sites}
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._stopped: str | None = None
         self.counters: Counter[str] = Counter()
+        self.rejected_senders: Counter[str] = Counter()
 
     @property
     def sites(self) -> list[str]:
@@ -107,8 +103,9 @@ class Router:
         """Queue the request's frames, then collect the client's replies (see `Mailboxes.collect`)."""
         rejected: dict[str, str] = {}
         expired = None
+        client = peer_of(request.mailbox)
         if not request.closing:
-            expired = self.mailboxes.begin(request.client, ack=request.ack, watched=request.awaiting > 0 or bool(request.frames))
+            expired = self.mailboxes.begin(client, ack=request.ack, watched=request.awaiting > 0 or bool(request.frames))
         with self._cond:
             self.counters["exchanges"] += 1
             if expired is not None:
@@ -124,16 +121,16 @@ class Router:
                     continue
                 assert site is not None
                 self._remember(frame.id)
-                site.outbox.append(PeerFrame(peer=request.client, data=frame.data))
+                site.outbox.append(PeerFrame(peer=client, data=frame.data))
             if request.closing:
                 self.counters["clients_left"] += 1
-                self._cancel_client_work(request.client)
+                self._cancel_client_work(client)
             self._cond.notify_all()
         if request.closing:
-            self.mailboxes.close(request.client)
+            self.mailboxes.close(client)
             return ExchangeReply(sites=self.states(), rejected=rejected)
         pieces, more = self.mailboxes.collect(
-            request.client, ack=request.ack, wait=0.0 if rejected or expired else request.wait, max_bytes=request.max_bytes
+            client, ack=request.ack, wait=0.0 if rejected or expired else request.wait, max_bytes=request.max_bytes
         )
         return ExchangeReply(pieces=pieces, more=more, sites=self.states(), rejected=rejected, expired=expired)
 
@@ -144,7 +141,7 @@ class Router:
                 site.outbox = deque(frame for frame in site.outbox if frame.peer != client)
             site.closed_peers.append(client)
 
-    def _undeliverable(self, name: str, site: _Site | None) -> str | None:
+    def _undeliverable(self, name: str, site: SiteRecord | None) -> str | None:
         if self._stopped is not None:
             return self._stopped
         if site is None:
@@ -175,32 +172,36 @@ class Router:
             buffered_bytes=self.mailboxes.buffered_bytes,
             uptime_s=self._clock() - self._started,
             counters=dict(self.counters),
+            rejected_senders=dict(self.rejected_senders),
         )
 
     def states(self) -> dict[str, SiteState]:
         now = self._clock()
         with self._cond:
-            return {
-                site.name: SiteState(
-                    state=site.state,
-                    incarnation=site.incarnation,
-                    reason=site.reason,
-                    load=site.load,
-                    pid=site.pid,
-                    seen_s=None if site.last_seen is None else round(now - site.last_seen, 3),
-                )
-                for site in self._sites.values()
-            }
+            return {site.name: site.view(now) for site in self._sites.values()}
 
     # -------------------------------------------------------------- sites
 
-    def hello(self, hello: Hello) -> None:
-        """A site's job process announced itself (ready, or failed to start)."""
+    def _sender(self, sender: str | None) -> SiteRecord | None:
+        """The record of an authenticated sender (holding the lock); None, counted, if it is not a site of this job."""
+        site = self._sites.get(sender) if sender is not None else None
+        if site is None:
+            self.rejected_senders[NOT_A_SITE] += 1
+        return site
+
+    def hello(self, hello: Hello, sender: str | None) -> str | None:
+        """Site ``sender``'s job process announced itself (ready, or failed to start); why it was refused, if it was."""
         with self._cond:
-            new = hello.site not in self._sites
-            site = self._sites.setdefault(hello.site, _Site(hello.site))
+            site = self._sender(sender)
+            if site is None:
+                return NOT_A_SITE
+            refused = admit(site, hello.site)
+            if refused is not None:
+                return refused
             if site.incarnation != hello.incarnation:
                 site.outbox.clear()  # meant for the previous process; its clients fail those requests
+                site.peers.clear()
+                site.departed.clear()
             site.incarnation = hello.incarnation
             site.pid = hello.pid
             site.last_seen = self._clock()
@@ -211,29 +212,45 @@ class Router:
                 site.state, site.reason = "ready", None
             self._cond.notify_all()
         self.mailboxes.wake()
-        if new and self._on_new_site is not None:
-            self._on_new_site(hello.site)
+        return None
 
-    def heartbeat(self, beat: Heartbeat) -> bool:
-        """Record a heartbeat; False asks the site to say hello again (it was marked dead or replaced)."""
+    def heartbeat(self, beat: Heartbeat, sender: str | None) -> bool | str:
+        """Record a heartbeat; False asks the site to say hello again (it was marked dead); a text: refused, why."""
         with self._cond:
-            site = self._sites.get(beat.site)
-            if site is None or site.state != "ready" or site.incarnation != beat.incarnation:
+            site = self._sender(sender)
+            if site is None:
+                return NOT_A_SITE
+            refused = admit(site, beat.site, beat.incarnation)
+            if refused is not None:
+                return refused
+            if site.state != "ready":
                 return False
             site.last_seen = self._clock()
             site.load = beat.load
             return True
 
-    def reply(self, chunk: ReplyChunk) -> ReplyAck:
-        """Put a reply chunk in its client's mailbox."""
+    def reply(self, chunk: ReplyChunk, sender: str | None) -> ReplyAck:
+        """Put a reply chunk from site ``sender`` in its client's mailbox, if the site may answer that client."""
         with self._cond:
             self.counters["reply_chunks"] += 1
-            site = self._sites.get(chunk.site)
-            if site is not None and site.incarnation == chunk.incarnation and site.state == "ready":
+            site = self._sender(sender)
+            refused = NOT_A_SITE if site is None else admit(site, chunk.site, chunk.incarnation)
+            if site is not None and refused is None and chunk.peer in site.departed:
+                return ReplyAck(accepted=True)  # its client left: nobody will take it
+            if site is not None and refused is None and chunk.peer not in site.peers:
+                refused = NOT_ITS_CLIENT
+                site.rejected[refused] += 1
+            if refused is not None:
+                return ReplyAck(accepted=False, reason=refused, retry=False)
+            assert site is not None
+            if site.state == "ready":
                 site.last_seen = self._clock()
-        if self.mailboxes.deliver(chunk.peer, chunk.site, chunk.frame, chunk.index, chunk.count, chunk.data):
-            return ReplyAck(accepted=True)
-        return ReplyAck(accepted=False, reason="the controller's reply buffer is full; resend later")
+        delivery = self.mailboxes.deliver(chunk.peer, chunk.site, chunk.frame, chunk.index, chunk.count, chunk.data)
+        if delivery is Delivery.FULL:
+            with self._cond:
+                site.rejected[OVER_QUOTA] += 1
+            return ReplyAck(accepted=False, reason="the controller's reply buffer for this site or client is full; resend later")
+        return ReplyAck(accepted=True)
 
     def next_batch(self, name: str, stop: threading.Event) -> DispatchBatch | None:
         """Block until ``name`` has frames or notices to send; None when stopping."""
@@ -244,6 +261,7 @@ class Router:
                 return None
             frames = [site.outbox.popleft() for _ in range(min(len(site.outbox), self.max_dispatch_frames))]
             closed, site.closed_peers = site.closed_peers, []
+            site.serve([frame.peer for frame in frames], closed)
             self.counters["dispatches"] += 1
             return DispatchBatch(frames=frames, closed_peers=closed)
 
