@@ -102,26 +102,55 @@ class StoreConfig(_Model):
     _url = field_validator("url")(_no_password_in_url)
 
 
+class DisclosurePolicy(_Model):
+    """Minimum counts below which results say too much about single records (DataSHIELD's disclosure traps).
+
+    ``min_group_size`` (DataSHIELD's ``nfilter.tab``): every non-empty group of
+    an ``aggregate`` that leaves the site (by value or fetch) was counted, at the
+    site, from at least this many records or cells; an aggregate with a smaller
+    group, or one whose operation reports no counts, stays at the site.
+    ``min_subset_size`` (``nfilter.subset``): a filter or subset must keep at
+    least this many records or cells of its input, and leave out none or at
+    least this many (differencing two queries that differ by fewer would isolate
+    them). ``1`` switches a rule off. Both count cells for gridded data and rows
+    for tables.
+
+    Example::
+
+        export:
+          kinds: [aggregate]
+          disclosure: {min_group_size: 5, min_subset_size: 10}
+    """
+
+    min_group_size: int = Field(default=3, ge=1, le=1_000_000)
+    min_subset_size: int = Field(default=3, ge=1, le=1_000_000)
+
+
 class ExportPolicy(_Model):
     """What may leave the site.
 
     ``kinds`` lists the result kinds that may be sent to a client at all;
     ``max_bytes`` caps the size of any one result that leaves; results up to
     ``inline_bytes`` (and allowed) come back together with their reference.
+    ``disclosure`` sets the minimum counts of `DisclosurePolicy`. The summary in
+    a reference shows only names and dtypes unless the result itself could leave
+    for that client.
 
     ``recipients`` narrows a kind to named clients: a result of a kind listed
     there leaves only for a client whose identity the transport authenticated
     and that is on the list (the local transport authenticates no individual
-    clients, so such kinds never leave through it). ``error_detail: type`` sends
-    only the exception type of an unexpected operation failure (its message may
-    hold data) and keeps the message in the site's log under an incident id.
+    clients, so such kinds never leave through it). ``error_detail`` decides
+    what an unexpected operation failure says: ``type`` (the default) sends its
+    exception type and an incident id, and keeps the message, which may quote
+    data, in the site's log; ``message`` also sends the message (for sites
+    without sensitive data).
 
     Example::
 
         export:
           kinds: [aggregate, value, dataset]
           recipients: {dataset: [alice@lab.example]}   # raw grids only to alice
-          error_detail: type
+          disclosure: {min_group_size: 5}
     """
 
     kinds: list[ResultKind] = Field(default_factory=lambda: ["aggregate", "value"])
@@ -131,7 +160,8 @@ class ExportPolicy(_Model):
     recipients: dict[ResultKind, list[Annotated[str, Field(min_length=1, max_length=256)]]] = Field(
         default_factory=dict, description="Per result kind, the only client identities it may leave for."
     )
-    error_detail: Literal["message", "type"] = "message"
+    error_detail: Literal["message", "type"] = "type"
+    disclosure: DisclosurePolicy = DisclosurePolicy()
 
 
 class Limits(_Model):

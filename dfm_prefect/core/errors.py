@@ -55,6 +55,12 @@ class ExportRefusedError(FederationError):
     code = "export_refused"
 
 
+class DisclosureRefusedError(ExportRefusedError):
+    """The site's disclosure rules refuse a result: a group or selection is smaller than its minimum."""
+
+    code = "disclosure_refused"
+
+
 class OperationFailedError(FederationError):
     """The operation ran at the site and raised."""
 
@@ -106,6 +112,7 @@ ERROR_CODES: dict[str, type[FederationError]] = {
         InvalidParametersError,
         AccessDeniedError,
         ExportRefusedError,
+        DisclosureRefusedError,
         OperationFailedError,
         SiteUnavailableError,
         SiteOverloadedError,
