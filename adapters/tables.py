@@ -114,9 +114,10 @@ def apply_filter(frame: Any, where: list[Condition]) -> Any:
     for condition in where:
         try:
             frame = frame[_mask(frame, condition)]
-        except TypeError as exc:
+        except TypeError:
+            # The library's message may quote the column's cells; say only what was asked.
             raise InvalidParametersError(
-                f"cannot compare column {condition.column!r} ({frame[condition.column].dtype}) with {condition.value!r}: {exc}"
+                f"cannot compare column {condition.column!r} ({frame[condition.column].dtype}) with {condition.value!r}"
             ) from None
     return frame
 
@@ -130,14 +131,19 @@ class FilterParams(OperationParams):
 
 @operation("table.filter", version="1", result="table")
 def filter_rows(params: FilterParams, ctx: OperationContext) -> Any:
-    """Rows where every condition holds, optionally only some columns and the first ``limit`` rows."""
-    frame = apply_filter(open_table(ctx, params.data), params.where)
+    """Rows where every condition holds, optionally only some columns and the first ``limit`` rows.
+
+    The rows kept (after ``limit``) are a selection the site's disclosure rules check.
+    """
+    source = open_table(ctx, params.data)
+    frame = apply_filter(source, params.where)
     if params.columns is not None:
         _check_columns(frame, params.columns)
         frame = frame[params.columns]
-    (result,) = ctx.compute(frame)
+    result, total = ctx.compute(frame, source.shape[0])
     if params.limit is not None:
         result = result.head(params.limit)
+    ctx.check_selection(len(result), total)
     return result.reset_index(drop=True)
 
 
@@ -186,11 +192,19 @@ def groupby_aggregate(params: GroupbyAggregateParams, ctx: OperationContext) -> 
 
     frame = open_table(ctx, params.data)
     _check_columns(frame, [*params.by, *(agg.column for agg in params.aggregations.values())])
-    bad = [name for name in params.aggregations if not re.match(NAME, name) or name in params.by]
+    bad = [name for name in params.aggregations if not re.match(NAME, name) or name in params.by or name.startswith("__dfm")]
     if bad:
-        raise InvalidParametersError(f"output names {bad} must be valid names and differ from the group columns")
+        raise InvalidParametersError(
+            f"output names {bad} must be valid names, differ from the group columns and not start with '__dfm'"
+        )
+    _check_numeric(frame, params.aggregations)
+    total = frame.shape[0]
     if params.where:
         frame = apply_filter(frame, params.where)
+    # Contributors per group: its rows, and the non-missing values of each aggregated column.
+    frame = frame.assign(**{_ROWS: 1})
+    counted = [_ROWS, *dict.fromkeys(agg.column for agg in params.aggregations.values() if agg.column not in params.by)]
+    counts = frame.groupby(params.by)[counted].count()
     spec = {}
     for name, agg in params.aggregations.items():
         column, func = agg.column, agg.func
@@ -200,5 +214,26 @@ def groupby_aggregate(params: GroupbyAggregateParams, ctx: OperationContext) -> 
             func = "sum"
         spec[name] = (column, func)
     grouped = frame.groupby(params.by).agg(**spec)
-    (result,) = ctx.compute(grouped)
+    result, counts, kept, total = ctx.compute(grouped, counts, frame.shape[0], total)
+    if params.where:
+        ctx.check_selection(kept, total)
+    ctx.count_groups(counts)
     return result.reset_index().sort_values(params.by).reset_index(drop=True)
+
+
+_ROWS = "__dfm_rows"
+
+
+def _check_numeric(frame: Any, aggregations: dict[str, Aggregation]) -> None:
+    """Only ``count`` reads any column: a sum of text joins the text, a min or max of it is one row's text."""
+    import pandas as pd
+
+    for name, agg in aggregations.items():
+        dtype = frame[agg.column].dtype
+        numeric = pd.api.types.is_numeric_dtype(dtype) or pd.api.types.is_bool_dtype(dtype)
+        ordered = pd.api.types.is_datetime64_any_dtype(dtype) and agg.func in ("min", "max")
+        if agg.func != "count" and not (numeric or ordered):
+            raise InvalidParametersError(
+                f"aggregation {name!r}: {agg.func!r} needs a numeric column, and {agg.column!r} is {dtype}; "
+                "count it, or aggregate a numeric column"
+            )

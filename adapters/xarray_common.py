@@ -89,6 +89,23 @@ def _nan_to_zero_block(block: Any) -> Any:
     return xp.where(xp.isnan(block), 0.0, block)
 
 
+def compute_counted(ctx: OperationContext, result: Any, *counts: Any) -> Any:
+    """Compute ``result`` together with the per-group counts of what went into it; report the counts; return it.
+
+    The site's disclosure rules decide on the smallest non-zero count
+    (``ctx.count_groups``), so every aggregate counts its contributors from the
+    same data, in the same pass.
+    """
+    computed = ctx.compute(result, *counts)
+    ctx.count_groups(*computed[1:])
+    return computed[0]
+
+
+def cells(ds: Any) -> int:
+    """How many grid cells a dataset spans (the product of its dimension sizes)."""
+    return int(np.prod([int(size) for size in ds.sizes.values()], dtype="int64"))
+
+
 def apply_stat(obj: Any, stat: str, dims: list[str]) -> Any:
     """``obj.<stat>(dim=dims)`` for the streaming statistics (NaNs skipped)."""
     if stat == "count":

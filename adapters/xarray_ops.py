@@ -22,11 +22,12 @@ from typing import Any, Literal, Union
 from pydantic import Field
 
 from adapters.expressions import parse
-from adapters.xarray_common import NAME, Dims, Label, Range, apply_stat, check_dims, on_device, select_variables
+from adapters.xarray_common import NAME, Dims, Label, Range, apply_stat, cells, check_dims, compute_counted, on_device, select_variables
 from adapters.xarray_stats import groupby_reduce, histogram, moments, resample, weighted_mean
 from adapters.zarr_result import mark_zarr
 from dfm_prefect.core.errors import InvalidParametersError
 from dfm_prefect.core.operations import DataInput, OperationContext, OperationParams, operation
+from dfm_prefect.core.refs import DataRef
 
 __all__ = [
     "derive",
@@ -47,13 +48,22 @@ _MAX_CONTIGUOUS_BYTES = 512 << 20
 
 
 class OpenParams(OperationParams):
-    data: DataInput
+    data: DataInput = Field(description="A data source (name or URL); a result is described by its reference's summary.")
     variables: list[str] | None = Field(default=None, max_length=256)
 
 
 @operation("xarray.open", version="1", result="value")
 def open_source(params: OpenParams, ctx: OperationContext) -> dict[str, Any]:
-    """Open a source lazily and describe it (dims, coordinate ranges, variables, chunks, attributes); no data is read."""
+    """Open a source lazily and describe it (dims, coordinate ranges, variables, chunks, attributes); no data is read.
+
+    Only sources: a result is described by its `DataRef`'s summary, which the
+    site's export policy filters (a derived result may carry data in its coordinates).
+    """
+    if isinstance(params.data, DataRef):
+        raise InvalidParametersError(
+            "xarray.open describes data sources only; a result is described by its reference's summary, "
+            "which shows what this site's export policy lets leave"
+        )
     ds = select_variables(ctx.open_dataset(params.data), params.variables)
     described = ctx.describe(ds)
     described["attrs"] = {str(k): _plain(v) for k, v in list(ds.attrs.items())[:64]}
@@ -82,12 +92,18 @@ def subset(params: SubsetParams, ctx: OperationContext) -> Any:
     ds = select_variables(ctx.open_dataset(params.data), params.variables)
     for group in (params.ranges, params.points, params.nearest):
         check_dims(ds, group)
+    whole = cells(ds)
     if params.ranges:
         ds = ds.sel({dim: slice(r.start, r.stop) for dim, r in params.ranges.items()})
     if params.points:
         ds = ds.sel(params.points)
     if params.nearest:
         ds = ds.sel(params.nearest, method="nearest")
+    repeated = sorted(str(dim) for dim in {*params.points, *params.nearest} if dim in ds.indexes and not ds.indexes[dim].is_unique)
+    if repeated:
+        # A cell selected twice would count twice towards every group it is aggregated into.
+        raise InvalidParametersError(f"the selection picks the same point of {repeated} more than once; select each point once")
+    ctx.check_selection(cells(ds), whole, unit="cells")
     return ds
 
 
@@ -110,6 +126,7 @@ def reduce(params: ReduceParams, ctx: OperationContext) -> Any:
     """
     ds = select_variables(ctx.open_dataset(params.data), params.variables)
     check_dims(ds, params.dims)
+    counts = ds.count(dim=params.dims)
     if params.stat in ("median", "quantile"):
         if params.stat == "quantile" and params.q is None:
             raise InvalidParametersError("stat 'quantile' needs q (0..1)")
@@ -119,9 +136,9 @@ def reduce(params: ReduceParams, ctx: OperationContext) -> Any:
         else:
             reduced = ds.quantile(params.q, dim=params.dims)
     else:
-        reduced = apply_stat(on_device(ctx, ds), params.stat, params.dims)
-    (result,) = ctx.compute(reduced)
-    return result
+        device = on_device(ctx, ds)
+        reduced, counts = apply_stat(device, params.stat, params.dims), device.count(dim=params.dims)
+    return compute_counted(ctx, reduced, counts)
 
 
 def _contiguous(ds: Any, dims: list[str]) -> Any:
@@ -164,6 +181,9 @@ def derive(params: DeriveParams, ctx: OperationContext) -> Any:
     for name, text in params.variables.items():
         if not re.match(NAME, name):
             raise InvalidParametersError(f"{name!r} is not a valid variable name")
+        if name in ds.coords or name in ds.dims:
+            # Data moved onto a coordinate would be described (ranges) and grouped by as if it were an axis.
+            raise InvalidParametersError(f"{name!r} is a coordinate or dimension of the data; derive a variable with another name")
         trees[name] = parse(text)
     env = {str(k): v for k, v in ds.coords.items()} | {str(k): v for k, v in ds.data_vars.items()}
     derived = {}

@@ -26,7 +26,20 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
-from adapters.xarray_common import GROUP, NAME, Dims, Stat, apply_stat, area_weights, check_dims, nan_to_zero, numeric, on_device, select_variables
+from adapters.xarray_common import (
+    GROUP,
+    NAME,
+    Dims,
+    Stat,
+    apply_stat,
+    area_weights,
+    check_dims,
+    compute_counted,
+    nan_to_zero,
+    numeric,
+    on_device,
+    select_variables,
+)
 from dfm_prefect.core.errors import InvalidParametersError
 from dfm_prefect.core.operations import DataInput, OperationContext, OperationParams, operation
 
@@ -87,6 +100,7 @@ def moments(params: MomentsParams, ctx: OperationContext) -> Any:
     (result,) = ctx.compute(xr.Dataset(out))
     for name in ds.data_vars:
         result[f"{name}__n"] = result[f"{name}__n"].round().astype("int64")
+    ctx.count_groups(*(result[f"{name}__n"] for name in ds.data_vars))
     result.attrs["dfm_moments"] = ",".join(ds.data_vars)
     return result
 
@@ -115,8 +129,9 @@ def weighted_mean(params: WeightedMeanParams, ctx: OperationContext) -> Any:
     x = on_device(ctx, ds).astype("float64")
     total = nan_to_zero(x * weight).sum(dim=params.dims)
     mass = (x.notnull() * weight).sum(dim=params.dims)
-    (result,) = ctx.compute(total / mass)
-    return result
+    # A cell with weight 0 adds nothing to the mean, so it does not count as a contributor.
+    contributors = (x.notnull() & (weight != 0)).sum(dim=params.dims)
+    return compute_counted(ctx, total / mass, contributors)
 
 
 class BinRange(OperationParams):
@@ -237,6 +252,7 @@ def histogram(params: HistogramParams, ctx: OperationContext) -> Any:
     out: dict[str, Any] = {}
     for name, values in zip(names, computed):
         values = np.asarray(values)
+        ctx.count_groups(values[: nbins + 3])  # every bin, below, above and NaN is a group
         out[f"{name}__count"] = ("bin", values[:nbins].astype("int64"))
         for i, side in enumerate(("below", "above", "nan")):
             out[f"{name}__{side}"] = ((), np.int64(values[nbins + i]))
@@ -267,9 +283,8 @@ def groupby_reduce(params: GroupbyReduceParams, ctx: OperationContext) -> Any:
         raise InvalidParametersError(f"cannot group by {params.group!r}: no coordinate {group_dim!r}")
     ds = on_device(ctx, ds)
     over = list(dict.fromkeys([*ds[group_dim].dims, *params.dims]))
-    reduced = apply_stat(ds.groupby(params.group), params.stat, over)
-    (result,) = ctx.compute(reduced)
-    return result
+    grouped = ds.groupby(params.group)
+    return compute_counted(ctx, apply_stat(grouped, params.stat, over), apply_stat(grouped, "count", over))
 
 
 class ResampleParams(OperationParams):
@@ -288,6 +303,5 @@ def resample(params: ResampleParams, ctx: OperationContext) -> Any:
     check_dims(ds, [params.time, *params.dims])
     ds = on_device(ctx, ds)
     over = list(dict.fromkeys([params.time, *params.dims]))
-    reduced = apply_stat(ds.resample({params.time: params.freq}), params.stat, over)
-    (result,) = ctx.compute(reduced)
-    return result
+    binned = ds.resample({params.time: params.freq})
+    return compute_counted(ctx, apply_stat(binned, params.stat, over), apply_stat(binned, "count", over))

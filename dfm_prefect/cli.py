@@ -323,7 +323,8 @@ def _print_site(info: object) -> None:
         sources.add_row(source.name, source.url, source.format, dims, variables, f"{source.size:,}" if source.size else "?")
     console.print(sources)
     console.print(
-        f"export policy: kinds {', '.join(info.export.kinds) or 'none'}, at most {info.export.max_bytes:,} bytes per result"
+        f"export policy: kinds {', '.join(info.export.kinds) or 'none'}, at most {info.export.max_bytes:,} bytes per result; "
+        f"groups of at least {info.export.min_group_size} and subsets of at least {info.export.min_subset_size} records or cells"
     )
 
 

@@ -123,7 +123,14 @@ def site_info(name: str, operations: dict[str, Operation], sources: list[SourceI
             for op_name, op in operations.items()
         },
         sources=sources,
-        export=ExportInfo(kinds=list(export.kinds), max_bytes=export.max_bytes, inline_bytes=export.inline_bytes, share_logs=export.share_logs),
+        export=ExportInfo(
+            kinds=list(export.kinds),
+            max_bytes=export.max_bytes,
+            inline_bytes=export.inline_bytes,
+            share_logs=export.share_logs,
+            min_group_size=export.disclosure.min_group_size,
+            min_subset_size=export.disclosure.min_subset_size,
+        ),
         load=load,
         compute=compute,
     )

@@ -41,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from dfm_prefect.core.errors import ConfigError
 from dfm_prefect.core.refs import ResultKind
+from site_workers.compute_config import ComputeConfig
 
 _ENV_REF = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)\}")
 _SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -48,6 +49,7 @@ _SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
 
 
 def _no_password_in_url(url: str) -> str:
@@ -102,26 +104,55 @@ class StoreConfig(_Model):
     _url = field_validator("url")(_no_password_in_url)
 
 
+class DisclosurePolicy(_Model):
+    """Minimum counts below which results say too much about single records (DataSHIELD's disclosure traps).
+
+    ``min_group_size`` (DataSHIELD's ``nfilter.tab``): every non-empty group of
+    an ``aggregate`` that leaves the site (by value or fetch) was counted, at the
+    site, from at least this many records or cells; an aggregate with a smaller
+    group, or one whose operation reports no counts, stays at the site.
+    ``min_subset_size`` (``nfilter.subset``): a filter or subset must keep at
+    least this many records or cells of its input, and leave out none or at
+    least this many (differencing two queries that differ by fewer would isolate
+    them). ``1`` switches a rule off. Both count cells for gridded data and rows
+    for tables.
+
+    Example::
+
+        export:
+          kinds: [aggregate]
+          disclosure: {min_group_size: 5, min_subset_size: 10}
+    """
+
+    min_group_size: int = Field(default=3, ge=1, le=1_000_000)
+    min_subset_size: int = Field(default=3, ge=1, le=1_000_000)
+
+
 class ExportPolicy(_Model):
     """What may leave the site.
 
     ``kinds`` lists the result kinds that may be sent to a client at all;
     ``max_bytes`` caps the size of any one result that leaves; results up to
     ``inline_bytes`` (and allowed) come back together with their reference.
+    ``disclosure`` sets the minimum counts of `DisclosurePolicy`. The summary in
+    a reference shows only names and dtypes unless the result itself could leave
+    for that client.
 
     ``recipients`` narrows a kind to named clients: a result of a kind listed
     there leaves only for a client whose identity the transport authenticated
     and that is on the list (the local transport authenticates no individual
-    clients, so such kinds never leave through it). ``error_detail: type`` sends
-    only the exception type of an unexpected operation failure (its message may
-    hold data) and keeps the message in the site's log under an incident id.
+    clients, so such kinds never leave through it). ``error_detail`` decides
+    what an unexpected operation failure says: ``type`` (the default) sends its
+    exception type and an incident id, and keeps the message, which may quote
+    data, in the site's log; ``message`` also sends the message (for sites
+    without sensitive data).
 
     Example::
 
         export:
           kinds: [aggregate, value, dataset]
           recipients: {dataset: [alice@lab.example]}   # raw grids only to alice
-          error_detail: type
+          disclosure: {min_group_size: 5}
     """
 
     kinds: list[ResultKind] = Field(default_factory=lambda: ["aggregate", "value"])
@@ -131,7 +162,8 @@ class ExportPolicy(_Model):
     recipients: dict[ResultKind, list[Annotated[str, Field(min_length=1, max_length=256)]]] = Field(
         default_factory=dict, description="Per result kind, the only client identities it may leave for."
     )
-    error_detail: Literal["message", "type"] = "message"
+    error_detail: Literal["message", "type"] = "type"
+    disclosure: DisclosurePolicy = DisclosurePolicy()
 
 
 class Limits(_Model):
@@ -174,97 +206,6 @@ class UserCodePolicy(_Model):
     memory_bytes: int = Field(default=1 << 30, ge=64 << 20, description="Address-space limit of the process.")
     max_source_bytes: int = Field(default=64 << 10, ge=1, le=16 << 20)
     max_output_bytes: int = Field(default=1 << 20, ge=1024, le=256 << 20, description="Result and printed output, each.")
-
-
-class SchedulerTLS(_Model):
-    """The site's client certificate for an existing scheduler that speaks mutual TLS (``tls://``).
-
-    PEM files at the site: the CA that signed the scheduler's and workers'
-    certificates, the certificate the site presents, and its key (mode 0600).
-    """
-
-    ca_file: str = Field(min_length=1)
-    cert_file: str = Field(min_length=1)
-    key_file: str = Field(min_length=1)
-
-
-class ComputeConfig(_Model):
-    """Where the Dask work of operations runs.
-
-    ``threads``: Dask's threaded scheduler in the site process (no memory limit).
-    ``cpu``: a `distributed.LocalCluster` of ``workers`` worker processes, each
-    held to ``memory_limit`` by its nanny. ``gpu``: a `dask_cuda.LocalCUDACluster`
-    (one worker per GPU, at most ``workers``) with CuPy chunks; needs the ``gpu``
-    extra. ``auto``: ``gpu`` when a GPU and dask-cuda are there, else ``cpu`` (and
-    the site log says why). Every cluster the site starts speaks only mutual TLS,
-    with certificates made for it at start (see docs/security.md).
-
-    With ``scheduler_address`` the site starts no cluster and sends its work to
-    that scheduler; ``kind`` then says whether its workers get NumPy (``cpu``) or
-    CuPy (``gpu``) chunks. Whoever can talk to that scheduler runs code as the
-    site, so a ``tls://`` address needs ``scheduler_tls`` (the site's certificate
-    for it), and a ``tcp://`` or ``ucx://`` one is refused unless the admin sets
-    ``allow_unauthenticated_scheduler: true``, which the site log repeats as a
-    warning at every start.
-
-    Example::
-
-        compute: {kind: cpu, workers: 2, threads_per_worker: 2, memory_limit: 2GiB}
-        compute:
-          kind: cpu
-          scheduler_address: tls://dask.lab.internal:8786
-          scheduler_tls: {ca_file: /etc/dfm/dask-ca.pem, cert_file: /etc/dfm/site.pem, key_file: /etc/dfm/site-key.pem}
-    """
-
-    kind: str = Field(default="threads", pattern=r"^[a-z][a-z0-9_-]{0,31}$", description="threads, cpu, gpu, auto or a registered backend.")
-    workers: int | None = Field(default=None, ge=1, le=1024)
-    threads_per_worker: int | None = Field(default=None, ge=1, le=1024)
-    memory_limit: str | None = Field(
-        default=None,
-        pattern=r"^(auto|0?\.\d+|\d+(\.\d+)?\s*([kKMGT]i?B|B)?)$",
-        description="Per worker process: bytes ('512MiB', '2GB'), a fraction of RAM ('0.25') or 'auto'.",
-    )
-    scheduler_address: str | None = Field(default=None, pattern=r"^(tcp|tls|inproc|ucx)://\S+$")
-    scheduler_tls: SchedulerTLS | None = None
-    allow_unauthenticated_scheduler: bool = Field(
-        default=False, description="Let the site use a scheduler anyone who reaches it can run code on (tcp://, ucx://)."
-    )
-
-    @model_validator(mode="after")
-    def _scheduler_needs_array_kind(self) -> ComputeConfig:
-        if self.scheduler_address is not None and self.kind not in ("cpu", "gpu"):
-            raise ValueError(
-                "compute.scheduler_address needs kind: cpu (its workers get NumPy chunks) "
-                "or kind: gpu (dask-cuda workers, CuPy chunks)"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _scheduler_needs_authentication(self) -> ComputeConfig:
-        address = self.scheduler_address
-        if address is None:
-            if self.scheduler_tls is not None or self.allow_unauthenticated_scheduler:
-                raise ValueError(
-                    "compute.scheduler_tls and allow_unauthenticated_scheduler apply only with scheduler_address; "
-                    "the clusters a site starts itself always use their own TLS certificates"
-                )
-            return self
-        scheme = address.split("://", 1)[0]
-        if scheme == "tls" and self.scheduler_tls is None:
-            raise ValueError(
-                f"compute.scheduler_address {address} speaks TLS: give the site's certificate for it with "
-                "scheduler_tls: {ca_file: ..., cert_file: ..., key_file: ...}"
-            )
-        if scheme in ("tcp", "ucx") and self.scheduler_tls is not None:
-            raise ValueError(f"compute.scheduler_tls needs a tls:// scheduler_address, not {address}")
-        if scheme in ("tcp", "ucx") and not self.allow_unauthenticated_scheduler:
-            raise ValueError(
-                f"compute.scheduler_address {address} has no authentication: any process that reaches it runs code "
-                "as this site (Dask runs pickled functions). Start the scheduler with TLS (dask scheduler --tls-ca-file "
-                "--tls-cert --tls-key) and give a tls:// address with scheduler_tls, or, only if nothing else can reach "
-                "it, set allow_unauthenticated_scheduler: true (see docs/security.md)"
-            )
-        return self
 
 
 class IdentityPolicy(_Model):

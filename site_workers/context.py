@@ -15,7 +15,8 @@ from dfm_prefect.core.refs import DataRef
 from dfm_prefect.core.wire import LogLine
 from site_workers.answers import wire_text
 from site_workers.compute import ComputeBackend
-from site_workers.config import UserCodePolicy
+from site_workers.config import DisclosurePolicy, UserCodePolicy
+from site_workers.disclosure import DisclosureRules, smallest_group
 from site_workers.readers import open_location
 from site_workers.sources import SourceResolver
 from site_workers.store import ResultStore
@@ -73,6 +74,7 @@ class SiteContext:
         on_progress: Callable[[float, str], None] | None = None,
         user_code: UserCodePolicy | None = None,
         redact: Callable[[str], str] | None = None,
+        disclosure: DisclosureRules | None = None,
     ) -> None:
         self.site = site
         self.request_id = request_id
@@ -83,6 +85,9 @@ class SiteContext:
         self._stopped = stopped
         self._on_progress = on_progress
         self._redact = redact
+        self._disclosure = disclosure or DisclosureRules(DisclosurePolicy())
+        self.contributors: int | None = None
+        """The smallest non-empty group the operation counted (`count_groups`); None until it counts."""
         self.user_code = user_code or UserCodePolicy()
         """The site's rules for running code sent by clients (``code.python``); disabled unless opted in."""
         self._last_progress = 0.0
@@ -136,6 +141,15 @@ class SiteContext:
     def describe(self, value: Any) -> dict[str, Any]:
         """A metadata summary of a value (dims, coordinate ranges, dtypes; no data read)."""
         return summarize(value)
+
+    def count_groups(self, *counts: Any) -> None:
+        """Record how many records or cells went into each group of the result; the site keeps the smallest."""
+        smallest = smallest_group(*counts)
+        self.contributors = smallest if self.contributors is None else min(self.contributors, smallest)
+
+    def check_selection(self, kept: int, total: int, *, unit: str = "rows") -> None:
+        """Refuse (`DisclosureRefusedError`) a selection that keeps, or leaves out, too few ``unit``."""
+        self._disclosure.check_selection(int(kept), int(total), unit, site=self.site)
 
     def progress(self, fraction: float, message: str = "") -> None:
         """Tell the client how far the operation has come (0..1); sent at most twice a second."""

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from dfm_prefect.core.errors import ExportRefusedError
+from dfm_prefect.core.errors import DisclosureRefusedError, ExportRefusedError
 from dfm_prefect.core.refs import DataRef
 from site_workers.config import ExportPolicy
+from site_workers.disclosure import DisclosureRules
 from site_workers.redaction import Redactor
 from site_workers.store import ResultStore
+from site_workers.summaries import structure_only
 
 
 class ExportGate:
@@ -16,26 +18,41 @@ class ExportGate:
     connection the request came on, or ``None`` where the transport has none
     (the local transport: every holder of the federation key is the same party).
     The gate trusts only what the site itself recorded about a result: callers
-    check a reference against the store (`ResultStore.check_owned`) first.
+    check a reference against the store (`ResultStore.check_owned`) first, and
+    pass ``contributors``, the smallest group the store recorded for an aggregate
+    (`ResultStore.contributors`), never the reference's own field.
     """
 
     def __init__(self, site: str, policy: ExportPolicy, redactor: Redactor | None = None) -> None:
         self.site = site
         self.policy = policy
         self.redactor = redactor or Redactor(())
+        self.disclosure = DisclosureRules(policy.disclosure)
 
-    def refusal(self, ref: DataRef, recipient: str | None = None) -> str | None:
+    def refusal(self, ref: DataRef, recipient: str | None = None, contributors: int | None = None) -> str | None:
         """Why ``ref`` may not leave for ``recipient``, or None if it may."""
+        return self._export_refusal(ref, recipient) or self._group_refusal(ref, contributors)
+
+    def _export_refusal(self, ref: DataRef, recipient: str | None) -> str | None:
+        if ref.kind not in self.policy.kinds:
+            return self._kind_refusal(ref, recipient)
+        if ref.size > self.policy.max_bytes:
+            return (
+                f"the result is {ref.size} bytes and this site lets at most {self.policy.max_bytes} bytes "
+                "leave per result; reduce or subset it at the site first"
+            )
+        return self._kind_refusal(ref, recipient)
+
+    def _group_refusal(self, ref: DataRef, contributors: int | None) -> str | None:
+        return self.disclosure.group_refusal(contributors) if ref.kind == "aggregate" else None
+
+    def _kind_refusal(self, ref: DataRef, recipient: str | None) -> str | None:
+        """Why results of this kind may not leave for ``recipient`` at all (kinds, recipients), or None."""
         if ref.kind not in self.policy.kinds:
             allowed = ", ".join(self.policy.kinds) or "none"
             return (
                 f"results of kind {ref.kind!r} may not leave this site (allowed kinds: {allowed}); "
                 "reduce the data at the site first (for example with xarray.moments) and fetch that"
-            )
-        if ref.size > self.policy.max_bytes:
-            return (
-                f"the result is {ref.size} bytes and this site lets at most {self.policy.max_bytes} bytes "
-                "leave per result; reduce or subset it at the site first"
             )
         allowed_clients = self.policy.recipients.get(ref.kind)
         if allowed_clients is not None:
@@ -53,11 +70,22 @@ class ExportGate:
                 )
         return None
 
-    def check_export(self, ref: DataRef, recipient: str | None = None) -> None:
-        """Raise `ExportRefusedError` if ``ref`` may not leave for ``recipient``."""
-        reason = self.refusal(ref, recipient)
-        if reason is not None:
+    def check_export(self, ref: DataRef, recipient: str | None = None, contributors: int | None = None) -> None:
+        """Raise `ExportRefusedError` (`DisclosureRefusedError` for the disclosure rules) if ``ref`` may not leave."""
+        if (reason := self._export_refusal(ref, recipient)) is not None:
             raise ExportRefusedError(f"{ref!r}: {reason}", site=self.site)
+        if (reason := self._group_refusal(ref, contributors)) is not None:
+            raise DisclosureRefusedError(f"{ref!r}: {reason}", site=self.site)
+
+    def outgoing(self, ref: DataRef, recipient: str | None = None) -> DataRef:
+        """``ref`` as the client may see it: the full summary and group count only where the result could leave.
+
+        ``ref.contributors`` is the count the site itself just recorded (the store's
+        `put`), not one a client sent.
+        """
+        if self._kind_refusal(ref, recipient) is None and self._group_refusal(ref, ref.contributors) is None:
+            return ref
+        return ref.model_copy(update={"summary": structure_only(ref.summary), "contributors": None})
 
     def check_content(self, ref: DataRef, data: bytes) -> None:
         """Raise `ExportRefusedError` if the bytes about to leave contain one of the site's credentials."""
@@ -69,8 +97,8 @@ class ExportGate:
             )
 
     def inline(self, ref: DataRef, payload: bytes | None, store: ResultStore, recipient: str | None = None) -> bytes | None:
-        """The bytes to send along with a new result: only allowed results up to ``inline_bytes``."""
-        if self.refusal(ref, recipient) is not None or ref.size > self.policy.inline_bytes:
+        """The bytes to send along with a new result (``ref`` as the store just made it): only allowed results up to ``inline_bytes``."""
+        if self.refusal(ref, recipient, ref.contributors) is not None or ref.size > self.policy.inline_bytes:
             return None
         data = payload if payload is not None else store.read_bytes(ref)
         # A result holding a credential does not come back inline; fetching it says why.

@@ -3,7 +3,9 @@
 A result's file name binds it to the kind and format the site gave it
 (``<uuid>.<kind>.<format>``), so a client cannot relabel a stored dataset as a
 ``value`` to get it past the export policy: the name, not the reference the
-client sends, is what the site believes.
+client sends, is what the site believes. An aggregate's name also binds the
+size of its smallest group as the operation counted it
+(``<uuid>.aggregate-n<count>.<format>``), which the disclosure rules decide on.
 
 On local disk results are private to the site's OS user: the store directory
 is mode 0700 and every result file 0600 (created so, never readable by others
@@ -34,7 +36,7 @@ from site_workers.sources import canonical
 _CHUNK = 4 << 20
 _PRIVATE_DIR = 0o700
 _PRIVATE_FILE = 0o600
-_BOUND_NAME = re.compile(r"^[0-9a-f]{32}\.(value|aggregate|dataset|table)\.([a-z0-9_]+)$")
+_BOUND_NAME = re.compile(r"^[0-9a-f]{32}\.(value|aggregate|dataset|table)(?:-n(\d{1,15}))?\.([a-z0-9_]+)$")
 _LEGACY_NAME = re.compile(r"^[0-9a-f]{32}\.([a-z0-9_]+)$")
 
 
@@ -89,10 +91,17 @@ class ResultStore:
     def is_local(self) -> bool:
         return self.protocol == "file"
 
-    def put(self, value: Any, *, op: str, kind: ResultKind, summary: dict[str, Any]) -> tuple[DataRef, bytes | None]:
-        """Store a value; return its reference and, for small values, the encoded bytes."""
+    def put(
+        self, value: Any, *, op: str, kind: ResultKind, summary: dict[str, Any], contributors: int | None = None
+    ) -> tuple[DataRef, bytes | None]:
+        """Store a value; return its reference and, for small values, the encoded bytes.
+
+        ``contributors`` (the smallest group an aggregate's operation counted) is
+        bound into the stored name.
+        """
         codec = codec_for(value)
-        name = f"{uuid.uuid4().hex}.{kind}.{codec.format}"
+        counted = f"-n{contributors}" if contributors is not None else ""
+        name = f"{uuid.uuid4().hex}.{kind}{counted}.{codec.format}"
         target = f"{self.root}/{name}"
         payload: bytes | None = None
         if codec.write_file is None:
@@ -123,6 +132,7 @@ class ResultStore:
             sha256=sha,
             op=op,
             summary=summary,
+            contributors=contributors,
         )
         with self._lock:
             self._verified[ref.uri] = (sha, stamp)
@@ -148,10 +158,10 @@ class ResultStore:
         name = posixpath.basename(path)
         bound = _BOUND_NAME.match(name)
         if bound is not None:
-            if (bound.group(1), bound.group(2)) != (ref.kind, ref.format):
+            if (bound.group(1), bound.group(3)) != (ref.kind, ref.format):
                 raise AccessDeniedError(
                     f"{ref!r} claims kind {ref.kind!r} and format {ref.format!r}, but this site stored that result "
-                    f"as {bound.group(1)!r} in {bound.group(2)!r}: the reference was altered"
+                    f"as {bound.group(1)!r} in {bound.group(3)!r}: the reference was altered"
                 )
         elif (legacy := _LEGACY_NAME.match(name)) is None or legacy.group(1) != ref.format:
             raise AccessDeniedError(f"{ref!r} does not name a result of this site's store")
@@ -161,6 +171,14 @@ class ResultStore:
         """The kind the site stored ``ref`` as (None for results stored before kinds were bound)."""
         bound = _BOUND_NAME.match(posixpath.basename(self.check_owned(ref)))
         return bound.group(1) if bound is not None else None  # type: ignore[return-value]
+
+    def contributors(self, ref: DataRef) -> int | None:
+        """The smallest group the site counted for ``ref`` when it stored it (None if none was counted).
+
+        Read from the stored name, never from the reference's own field.
+        """
+        bound = _BOUND_NAME.match(posixpath.basename(self.check_owned(ref)))
+        return int(bound.group(2)) if bound is not None and bound.group(2) is not None else None
 
     def read_bytes(self, ref: DataRef, offset: int = 0, length: int | None = None) -> bytes:
         """Read (part of) a stored result after checking it is intact."""

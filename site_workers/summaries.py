@@ -19,9 +19,11 @@ def _scalar(value: Any) -> Any:
     return value
 
 
-def _coord_summary(coord: Any) -> dict[str, Any]:
+def _coord_summary(name: Any, coord: Any) -> dict[str, Any]:
     info: dict[str, Any] = {"dtype": str(coord.dtype), "size": int(coord.size)}
-    if coord.ndim == 1 and coord.size and coord.dtype.kind in "iufM":
+    # Only the axes of the grid get a range: any other coordinate is data attached to
+    # points (or a data variable moved onto a coordinate), and its extremes are records.
+    if coord.dims == (name,) and coord.size and coord.dtype.kind in "iufM":
         values = coord.values
         info["min"] = _scalar(values.min())
         info["max"] = _scalar(values.max())
@@ -67,7 +69,7 @@ def summarize_xarray(value: Any) -> dict[str, Any]:
     return {
         "type": "xarray.Dataset",
         "dims": {str(name): int(size) for name, size in ds.sizes.items()},
-        "coords": {str(name): _coord_summary(coord) for name, coord in ds.coords.items() if coord.ndim <= 1},
+        "coords": {str(name): _coord_summary(name, coord) for name, coord in ds.coords.items() if coord.ndim <= 1},
         "data_vars": data_vars,
         "nbytes": int(ds.nbytes),
     }
@@ -109,3 +111,27 @@ def summarize(value: Any) -> dict[str, Any]:
     if isinstance(value, list):
         return {"type": "list", "length": len(value)}
     return {"type": type(value).__name__}
+
+
+def structure_only(summary: dict[str, Any]) -> dict[str, Any]:
+    """Only the names and dtypes of a summary: what a reference shows where its result may not leave.
+
+    Sizes, row counts, coordinate ranges and chunking are counts and values of the
+    data (a filtered table's row count says whether someone is in it), so they go;
+    dimension, coordinate, variable and column names, dtypes and units stay, which is
+    what a flow needs to ask the next question.
+    """
+    kept: dict[str, Any] = {"type": summary.get("type")}
+    if "dims" in summary:
+        kept["dims"] = sorted(summary["dims"])
+    if "coords" in summary:
+        kept["coords"] = {name: {"dtype": info.get("dtype")} for name, info in summary["coords"].items()}
+    if "data_vars" in summary:
+        kept["data_vars"] = {
+            name: {key: info[key] for key in ("dims", "dtype", "units") if key in info}
+            for name, info in summary["data_vars"].items()
+        }
+    for key in ("columns", "dtype"):
+        if key in summary:
+            kept[key] = summary[key]
+    return kept

@@ -68,6 +68,7 @@ from site_workers.policy import ExportGate
 from site_workers.redaction import Redactor
 from site_workers.sources import SourceResolver
 from site_workers.store import ResultStore
+from site_workers.summaries import summarize
 
 log = logging.getLogger("dfm_prefect.site")
 
@@ -226,6 +227,7 @@ class SiteWorker:
             stopped=lambda: job.stop,
             user_code=self.config.user_code,
             redact=self.redactor.text if self.redactor.active else None,
+            disclosure=self.gate.disclosure,
             on_progress=lambda fraction, message: self._safe_reply(
                 job.reply, ProgressUpdate(id=request.id, fraction=fraction, message=message)
             ),
@@ -235,15 +237,14 @@ class SiteWorker:
             with ctx.capturing_logs():
                 value = op.run(params, ctx)
             ctx.check_cancelled()
-            from site_workers.summaries import summarize
-
-            ref, payload = self.store.put(value, op=op.name, kind=op.result_kind, summary=summarize(value))
+            counted = ctx.contributors if op.result_kind == "aggregate" else None
+            ref, payload = self.store.put(value, op=op.name, kind=op.result_kind, summary=summarize(value), contributors=counted)
             inline = self.gate.inline(ref, payload, self.store, job.identity)
             message = RunResult(
                 id=request.id,
                 site=self.name,
                 ok=True,
-                ref=ref,
+                ref=self.gate.outgoing(ref, job.identity),
                 payload=b64encode(inline) if inline is not None else None,
                 logs=ctx.logs if self.config.export.share_logs else [],
                 duration_s=time.monotonic() - started,
@@ -368,7 +369,7 @@ class SiteWorker:
                 "run the operation that produced it again",
                 site=self.name,
             )
-        self.gate.check_export(ref, identity)
+        self.gate.check_export(ref, identity, self.store.contributors(ref))
         if self.redactor.active:
             # The whole result, not the chunk: a credential may straddle chunks. What may
             # leave is at most export.max_bytes, so this read is bounded.

@@ -55,7 +55,8 @@ def mesh(tmp_path_factory, hemispheres, s3):
         "client_kwargs": {"endpoint_url": "${env:DFM_FED_S3_ENDPOINT}"},
     }
     operations = ["xarray.open", "xarray.moments", "xarray.histogram", "xarray.reduce", "table.groupby_aggregate"]
-    export = {"kinds": ["aggregate", "value"], "max_bytes": 1 << 20, "inline_bytes": 256 << 10}
+    # These tests check exact pooling, bin by bin; the disclosure minimum is tested in test_disclosure.py.
+    export = {"kinds": ["aggregate", "value"], "max_bytes": 1 << 20, "inline_bytes": 256 << 10, "disclosure": {"min_group_size": 1}}
     configs = {
         "east": {
             "sources": [

@@ -231,7 +231,7 @@ LOCAL_ATTACKS = [
 
 def test_the_data_root_itself_is_readable(vault_client, vault_paths):
     ref = vault_client.call("vault", "xarray.subset", {"data": f"{vault_paths['data']}/sub/ok.zarr"})
-    assert ref.kind == "dataset" and ref.summary["dims"]["time"] == 30
+    assert ref.kind == "dataset" and ref.summary["dims"] == ["lat", "lon", "time"]  # names only: it may not leave for us
 
 
 @pytest.mark.parametrize("attack", LOCAL_ATTACKS)

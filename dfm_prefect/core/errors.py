@@ -61,6 +61,12 @@ class ExportRefusedError(FederationError):
     code = "export_refused"
 
 
+class DisclosureRefusedError(ExportRefusedError):
+    """The site's disclosure rules refuse a result: a group or selection is smaller than its minimum."""
+
+    code = "disclosure_refused"
+
+
 class OperationFailedError(FederationError):
     """The operation ran at the site and raised."""
 
@@ -119,6 +125,7 @@ ERROR_CODES: dict[str, type[FederationError]] = {
         AccessDeniedError,
         AuthenticationError,
         ExportRefusedError,
+        DisclosureRefusedError,
         OperationFailedError,
         SiteUnavailableError,
         SiteOverloadedError,

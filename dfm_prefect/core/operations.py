@@ -74,6 +74,26 @@ class OperationContext(Protocol):
     def describe(self, value: Any) -> dict[str, Any]:
         """A metadata summary of a value (dims, coordinate ranges, dtypes; no data read), as `DataRef` summaries show it."""
 
+    def count_groups(self, *counts: Any) -> None:
+        """Report how many records or cells contributed to each group of an ``aggregate`` result.
+
+        ``counts`` are computed arrays of per-group counts (NumPy, xarray, pandas or
+        numbers), counted by the operation from the data, e.g. the ``__n`` terms of
+        moments or the bin counts of a histogram. The site keeps the smallest
+        non-zero count and releases the aggregate only if it reaches the site's
+        ``export.disclosure.min_group_size``; an aggregate that reports no counts
+        does not leave a site that sets a minimum.
+        """
+
+    def check_selection(self, kept: int, total: int, *, unit: str = "rows") -> None:
+        """Report that a selection (a filter, a subset) kept ``kept`` of ``total`` records or cells.
+
+        Raises `~dfm_prefect.core.errors.DisclosureRefusedError` when it keeps fewer
+        than the site's ``export.disclosure.min_subset_size``, or leaves out more
+        than none but fewer than that (two such queries, differenced, would isolate
+        the records left out).
+        """
+
     def progress(self, fraction: float, message: str = "") -> None:
         """Report progress (0..1) to the flow run."""
 

@@ -64,7 +64,14 @@ class DataRef(BaseModel):
     op: str = Field(description="The operation that produced it.")
     summary: dict[str, Any] = Field(
         default_factory=dict,
-        description="Shape of the result: for xarray dims, coords, variables, dtypes.",
+        description="Shape of the result: for xarray dims, coords, variables, dtypes (only names and dtypes "
+        "where the site's policy keeps results of this kind in).",
+    )
+    contributors: int | None = Field(
+        default=None,
+        ge=0,
+        description="For an aggregate: how many records or cells the site counted in its smallest non-empty "
+        "group (None where the site does not release it). The site decides on its own record, never on this field.",
     )
 
     _payload: bytes | None = PrivateAttr(default=None)

@@ -146,6 +146,8 @@ class ExportInfo(_Message):
     max_bytes: int
     inline_bytes: int
     share_logs: bool
+    min_group_size: int = Field(default=1, description="Smallest group an aggregate that leaves may have.")
+    min_subset_size: int = Field(default=1, description="Smallest selection (and smallest left-out part) allowed.")
 
 
 class SiteInfo(_Message):
