@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from dfm_prefect.core.errors import ConfigError
+from site_workers.concurrency import unlock_cached_properties
 from site_workers.config import ComputeConfig
 
 if TYPE_CHECKING:
@@ -353,6 +354,7 @@ def register_backend(kind: str, factory: Callable[[ComputeConfig], ComputeBacken
 
 def make_backend(config: ComputeConfig) -> ComputeBackend:
     """Build the backend a site config asks for."""
+    unlock_cached_properties()  # the site builds Dask graphs in several threads at once
     try:
         factory = _BACKENDS[config.kind]
     except KeyError:

@@ -204,7 +204,7 @@ class RawSiteConnection:
             frame = ReplyEnvelope.model_validate_json(self.conn.recv_bytes())
             messages.extend(m for m in frame.messages if m.kind != "progress")
         if len(messages) < count:
-            raise AssertionError(f"expected {count} answers within {timeout}s, got {messages}")
+            raise AssertionError(f"expected {count} answers within {timeout}s, got {len(messages)}; the last: {messages[-3:]}")
         return messages
 
     def close(self) -> None:
@@ -230,6 +230,8 @@ class RawMeshConnection:
         self.job_id = admin.find_mesh_job(self.session, spec.job_name).id  # type: ignore[attr-defined]
         self.link = JobLink(self.job_id)
         self.pending: list[SiteMessage] = []
+        self.problems: list[str] = []
+        """Reply frames that were not wire v1, and sites the mesh reported lost."""
 
     def exchange(self, frames: list[str], *, wait: float = 0.0) -> None:
         from dfm_prefect.transports.flare import admin
@@ -243,6 +245,7 @@ class RawMeshConnection:
             frames=[ClientFrame(id=uuid.uuid4().hex, site=self.site, data=frame) for frame in frames],
         )
         digest = self.link.absorb(admin.exchange(self.session, self.job_id, request))
+        self.problems += digest.unreadable + [f"site {site} lost: {why}" for site, why in digest.lost.items()]
         self.pending += [message for _, message in digest.messages if message.kind != "progress"]
 
     @staticmethod
@@ -257,7 +260,7 @@ class RawMeshConnection:
         deadline = time.monotonic() + timeout
         while len(self.pending) < count:
             if time.monotonic() > deadline:
-                raise AssertionError(f"expected {count} answers within {timeout}s, got {self.pending}")
+                raise AssertionError(f"expected {count} answers within {timeout}s, got {len(self.pending)}; the last: {self.pending[-3:]}")
             self.exchange([], wait=0.3)
         messages, self.pending = self.pending[:count], self.pending[count:]
         return messages

@@ -1,17 +1,24 @@
 """Hostile frames at the site's decoder and validator: every one is answered, and the site keeps serving.
 
-Hypothesis generates random bytes, random JSON, and envelopes that follow the
-wire's shape with hostile values (huge and odd strings, deep nesting, NaN and
-infinities, wrong kinds, duplicate ids, forged references). They go to
-``SiteWorker.handle_frame`` in-process, and a smaller number through a real
-site process: over the local transport's authenticated connection, and through
-the FLARE mesh job (routed by the real controller to a real site). Hostile
-app-command payloads also go to the mesh controller itself.
+Two kinds of fuzzing. Hypothesis generates random bytes, random JSON, and
+envelopes that follow the wire's shape with hostile values (huge and odd
+strings, deep nesting, NaN and infinities, wrong kinds, duplicate ids, forged
+references) for ``SiteWorker.handle_frame`` in-process, and hostile app-command
+payloads for the FLARE mesh controller itself. And a seeded campaign
+(`tests.fuzz_frames`, `tests.fuzz_drive`) sends at least 10,000 structure-aware
+hostile frames per transport to a real site process, over the local
+transport's authenticated connection and through the FLARE mesh job (routed by
+the real controller to a real site), checking after every batch that each
+frame was answered validly, the site process did not change and an honest
+request works. ``DFM_FUZZ_SEED`` reproduces or varies it, ``DFM_FUZZ_FRAMES``
+and ``DFM_FUZZ_CAP_S`` set the frames and the wall-clock cap; run with ``-s``
+to see the report line.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,13 +26,15 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pydantic import ValidationError
 
-from dfm_prefect.core.wire import CancelRequest, Envelope, ErrorReply, RunResult
+from dfm_prefect.client import get_client
+from dfm_prefect.core.wire import ErrorReply, RunResult
 from dfm_prefect.transports.local.launcher import LocalFederation
 from site_workers.config import parse_site_config
 from site_workers.worker import SiteWorker
 from tests.conftest import TRANSPORTS
+from tests.fuzz_drive import Channel, LocalChannel, MeshChannel, campaign, expected_answers
+from tests.fuzz_frames import FRAMES, OPERATIONS, SEED, HostileFrames
 from tests.support_sites import (
     Answers,
     FlareSites,
@@ -34,6 +43,7 @@ from tests.support_sites import (
     private_federation,
     private_flare_federation,
     run_frame,
+    site_processes,
 )
 
 FUZZ_SETTINGS = settings(
@@ -101,15 +111,6 @@ frames = st.one_of(
 )
 
 
-def expected_answers(frame: bytes | str) -> int:
-    """One error for a frame that does not decode; otherwise one answer per message except cancels."""
-    try:
-        envelope = Envelope.model_validate_json(frame)
-    except ValidationError:
-        return 1
-    return sum(not isinstance(message, CancelRequest) for message in envelope.messages)
-
-
 def _still_serves(answers: list) -> None:
     (answer,) = answers
     assert isinstance(answer, RunResult) and answer.ok, answer
@@ -139,10 +140,22 @@ def test_every_hostile_frame_is_answered_in_process(worker, frame):
     _still_serves(follow.wait(1))
 
 
+VISITS = "ward,los\na,3\nb,5\na,7\nc,1\nb,2\n"
+
+
 @pytest.fixture(scope="module", params=TRANSPORTS)
 def fuzz_site(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation | FlareSites]:
     root: Path = tmp_path_factory.mktemp(f"fuzz-site-{request.param}")
-    config = {"name": "fuzz", "operations": ["core.echo"], "result_store": {"url": f"file://{root / 'store'}"}}
+    (root / "data").mkdir()
+    (root / "data" / "visits.csv").write_text(VISITS)
+    config = {
+        "name": "fuzz",
+        "operations": OPERATIONS,
+        "sources": [{"name": "visits", "url": f"file://{root / 'data' / 'visits.csv'}"}],
+        "data_roots": [{"url": f"file://{root / 'data'}"}],
+        "result_store": {"url": f"file://{root / 'store'}"},
+        "limits": {"concurrency": 2, "queue": 16},
+    }
     start = private_federation if request.param == "local" else private_flare_federation
     with start(root, {"fuzz": config}) as fed:
         yield fed
@@ -156,21 +169,38 @@ def mesh_connection(fuzz_site: FlareSites) -> Iterator[RawMeshConnection]:
     connection.close()
 
 
+CAP_S = float(os.environ.get("DFM_FUZZ_CAP_S", "240"))
+"""Hard wall-clock cap of one transport's campaign; fewer than FRAMES frames sent by then fails the test."""
+
+
 @pytest.mark.slow
-@settings(FUZZ_SETTINGS, max_examples=40)
-@given(frame=frames)
-def test_a_real_site_answers_hostile_frames_and_keeps_serving(fuzz_site, request, frame):
+def test_a_real_site_answers_ten_thousand_hostile_frames_and_keeps_serving(fuzz_site, request):
+    """FRAMES seeded hostile frames through the real transport, in batches: every one answered validly, no crash, no hang."""
     flare = isinstance(fuzz_site, FlareSites)
     connection = request.getfixturevalue("mesh_connection") if flare else RawSiteConnection(fuzz_site, "fuzz")
+    channel: Channel = MeshChannel(connection) if flare else LocalChannel(connection)
+    channel.send_many([run_frame("core.echo", {"value": {"fetch": "me"}}, "seed-ref").encode()])
+    (stored,) = channel.collect(1, 60.0)
+    assert isinstance(stored, RunResult) and stored.ok and stored.ref is not None, stored
+    processes = site_processes(fuzz_site, "fuzz")
+    incarnation = connection.link.states["fuzz"].incarnation if flare else None
+
+    def alive() -> None:
+        assert site_processes(fuzz_site, "fuzz") == processes, "the site's processes changed: it crashed or restarted"
+        if flare:
+            assert connection.link.states["fuzz"].incarnation == incarnation, "the site's job process restarted"
+
+    # FLARE carries frames as admin-command text at roughly 100 answers/s: pack them densely, keep the bytes down.
+    stream = HostileFrames(SEED, stored.ref.model_dump(mode="json"), wide=8 if flare else 64, huge=0.05 if flare else 0.2)
     try:
-        connection.send(frame)
-        connection.receive(expected_answers(RawMeshConnection.as_text(frame) if flare else frame))
-        connection.send(run_frame("core.echo", {"value": "ok"}, uuid.uuid4().hex).encode())
-        _still_serves(connection.receive(1))
+        tally = campaign(channel, stream, seed=SEED, total=FRAMES, batch=500 if flare else 250, cap_s=CAP_S, alive=alive)
     finally:
         if not flare:
             connection.close()
-    assert fuzz_site.pids().get("fuzz"), "the site process must still be running"
+    print(tally.report("flare" if flare else "local", SEED))
+    assert tally.frames >= FRAMES, f"only {tally.frames} of {FRAMES} hostile frames within {CAP_S:.0f}s: {tally.report('?', SEED)}"
+    client = get_client(fuzz_site.federation_file)
+    assert client.call("fuzz", "core.echo", {"value": "honest"}, timeout=60).fetch(client=client) == "honest"
 
 
 quick_wait = st.one_of(st.floats(min_value=0, max_value=0.3), st.sampled_from([-1, 1e9, "soon", None, float("nan")]))
