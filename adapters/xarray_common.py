@@ -98,7 +98,21 @@ def compute_counted(ctx: OperationContext, result: Any, *counts: Any) -> Any:
     """
     computed = ctx.compute(result, *counts)
     ctx.count_groups(*computed[1:])
-    return computed[0]
+    return without_point_data(computed[0])
+
+
+def contributors(x: Any) -> Any:
+    """Cells that carry information into a statistic: present and not zero (DataSHIELD's non-zero cell count).
+
+    A cell masked to 0 (``where(lat == 10, temp, 0)``) adds nothing to a sum or a
+    mean, so counting it would let a group of one real cell pass as a group of many.
+    """
+    return x.notnull() & (x != 0)
+
+
+def without_point_data(result: Any) -> Any:
+    """An aggregate without its non-dimension coordinates (data attached to points, e.g. a record id per time step)."""
+    return result.reset_coords(drop=True) if hasattr(result, "reset_coords") else result
 
 
 def cells(ds: Any) -> int:

@@ -22,7 +22,7 @@ from typing import Any, Literal, Union
 from pydantic import Field
 
 from adapters.expressions import parse
-from adapters.xarray_common import NAME, Dims, Label, Range, apply_stat, cells, check_dims, compute_counted, on_device, select_variables
+from adapters.xarray_common import NAME, Dims, Label, Range, apply_stat, cells, check_dims, compute_counted, contributors, on_device, select_variables
 from adapters.xarray_stats import groupby_reduce, histogram, moments, resample, weighted_mean
 from adapters.zarr_result import mark_zarr
 from dfm_prefect.core.errors import InvalidParametersError
@@ -126,7 +126,7 @@ def reduce(params: ReduceParams, ctx: OperationContext) -> Any:
     """
     ds = select_variables(ctx.open_dataset(params.data), params.variables)
     check_dims(ds, params.dims)
-    counts = ds.count(dim=params.dims)
+    counts = contributors(ds).sum(dim=params.dims)
     if params.stat in ("median", "quantile"):
         if params.stat == "quantile" and params.q is None:
             raise InvalidParametersError("stat 'quantile' needs q (0..1)")
@@ -137,7 +137,7 @@ def reduce(params: ReduceParams, ctx: OperationContext) -> Any:
             reduced = ds.quantile(params.q, dim=params.dims)
     else:
         device = on_device(ctx, ds)
-        reduced, counts = apply_stat(device, params.stat, params.dims), device.count(dim=params.dims)
+        reduced, counts = apply_stat(device, params.stat, params.dims), contributors(device).sum(dim=params.dims)
     return compute_counted(ctx, reduced, counts)
 
 

@@ -35,10 +35,12 @@ from adapters.xarray_common import (
     area_weights,
     check_dims,
     compute_counted,
+    contributors,
     nan_to_zero,
     numeric,
     on_device,
     select_variables,
+    without_point_data,
 )
 from dfm_prefect.core.errors import InvalidParametersError
 from dfm_prefect.core.operations import DataInput, OperationContext, OperationParams, operation
@@ -73,6 +75,7 @@ def moments(params: MomentsParams, ctx: OperationContext) -> Any:
     for name, var in ds.data_vars.items():
         x = nan_to_zero(var) if var.dtype.kind == "f" else var
         terms[f"{name}__n"] = var.notnull()
+        terms[f"{name}__nz"] = contributors(var)
         terms[f"{name}__wx"] = x
         terms[f"{name}__wxx"] = x.astype("float64") ** 2
     frame = xr.Dataset(terms)
@@ -89,18 +92,21 @@ def moments(params: MomentsParams, ctx: OperationContext) -> Any:
     weight = on_device(ctx, area) if weighted else None
     out = {}
     for name in ds.data_vars:
-        n, sx, sxx = partial[f"{name}__n"], partial[f"{name}__wx"], partial[f"{name}__wxx"]
+        n, sx, sxx, nz = partial[f"{name}__n"], partial[f"{name}__wx"], partial[f"{name}__wxx"], partial[f"{name}__nz"]
         if weight is not None:
             n_w, sx, sxx = n * weight, sx * weight, sxx * weight
         else:
             n_w = n
         if reduced_lat:
-            n, n_w, sx, sxx = (term.sum(dim=params.lat) for term in (n, n_w, sx, sxx))
+            n, n_w, sx, sxx, nz = (term.sum(dim=params.lat) for term in (n, n_w, sx, sxx, nz))
         out[f"{name}__w"], out[f"{name}__wx"], out[f"{name}__wxx"], out[f"{name}__n"] = n_w, sx, sxx, n
+        out[f"{name}__nz"] = nz
     (result,) = ctx.compute(xr.Dataset(out))
     for name in ds.data_vars:
         result[f"{name}__n"] = result[f"{name}__n"].round().astype("int64")
-    ctx.count_groups(*(result[f"{name}__n"] for name in ds.data_vars))
+    # Contributors are the present, non-zero cells: a zero-masked cell hides nothing.
+    ctx.count_groups(*(result[f"{name}__nz"] for name in ds.data_vars))
+    result = without_point_data(result.drop_vars([f"{name}__nz" for name in ds.data_vars]))
     result.attrs["dfm_moments"] = ",".join(ds.data_vars)
     return result
 
@@ -130,8 +136,8 @@ def weighted_mean(params: WeightedMeanParams, ctx: OperationContext) -> Any:
     total = nan_to_zero(x * weight).sum(dim=params.dims)
     mass = (x.notnull() * weight).sum(dim=params.dims)
     # A cell with weight 0 adds nothing to the mean, so it does not count as a contributor.
-    contributors = (x.notnull() & (weight != 0)).sum(dim=params.dims)
-    return compute_counted(ctx, total / mass, contributors)
+    counted = (contributors(x) & (weight != 0)).sum(dim=params.dims)
+    return compute_counted(ctx, total / mass, counted)
 
 
 class BinRange(OperationParams):
@@ -284,7 +290,8 @@ def groupby_reduce(params: GroupbyReduceParams, ctx: OperationContext) -> Any:
     ds = on_device(ctx, ds)
     over = list(dict.fromkeys([*ds[group_dim].dims, *params.dims]))
     grouped = ds.groupby(params.group)
-    return compute_counted(ctx, apply_stat(grouped, params.stat, over), apply_stat(grouped, "count", over))
+    counted = contributors(ds).groupby(params.group).sum(dim=over)
+    return compute_counted(ctx, apply_stat(grouped, params.stat, over), counted)
 
 
 class ResampleParams(OperationParams):
@@ -304,4 +311,5 @@ def resample(params: ResampleParams, ctx: OperationContext) -> Any:
     ds = on_device(ctx, ds)
     over = list(dict.fromkeys([params.time, *params.dims]))
     binned = ds.resample({params.time: params.freq})
-    return compute_counted(ctx, apply_stat(binned, params.stat, over), apply_stat(binned, "count", over))
+    counted = contributors(ds).resample({params.time: params.freq}).sum(dim=over)
+    return compute_counted(ctx, apply_stat(binned, params.stat, over), counted)

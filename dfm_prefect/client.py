@@ -228,8 +228,12 @@ class FederationClient:
 
     def fetch_bytes(self, ref: DataRef, timeout: float = 300.0) -> bytes:
         """Stream a stored result from its site in chunks (the site checks its export policy)."""
+        return self.fetch_salted(ref, timeout)[0]
+
+    def fetch_salted(self, ref: DataRef, timeout: float = 300.0) -> tuple[bytes, str]:
+        """The stored result's bytes and the salt of its digest (sent only with the bytes), checked end to end."""
         parts: list[bytes] = []
-        offset = 0
+        offset, salt = 0, ""
         while True:
             reply = self.request(ref.site, FetchRequest(id=new_id(), ref=ref, offset=offset, length=FETCH_CHUNK)).result(
                 timeout=timeout
@@ -237,10 +241,11 @@ class FederationClient:
             assert isinstance(reply, FetchChunk)
             data = b64decode(reply.data)
             parts.append(data)
+            salt = reply.salt or salt
             offset += len(data)
             if reply.eof or not data:
                 break
-        return check_integrity(ref, b"".join(parts))
+        return check_integrity(ref, b"".join(parts), salt), salt
 
     # ------------------------------------------------------------- plumbing
 
@@ -382,11 +387,11 @@ def close_clients() -> None:
         client.close()
 
 
-def _fetch(ref: DataRef, client: FederationClient | None) -> bytes:
+def _fetch(ref: DataRef, client: FederationClient | None) -> tuple[bytes, str]:
     active = client or current_client()
-    payload = active.fetch_bytes(ref)
+    payload, salt = active.fetch_salted(ref)
     note_fetch(ref.site, len(payload))
-    return payload
+    return payload, salt
 
 
 atexit.register(close_clients)

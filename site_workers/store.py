@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import hmac
 import os
 import posixpath
 import re
+import secrets
 import shutil
 import tempfile
 import threading
@@ -37,11 +39,13 @@ _CHUNK = 4 << 20
 _PRIVATE_DIR = 0o700
 _PRIVATE_FILE = 0o600
 _BOUND_NAME = re.compile(r"^[0-9a-f]{32}\.(value|aggregate|dataset|table)(?:-n(\d{1,15}))?\.([a-z0-9_]+)$")
+DIGEST_KEY = ".digest-key"
+"""The store's secret for the salts of result digests (never a result: its name matches no result name)."""
 _LEGACY_NAME = re.compile(r"^[0-9a-f]{32}\.([a-z0-9_]+)$")
 
 
-def _sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
+def _sha256_file(path: str, salt: bytes) -> str:
+    digest = hashlib.sha256(salt)
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(_CHUNK), b""):
             digest.update(block)
@@ -86,6 +90,34 @@ class ResultStore:
         # uri -> (sha256, stamp) of results already hashed; a changed stamp re-hashes.
         self._verified: dict[str, tuple[str, Any]] = {}
         self._lock = threading.Lock()
+        self._digest_key = self._load_digest_key()
+
+    def _load_digest_key(self) -> bytes:
+        """The store's secret for digest salts, made once and kept in the store (0600 on local disk)."""
+        path = f"{self.root}/{DIGEST_KEY}"
+        if not self.fs.exists(path):
+            key = secrets.token_bytes(32)
+            try:
+                if self.is_local:
+                    _write_private(path, key)
+                else:
+                    self.fs.pipe_file(path, key)
+            except FileExistsError:
+                pass  # another process of this site made it first
+        with self.fs.open(path, "rb") as handle:
+            return bytes(handle.read())
+
+    def salt(self, ref: DataRef) -> str:
+        """The salt of ``ref``'s digest (hex): sent only together with the result's bytes.
+
+        A digest of public content would let a client confirm guesses of a result
+        that stays here (a small table has few possible values); salted with a
+        secret of the site, the digest alone confirms nothing.
+        """
+        return self._salt_for(posixpath.basename(ref.uri)).hex()
+
+    def _salt_for(self, name: str) -> bytes:
+        return hmac.new(self._digest_key, name.encode(), hashlib.sha256).digest()[:16]
 
     @property
     def is_local(self) -> bool:
@@ -106,7 +138,7 @@ class ResultStore:
         payload: bytes | None = None
         if codec.write_file is None:
             payload = codec.encode(value)
-            size, sha = len(payload), hashlib.sha256(payload).hexdigest()
+            size, sha = len(payload), hashlib.sha256(self._salt_for(name) + payload).hexdigest()
             if self.is_local:
                 _write_private(target, payload)
             else:
@@ -116,7 +148,7 @@ class ResultStore:
             with tempfile.TemporaryDirectory(prefix="dfm-result-") as scratch:
                 local = os.path.join(scratch, name)
                 codec.write_file(value, local)
-                size, sha = os.path.getsize(local), _sha256_file(local)
+                size, sha = os.path.getsize(local), _sha256_file(local, self._salt_for(name))
                 if self.is_local:
                     os.chmod(local, _PRIVATE_FILE)  # in a 0700 scratch directory until it moves
                     _move_private(local, target)
@@ -206,7 +238,7 @@ class ResultStore:
         with self._lock:
             if self._verified.get(ref.uri) == (ref.sha256, stamp):
                 return path
-        digest = hashlib.sha256()
+        digest = hashlib.sha256(self._salt_for(posixpath.basename(path)))
         with self.fs.open(path, "rb") as handle:
             for block in iter(lambda: handle.read(_CHUNK), b""):
                 digest.update(block)

@@ -246,6 +246,7 @@ class SiteWorker:
                 ok=True,
                 ref=self.gate.outgoing(ref, job.identity),
                 payload=b64encode(inline) if inline is not None else None,
+                salt=self.store.salt(ref) if inline is not None else "",
                 logs=ctx.logs if self.config.export.share_logs else [],
                 duration_s=time.monotonic() - started,
                 load=self.load(),
@@ -379,7 +380,9 @@ class SiteWorker:
             self._stats["bytes_out"] += len(data)
         self.audit.record("fetch", identity, request.id, ref=ref.uri, kind=ref.kind, offset=request.offset, bytes_out=len(data))
         end = request.offset + len(data)
-        return FetchChunk(id=request.id, offset=request.offset, data=b64encode(data), total=ref.size, eof=end >= ref.size)
+        return FetchChunk(
+            id=request.id, offset=request.offset, data=b64encode(data), salt=self.store.salt(ref), total=ref.size, eof=end >= ref.size
+        )
 
     def close(self) -> None:
         """Stop taking work, cancel what is queued, wait for what runs."""

@@ -49,7 +49,10 @@ def clinic_configs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[s
     from dfm_prefect.testing.climate import make_region, write_zarr
 
     root = tmp_path_factory.mktemp("clinic")
-    write_zarr(make_region(SMALL, 0.0, 10.0).isel(time=slice(0, 30)), str(root / "grid.zarr"))
+    grid = make_region(SMALL, 0.0, 10.0).isel(time=slice(0, 30))
+    write_zarr(grid, str(root / "grid.zarr"))
+    # A record id per time step: data attached to points, which no aggregate may carry out.
+    write_zarr(grid.assign_coords(pid=("time", np.arange(1000, 1030))), str(root / "tagged.zarr"))
     patients = pd.DataFrame(
         {
             "id": np.arange(30),
@@ -62,6 +65,7 @@ def clinic_configs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[s
     sources = [
         {"name": "grid", "url": f"file://{root / 'grid.zarr'}"},
         {"name": "patients", "url": f"file://{root / 'patients.parquet'}"},
+        {"name": "tagged", "url": f"file://{root / 'tagged.zarr'}"},
     ]
     common = {"operations": OPERATIONS, "limits": {"concurrency": 2}}
     # No disclosure or error_detail keys: the defaults are what is attacked.
@@ -126,6 +130,31 @@ TABLE_ATTACK = (
 def test_an_aggregate_of_single_cells_does_not_leave(clinic, attack):
     op, params = GRID_ATTACKS[attack]
     assert_held(clinic, clinic.call("clinic", op, params))
+
+
+@pytest.mark.parametrize(
+    "op, params",
+    [
+        ("xarray.moments", {"dims": ["lat", "lon"]}),
+        ("xarray.reduce", {"dims": ["lat", "lon"], "stat": "sum"}),
+        ("xarray.reduce", {"dims": ["lat", "lon"], "stat": "max"}),
+        ("xarray.groupby_reduce", {"group": "time", "dims": ["lat", "lon"], "stat": "mean"}),
+    ],
+    ids=["moments", "sum", "max", "groupby"],
+)
+def test_cells_masked_to_zero_do_not_count_as_contributors(clinic, op, params):
+    # Every cell but one per time step set to 0: the sum over the grid is that one raw cell.
+    mask = "where(lat == 2.5, where(lon == 2.5, temperature, 0), 0)"
+    masked = clinic.call("clinic", "xarray.derive", {"data": "grid", "variables": {"y": mask}})
+    assert_held(clinic, clinic.call("clinic", op, {"data": masked.model_dump(), "variables": ["y"], **params}))
+
+
+def test_an_aggregate_carries_no_data_attached_to_points(clinic):
+    per_day = clinic.call("clinic", "xarray.reduce", {"data": "tagged", "dims": ["lat", "lon"], "stat": "mean"})
+    value = per_day.fetch(client=clinic)  # 144 cells a day: allowed to leave
+    assert "pid" not in value.coords and set(value.coords) <= {"time"}
+    moments = clinic.call("clinic", "xarray.moments", {"data": "tagged", "dims": ["lat", "lon"]}).fetch(client=clinic)
+    assert "pid" not in moments.coords
 
 
 def test_a_reduction_over_a_size_one_dimension_does_not_leave(clinic):

@@ -153,8 +153,8 @@ def grid_request(request: dict[str, Any], data: str) -> tuple[str, dict[str, Any
 
 
 def expected_counts(raw: xr.DataArray, request: dict[str, Any]) -> Any:
-    """How many non-missing cells went into each group of the released answer (computed here, from the raw grid)."""
-    present = raw.notnull()
+    """How many cells went into each group of the released answer: present and, except in a histogram, not zero."""
+    present = raw.notnull() & (raw != 0)
     op, dims, group = request["op"], request["dims"], request["group"]
     if op == "histogram":
         values = raw.values.ravel()

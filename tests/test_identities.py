@@ -39,6 +39,7 @@ def people(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     ca = LocalCA.create(tmp_path_factory.mktemp("ca"))
     other = LocalCA.create(tmp_path_factory.mktemp("other-ca"))
     return {
+        "ca": ca,
         "verifier": Verifier.from_file(ca.root_ca),
         "alice": Signer.from_files(*ca.issue("alice")),
         "mallory": Signer.from_files(*other.issue("alice")),  # same name, another CA
@@ -170,3 +171,32 @@ def test_a_site_that_requires_signatures_refuses_anonymous_requests(tmp_path):
             conn.close()
         assert isinstance(answer, ErrorReply) and answer.error.code == "unauthenticated"
         assert "accepts only signed requests" in answer.error.message
+
+
+def test_a_replay_with_the_certificate_spelled_another_way_is_refused(people):
+    import base64
+
+    # Only a certificate whose DER length is not a multiple of 3 has padding, hence other spellings.
+    for attempt in range(200):
+        signer = Signer.from_files(*people["ca"].issue(f"carol-{attempt}"))
+        signed = signer.sign(StatsRequest(id="r6"), site="north")
+        if signed.auth.cert.endswith("="):
+            break
+    assert people["verifier"].verify(signed, "north") == signer.identity
+    der = base64.b64decode(signed.auth.cert)
+    spellings = set()
+    for last in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/":
+        candidate = signed.auth.cert[:-1] + last if not signed.auth.cert.endswith("=") else None
+        if candidate is None:
+            stem = signed.auth.cert.rstrip("=")
+            candidate = stem[:-1] + last + "=" * (len(signed.auth.cert) - len(stem))
+        try:
+            if candidate != signed.auth.cert and base64.b64decode(candidate, validate=True) == der:
+                spellings.add(candidate)
+        except ValueError:
+            continue
+    assert spellings, "a DER certificate of this length has other base64 spellings"
+    for spelling in spellings:
+        respelt = signed.model_copy(update={"auth": signed.auth.model_copy(update={"cert": spelling})})
+        with pytest.raises(AuthenticationError, match="replayed"):
+            people["verifier"].verify(respelt, "north")

@@ -49,7 +49,7 @@ def _lighter(message: SiteMessage, held: int) -> SiteMessage | None:
     if isinstance(message, ProgressUpdate):
         return None  # advisory; the result follows
     if isinstance(message, RunResult) and (message.payload is not None or message.logs):
-        return message.model_copy(update={"payload": None, "logs": []})
+        return message.model_copy(update={"payload": None, "salt": "", "logs": []})
     if isinstance(message, FetchChunk):
         text = (
             f"this site holds {held >> 20} MiB of replies that this client has not read yet, so it did not send "

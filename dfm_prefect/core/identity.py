@@ -142,17 +142,23 @@ class Verifier:
                 f"the request was signed {now - auth.ts:.0f}s from this site's time (at most {self.max_age_s:.0f}s): "
                 "check the clocks of the client and the site"
             )
-        cert = self._certificate(auth.cert, now)
+        try:
+            der = base64.b64decode(auth.cert, validate=True)
+        except (ValueError, binascii.Error):
+            raise AuthenticationError("the request's certificate is not base64") from None
+        # Keyed on the certificate's bytes, not on its base64 spelling: one certificate
+        # has several spellings (unused padding bits), and each must hit the same entry.
+        fingerprint = hashlib.sha256(der).hexdigest()
+        cert = self._certificate(der, fingerprint, now)
         self._check_signature(cert, signed_payload(message, site, auth.ts), auth.sig)
-        self._remember(auth.cert, str(getattr(message, "id", "")), now)
+        self._remember(fingerprint, str(getattr(message, "id", "")), now)
         return common_name(cert)
 
-    def _certificate(self, cert_b64: str, now: float) -> x509.Certificate:
-        fingerprint = hashlib.sha256(cert_b64.encode()).hexdigest()
+    def _certificate(self, der: bytes, fingerprint: str, now: float) -> x509.Certificate:
         cert = self._certs.get(fingerprint)
         if cert is None:
             try:
-                cert = x509.load_der_x509_certificate(base64.b64decode(cert_b64, validate=True))
+                cert = x509.load_der_x509_certificate(der)
                 cert.verify_directly_issued_by(self.root)
             except (ValueError, TypeError, binascii.Error, InvalidSignature) as exc:
                 raise AuthenticationError(f"the certificate was not issued by this federation's root CA ({exc or 'bad signature'})") from None
@@ -180,8 +186,8 @@ class Verifier:
         except (InvalidSignature, ValueError, binascii.Error):
             raise AuthenticationError("the request's signature does not match its content, site and time") from None
 
-    def _remember(self, cert_b64: str, request_id: str, now: float) -> None:
-        key = (hashlib.sha256(cert_b64.encode()).hexdigest(), request_id)
+    def _remember(self, fingerprint: str, request_id: str, now: float) -> None:
+        key = (fingerprint, request_id)
         with self._lock:
             while self._seen and next(iter(self._seen.values())) < now - 2 * self.max_age_s:
                 self._seen.popitem(last=False)

@@ -31,8 +31,8 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 from dfm_prefect.core.codecs import decode
 from dfm_prefect.core.errors import FederationError, ResultIntegrityError
 
-Fetcher = Callable[["DataRef", Any], bytes]
-"""Streams a reference's bytes from its site: ``fetcher(ref, client_or_None)``."""
+Fetcher = Callable[["DataRef", Any], tuple[bytes, str]]
+"""Streams a reference's bytes and digest salt from its site: ``fetcher(ref, client_or_None)``."""
 
 _FETCHER: list[Fetcher] = []
 
@@ -60,7 +60,11 @@ class DataRef(BaseModel):
     kind: ResultKind
     format: str = Field(description="How the value is encoded: json, netcdf, parquet or npy.")
     size: int = Field(ge=0, description="Stored size in bytes.")
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    sha256: str = Field(
+        pattern=r"^[0-9a-f]{64}$",
+        description="sha256 of a per-result secret salt and the bytes; the site sends the salt only with the bytes, "
+        "so the digest of a result that stays confirms no guess of its content.",
+    )
     op: str = Field(description="The operation that produced it.")
     summary: dict[str, Any] = Field(
         default_factory=dict,
@@ -75,6 +79,7 @@ class DataRef(BaseModel):
     )
 
     _payload: bytes | None = PrivateAttr(default=None)
+    _salt: str = PrivateAttr(default="")
 
     def __repr__(self) -> str:
         return f"DataRef({self.kind} {self.op}@{self.site}, {self.size} bytes, sha256={self.sha256[:12]})"
@@ -86,9 +91,15 @@ class DataRef(BaseModel):
         """True when the value already came back with the result (no fetch needed)."""
         return self._payload is not None
 
-    def attach_payload(self, payload: bytes) -> None:
-        """Keep the encoded value that the site sent along with this reference."""
+    def attach_payload(self, payload: bytes, salt: str = "") -> None:
+        """Keep the encoded value (and its digest salt) that the site sent along with this reference."""
         self._payload = payload
+        self._salt = salt
+
+    @property
+    def salt(self) -> str:
+        """The digest salt the site sent with the bytes (hex), once they came; empty before."""
+        return self._salt
 
     def fetch(self, client: Any = None) -> Any:
         """Return the value behind this reference, if the site's export policy allows it.
@@ -105,17 +116,19 @@ class DataRef(BaseModel):
         if self._payload is None:
             if not _FETCHER:
                 raise FederationError("no federation client is loaded here to fetch this reference: import dfm_prefect.client")
-            self._payload = _FETCHER[0](self, client)
+            self._payload, self._salt = _FETCHER[0](self, client)
         return self._payload
 
 
-def check_integrity(ref: DataRef, data: bytes) -> bytes:
-    """``data`` if it is exactly the stored result ``ref`` names (size and sha256), else `ResultIntegrityError`.
+def check_integrity(ref: DataRef, data: bytes, salt: str | None = None) -> bytes:
+    """``data`` if it is exactly the stored result ``ref`` names (size and salted sha256), else `ResultIntegrityError`.
 
-    The site verifies what it reads from its store; this check, end to end, also
-    covers what happened to the bytes on the way.
+    ``salt`` is the hex salt the site sent with the bytes (default: the one kept on
+    ``ref``). The site verifies what it reads from its store; this check, end to
+    end, also covers what happened to the bytes on the way.
     """
-    if len(data) != ref.size or hashlib.sha256(data).hexdigest() != ref.sha256:
+    key = bytes.fromhex(ref.salt if salt is None else salt)
+    if len(data) != ref.size or hashlib.sha256(key + data).hexdigest() != ref.sha256:
         raise ResultIntegrityError(
             f"the bytes received for {ref!r} do not match its size and sha256; fetch it again", site=ref.site
         )

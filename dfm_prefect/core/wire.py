@@ -183,6 +183,7 @@ class RunResult(_Message):
     ok: bool
     ref: DataRef | None = None
     payload: str | None = Field(default=None, description="base64 of the encoded value, when exported inline.")
+    salt: str = Field(default="", max_length=128, pattern=r"^([0-9a-f]{2})*$", description="hex salt of the result's sha256, sent with the payload only.")
     error: ErrorInfo | None = None
     logs: list[LogLine] = Field(default_factory=list)
     duration_s: float = 0.0
@@ -200,6 +201,7 @@ class FetchChunk(_Message):
     id: str
     offset: int
     data: str = Field(description="base64 of the bytes from offset.")
+    salt: str = Field(default="", max_length=128, pattern=r"^([0-9a-f]{2})*$", description="hex salt of the result's sha256, sent with its bytes.")
     total: int
     eof: bool
 
@@ -260,5 +262,5 @@ def unwrap(reply: RunResult) -> DataRef:
         code, message = (error.code, error.message) if error else ("federation_error", "the site sent no result")
         raise error_class(code)(message, site=reply.site)
     if reply.payload:
-        reply.ref.attach_payload(check_integrity(reply.ref, b64decode(reply.payload)))
+        reply.ref.attach_payload(check_integrity(reply.ref, b64decode(reply.payload), reply.salt), reply.salt)
     return reply.ref
