@@ -178,6 +178,30 @@ def federation_down(workdir: Annotated[Path, typer.Option()] = Path(".dfm")) -> 
         raise _fail(exc) from None
 
 
+@federation_app.command("issue")
+def federation_issue(
+    identity: Annotated[str, typer.Argument(help="The person's name, as export.recipients will name them (e.g. alice@lab.example).")],
+    workdir: Annotated[Path, typer.Option(help="The workdir of `federation up --transport local`.")] = Path(".dfm"),
+    out: Annotated[Optional[Path], typer.Option(help="Where to write their federation file (default WORKDIR/<identity>.json).")] = None,
+) -> None:
+    """Give one more person their own certificate on a local federation, and a federation file that signs as them."""
+    from dfm_prefect.federation_control import read_started
+    from dfm_prefect.spec import load_spec
+    from dfm_prefect.transports.base import write_spec
+    from dfm_prefect.transports.local.pki import LocalCA
+
+    try:
+        started = read_started(workdir)
+        if started.transport != "local":
+            raise ConfigError(f"people of a {started.transport} federation get their identity from its provisioning (docs/flare.md), not from this command")
+        cert, key = LocalCA.load(Path(started.workdir) / "identities").issue(identity)
+        spec = load_spec(started.federation_file).model_copy(update={"cert": str(cert), "key": str(key)})
+        target = write_spec(spec, out or Path(started.workdir) / f"{identity}.json")
+    except FederationError as exc:
+        raise _fail(exc) from None
+    console.print(f"{identity}: certificate {cert}; their federation file: {target} (give it to them only; it holds their key's path and the federation key)")
+
+
 @federation_app.command("status")
 def federation_status(
     federation: Annotated[Optional[Path], typer.Option(help="Federation file (default: $DFM_FEDERATION).")] = None,

@@ -165,6 +165,13 @@ class ExportPolicy(_Model):
     error_detail: Literal["message", "type"] = "type"
     disclosure: DisclosurePolicy = DisclosurePolicy()
 
+    @model_validator(mode="after")
+    def _recipients_name_kinds_that_leave(self) -> ExportPolicy:
+        stuck = sorted(set(self.recipients) - set(self.kinds))
+        if stuck:
+            raise ValueError(f"export.recipients names kinds {stuck} that export.kinds does not let leave at all; add them to kinds or drop them")
+        return self
+
 
 class Limits(_Model):
     """How much work the site takes on."""

@@ -58,10 +58,9 @@ class ExportGate:
         if allowed_clients is not None:
             if recipient is None:
                 return (
-                    f"results of kind {ref.kind!r} leave this site only for clients its policy names, and this "
-                    "connection carries no authenticated client identity (the local transport authenticates the "
-                    "federation key, not individual clients); use a transport with client identities, or reduce "
-                    "the data at the site first"
+                    f"results of kind {ref.kind!r} leave this site only for people its policy names, and this "
+                    "request carries no authenticated client identity (it was not signed with a certificate of the "
+                    "federation); connect with your own federation file or admin kit"
                 )
             if recipient not in allowed_clients:
                 return (

@@ -36,6 +36,16 @@ def test_local_up_status_down_round_trip(tmp_path: Path):
     assert again.returncode == 2 and "already started" in again.stderr
     status = cli("federation", "status", "--federation", str(workdir / "federation.json"))
     assert status.returncode == 0 and status.stdout.count("ready") == 2
+    issued = cli("federation", "issue", "alice@lab.example", "--workdir", str(workdir))
+    assert issued.returncode == 0, issued.stderr[-2000:]
+    from dfm_prefect.client import get_client
+
+    alice = get_client(workdir / "alice@lab.example.json")
+    assert alice.identity == "alice@lab.example" and get_client(workdir / "federation.json").identity == "admin@local"
+    assert alice.call("north", "core.echo", {"value": 7}).fetch(client=alice) == 7
+    alice.close()
+    audit = (workdir / "audit" / "north.audit.jsonl").read_text()
+    assert '"identity": "alice@lab.example"' in audit and oct((workdir / "identities" / "rootCA.key").stat().st_mode & 0o777) == "0o600"
     down = cli("federation", "down", "--workdir", str(workdir))
     assert down.returncode == 0 and "stopped north" in down.stdout
     for pid in started["pids"].values():

@@ -78,7 +78,22 @@ class LocalCA:
         )
         ca = cls(root, key, cert)
         _write_private(ca.root_ca, cert.public_bytes(serialization.Encoding.PEM))
+        # Kept (owner-only) so the federation's operator can issue more people later.
+        _write_private(root / "rootCA.key", key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
         return ca
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike[str]) -> LocalCA:
+        """The CA that :meth:`create` made in ``folder``."""
+        root = Path(folder)
+        try:
+            key = serialization.load_pem_private_key((root / "rootCA.key").read_bytes(), password=None)
+            cert = x509.load_pem_x509_certificate((root / "rootCA.pem").read_bytes())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{root} holds no local federation CA: {exc}") from None
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ConfigError(f"{root}/rootCA.key is not the CA key of a local federation")
+        return cls(root, key, cert)
 
     def issue(self, common_name: str) -> tuple[Path, Path]:
         """A certificate and key for one person (the common name is their identity); return their paths."""
