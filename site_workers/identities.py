@@ -82,20 +82,31 @@ class AuditLog:
         folder = os.environ.get(AUDIT_DIR_ENV)
         self.path = Path(path) if path else (Path(folder) / f"{site}.audit.jsonl" if folder else None)
         self._lock = threading.Lock()
+        self._file = None
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Opened once: recording must not need a file descriptor when the site has none to spare.
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            os.close(fd)
+            self._file = os.fdopen(fd, "a", buffering=1)
 
     def record(self, event: str, identity: str | None, request_id: str, **fields: Any) -> None:
         """Append one event (also to the site's log at INFO when no file is configured)."""
         entry = {"time": round(time.time(), 3), "site": self.site, "event": event, "identity": identity or "anonymous", "request": request_id, **fields}
         line = json.dumps(entry, sort_keys=True, default=str)
-        if self.path is None:
+        if self._file is None:
             log.info("audit %s", line)
             return
-        with self._lock, open(self.path, "a") as handle:
-            handle.write(line + "\n")
+        try:
+            with self._lock:
+                self._file.write(line + "\n")
+        except (OSError, ValueError) as exc:  # a full disk must not stop the site from answering
+            log.error("could not write the audit log %s: %s; the event was: %s", self.path, exc, line)
+
+    def close(self) -> None:
+        """Close the audit file."""
+        if self._file is not None:
+            with self._lock:
+                self._file.close()
 
 
 def data_inputs(params: Any) -> list[str]:

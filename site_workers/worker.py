@@ -391,3 +391,4 @@ class SiteWorker:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._deadlines.close()
         self.compute.close()
+        self.audit.close()

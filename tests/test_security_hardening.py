@@ -39,7 +39,8 @@ def _site(name: str, root: Path, **extra: object) -> dict[str, object]:
         "operation_modules": ["tests.site_ops"],
         "data_roots": [{"url": f"file://{root}", "storage_options": {"token": f"${{env:{TOKEN_VAR}}}"}}],
         "result_store": {"url": f"file://{root / name / 'store'}"},
-        "export": {"kinds": ["value"], "max_bytes": 4 * MiB, "inline_bytes": MiB, "share_logs": True},
+        # error_detail: message, so that error texts are long enough to be cut (type is the default).
+        "export": {"kinds": ["value"], "max_bytes": 4 * MiB, "inline_bytes": MiB, "share_logs": True, "error_detail": "message"},
         **extra,
     }
 

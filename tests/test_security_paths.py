@@ -116,7 +116,13 @@ def fed(request: pytest.FixtureRequest, layout: dict[str, Path]) -> Iterator[Any
         [{"name": "visits", "url": f"file://{data}/tables/*.csv"}],
         operations=["core.echo", "table.groupby_aggregate", "xarray.reduce"],
         data_roots=[{"url": f"file://{data}"}],
-        export={"kinds": ["aggregate", "value"], "max_bytes": 1 << 20, "inline_bytes": 64 << 10},
+        # Tiny tables: these tests are about paths, not disclosure (test_disclosure.py).
+        export={
+            "kinds": ["aggregate", "value"],
+            "max_bytes": 1 << 20,
+            "inline_bytes": 64 << 10,
+            "disclosure": {"min_group_size": 1, "min_subset_size": 1},
+        },
     )
     start = private_federation if request.param == "local" else private_flare_federation
     with start(root / f"federation-{request.param}", {SITE: config}, env={TOKEN_VAR: TOKEN}) as federation:

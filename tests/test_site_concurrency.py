@@ -38,7 +38,7 @@ def table_site(tmp_path: Path) -> Iterator[SiteWorker]:
         "operations": sorted({op for op, _ in PIPELINES}),
         "sources": [{"name": "visits", "url": f"file://{tmp_path / 'visits.csv'}"}],
         "result_store": {"url": f"file://{tmp_path / 'store'}"},
-        "export": {"kinds": ["aggregate", "value", "table"]},
+        "export": {"kinds": ["aggregate", "value", "table"], "disclosure": {"min_group_size": 1, "min_subset_size": 1}},  # about threads
         "limits": {"concurrency": 4},
     }
     worker = SiteWorker(parse_site_config(config))
