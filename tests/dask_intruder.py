@@ -1,4 +1,4 @@
-"""A local process that found some ports and tries to run code through Dask on them (the attack of issue 11, finding 1).
+"""A local process that found some ports and tries to run code through Dask on them.
 
 Run as ``python -m tests.dask_intruder MARKER PORT...``: for each port on
 127.0.0.1 it asks who is there in Dask's own protocol and connects a Dask

@@ -1,4 +1,4 @@
-"""Issue 11, finding 1, as the attack: a local process finds a site's Dask cluster and tries to run code in it.
+"""As the attack: a local process finds a site's Dask cluster and tries to run code in it.
 
 A site with ``compute: cpu`` (or ``gpu``/``auto``) starts a Dask cluster of
 worker processes, and Dask runs the pickled functions it is sent: whoever can

@@ -1,4 +1,4 @@
-"""Attacks on the disclosure policy through real site processes (issue 11, findings 4, 5 and 9).
+"""Attacks on the disclosure policy through real site processes.
 
 The ``clinic`` site guards a small grid (30 days x 2 x 72 cells) and a table of
 30 patients under the default disclosure rules (``min_group_size`` and
@@ -113,7 +113,7 @@ def assert_held(client: FederationClient, ref: DataRef) -> None:
     still_serving(client)
 
 
-# ----------------------------------------------------------- finding 4: raw data as "aggregate"
+# ----------------------------------------------------------- raw data as "aggregate"
 
 GRID_ATTACKS = {
     "moments-grouped-by-time": ("xarray.moments", {"data": "grid", "dims": ["time"], "groupby": "time"}),
@@ -200,7 +200,7 @@ def test_differencing_two_overlapping_queries_cannot_isolate_a_record(clinic):
     still_serving(clinic)
 
 
-# ----------------------------------------------------------- finding 5: summaries
+# ----------------------------------------------------------- summaries
 
 
 def test_summaries_show_names_and_dtypes_only_where_the_result_may_not_leave(clinic):
@@ -230,7 +230,7 @@ def test_data_cannot_be_moved_onto_a_coordinate_or_described_as_a_value(clinic):
     still_serving(clinic)
 
 
-# ----------------------------------------------------------- finding 9: error detail
+# ----------------------------------------------------------- error detail
 
 
 def test_errors_never_quote_cells_by_default(any_clinic):

@@ -1,4 +1,4 @@
-"""Issue 11, findings 6, 7, 8, 10 and 11, each written as the attack against real site processes.
+"""Silent connections, unread replies, secrets across a cut, user code that outlives its run, private results and enforced timeouts, each written as the attack against real site processes.
 
 Each test mounts the attack, then checks that it failed, that nothing leaked,
 that the error says what happened, and that the site still serves an honest

@@ -1,6 +1,6 @@
 """Attacks on what a site's readers open, past the check on the name: globs, symlinks, references inside files.
 
-Issue 11, findings 2 and 3. The ``paths`` site (a private federation of this
+The ``paths`` site (a private federation of this
 module) has one data root. Next to real data it holds what a neighbour who can
 write into the root plants there: symlinks out of the root (a CSV and a Parquet
 file matched by a glob, a part of a Parquet dataset, a chunk file and a variable
@@ -147,7 +147,7 @@ def attack_fails(client: FederationClient, op: str, params: dict[str, Any], says
     assert client.call(SITE, "core.echo", {"value": "still-serving"}).fetch(client=client) == "still-serving"
 
 
-# ------------------------------------------------------------- finding 2: globs
+# ------------------------------------------------------------- globs
 
 
 @pytest.mark.parametrize("fed", TRANSPORTS, indirect=True)
@@ -178,7 +178,7 @@ def test_globs_inside_the_root_still_read(client, layout, pattern):
     assert table.set_index("ward")["los"].to_dict() == {"a": 1.0, "b": 2.0}
 
 
-# ------------------------------------------------- finding 3: references in files
+# ------------------------------------------------- references in files
 
 
 @pytest.mark.parametrize(
