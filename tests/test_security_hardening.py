@@ -75,7 +75,7 @@ def serves(client: FederationClient, site: str) -> bool:
     return client.call(site, "core.echo", {"value": "still here"}, timeout=60).fetch(client=client) == "still here"
 
 
-# ------------------------------------------------------------- 6: mask, then cut
+# ------------------------------------------------------------- mask, then cut
 
 
 def _no_piece_of_the_token(text: str) -> bool:
@@ -102,7 +102,7 @@ def test_a_credential_straddling_the_cut_of_an_error_progress_or_log_never_leave
     assert serves(client, "vault")
 
 
-# ------------------------------------------- 7: silent connections, no descriptors
+# ------------------------------------------- silent connections, no descriptors
 
 
 def test_silent_connections_cannot_exhaust_a_site_and_honest_clients_still_get_in(fed, client):
@@ -144,7 +144,7 @@ def test_a_site_with_no_descriptor_left_keeps_running_until_one_is_free(fed, cli
     assert site.is_running() and serves(client, "gate")
 
 
-# ------------------------------------------------ 8: a client that never reads
+# ------------------------------------------------ a client that never reads
 
 
 def _settled_rss(site: psutil.Process, client: FederationClient, name: str) -> tuple[int, int]:
@@ -206,7 +206,7 @@ def test_a_reply_buffer_that_cannot_send_stays_bounded_and_gives_up():
     buffer.close()
 
 
-# --------------------------------------------------- 10: user code outlives nothing
+# --------------------------------------------------- user code outlives nothing
 
 
 def _python(client: FederationClient, source: str, fifo: Path, **params: object) -> object:
@@ -258,7 +258,7 @@ def test_a_setsid_grandchild_of_user_code_dies_with_its_run(fed, client, tmp_pat
     assert serves(client, "lab")
 
 
-# ------------------------------------------- 11: private results, timeout_s enforced
+# ------------------------------------------- private results, timeout_s enforced
 
 
 def test_stored_results_are_private_to_the_site_user(client):
