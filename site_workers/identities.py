@@ -22,8 +22,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dfm_prefect.core.errors import AuthenticationError
+from dfm_prefect.core.errors import AuthenticationError, ConfigError
 from dfm_prefect.core.identity import Verifier
+from site_workers.answers import refs_in
 from site_workers.config import IdentityPolicy
 
 ROOT_CA_ENV = "DFM_ROOT_CA"
@@ -45,8 +46,6 @@ class Identities:
         self.root_ca = source
         self._verifier = Verifier.from_file(source, max_age_s=policy.max_age_s) if source else None
         if policy.require and self._verifier is None:
-            from dfm_prefect.core.errors import ConfigError
-
             raise ConfigError(
                 f"site {site!r} requires signed requests (identities.require) but trusts no root CA: "
                 f"set identities.root_ca or {ROOT_CA_ENV}"
@@ -111,14 +110,7 @@ class AuditLog:
 
 def data_inputs(params: Any) -> list[str]:
     """The sources and references a request's parameters name (what data it touched), for the audit log."""
-    from dfm_prefect.core.refs import DataRef
-
-    found: list[str] = []
-    for value in getattr(params, "__dict__", {}).values():
-        items = value if isinstance(value, (list, tuple)) else [value]
-        for item in items:
-            if isinstance(item, DataRef):
-                found.append(f"ref:{item.uri}")
-            elif isinstance(item, str) and ("/" in item or "://" in item):
-                found.append(item)
-    return found
+    values = list(getattr(params, "__dict__", {}).values())
+    sources = [item for value in values for item in (value if isinstance(value, (list, tuple)) else [value])]
+    named = [item for item in sources if isinstance(item, str) and ("/" in item or "://" in item)]
+    return named + [f"ref:{ref.uri}" for value in values for ref in refs_in(value)]

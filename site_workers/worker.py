@@ -158,9 +158,10 @@ class SiteWorker:
                 self.cancel(message.target, by=identity)
         except Exception as exc:  # a bad request must never stop the site
             log.warning("request %s refused: %s", getattr(message, "id", "?"), self.redactor.text(str(exc)))
-            error = self._error(exc)
-            self.audit.record("refused", identity if not isinstance(exc, AuthenticationError) else None, wire_safe_id(getattr(message, "id", None)), kind=getattr(message, "kind", "?"), error=error.code)
-            self._safe_reply(reply, ErrorReply(id=wire_safe_id(getattr(message, "id", None)), error=error))
+            error, request_id = self._error(exc), wire_safe_id(getattr(message, "id", None))
+            who = None if isinstance(exc, AuthenticationError) else identity
+            self.audit.record("refused", who, request_id, kind=getattr(message, "kind", "?"), error=error.code)
+            self._safe_reply(reply, ErrorReply(id=request_id, error=error))
 
     def _error(self, exc: BaseException) -> ErrorInfo:
         return error_info(exc, self.config.export.error_detail, self.name, self.redactor.text)

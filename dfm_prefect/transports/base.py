@@ -111,10 +111,15 @@ def write_spec(spec: BaseModel, path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(reveal(spec.model_dump(mode="python")), indent=2, default=str)
+    return write_private(path, (text + "\n").encode())
+
+
+def write_private(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write (or replace) a file only its owner can read: the mode is set at creation, never after."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text + "\n")
-    return path
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    return Path(path)
 
 
 def free_port() -> int:

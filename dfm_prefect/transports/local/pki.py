@@ -21,6 +21,7 @@ import datetime as dt
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -28,20 +29,29 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from dfm_prefect.core.errors import ConfigError
+from dfm_prefect.transports.base import write_private
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@+-]{0,127}$")
 VALID_DAYS = 365
 
 
-def _write_private(path: Path, data: bytes) -> Path:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    return path
-
-
 def _name(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _certificate(subject: x509.Name, issuer: x509.Name, public_key: Any, signing_key: ec.EllipticCurvePrivateKey, *, ca: bool) -> x509.Certificate:
+    now = dt.datetime.now(dt.timezone.utc)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=VALID_DAYS))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None), critical=True)
+        .sign(signing_key, hashes.SHA256())
+    )
 
 
 class LocalCA:
@@ -64,22 +74,12 @@ class LocalCA:
         root.mkdir(parents=True, exist_ok=True)
         os.chmod(root, 0o700)
         key = ec.generate_private_key(ec.SECP256R1())
-        now = dt.datetime.now(dt.timezone.utc)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(_name("dfm-prefect local federation CA"))
-            .issuer_name(_name("dfm-prefect local federation CA"))
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=VALID_DAYS))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .sign(key, hashes.SHA256())
-        )
+        name = _name("dfm-prefect local federation CA")
+        cert = _certificate(name, name, key.public_key(), key, ca=True)
         ca = cls(root, key, cert)
-        _write_private(ca.root_ca, cert.public_bytes(serialization.Encoding.PEM))
+        write_private(ca.root_ca, cert.public_bytes(serialization.Encoding.PEM))
         # Kept (owner-only) so the federation's operator can issue more people later.
-        _write_private(root / "rootCA.key", key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        write_private(root / "rootCA.key", key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
         return ca
 
     @classmethod
@@ -100,18 +100,7 @@ class LocalCA:
         if not _NAME.match(common_name):
             raise ConfigError(f"identity {common_name!r}: use letters, digits and . _ @ + - (at most 128)")
         key = ec.generate_private_key(ec.SECP256R1())
-        now = dt.datetime.now(dt.timezone.utc)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(_name(common_name))
-            .issuer_name(self.cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=VALID_DAYS))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .sign(self._key, hashes.SHA256())
-        )
+        cert = _certificate(_name(common_name), self.cert.subject, key.public_key(), self._key, ca=False)
         pem_key = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-        cert_path = _write_private(self.folder / f"{common_name}.crt", cert.public_bytes(serialization.Encoding.PEM))
-        return cert_path, _write_private(self.folder / f"{common_name}.key", pem_key)
+        cert_path = write_private(self.folder / f"{common_name}.crt", cert.public_bytes(serialization.Encoding.PEM))
+        return cert_path, write_private(self.folder / f"{common_name}.key", pem_key)

@@ -22,6 +22,7 @@ import errno
 import itertools
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -41,6 +42,18 @@ log = logging.getLogger("dfm_prefect.site.local")
 
 # accept() failures that mean "no descriptor or memory for one more connection right now".
 _OUT_OF_ROOM = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+FD_RESERVE = 16
+"""Descriptors the accept loop leaves free for the site's own work (result files, the store, Dask)."""
+
+
+def _free_descriptors() -> int:
+    """How many more files this process may open (its soft limit less those open); large where unknown."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    try:
+        used = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return 1 << 20
+    return (1 << 20) if soft == resource.RLIM_INFINITY else soft - used
 _BACKLOG = 128
 
 
@@ -67,6 +80,11 @@ class LocalSiteServer:
     def serve_forever(self) -> None:
         """Accept connections until :meth:`close`."""
         while not self._closing.is_set():
+            if _free_descriptors() < FD_RESERVE:
+                # Unauthenticated connections must not take the descriptors the site's own work
+                # needs (storing a result opens a file): make room before accepting another.
+                self._make_room(f"fewer than {FD_RESERVE} descriptors were left for the site's own work")
+                continue
             try:
                 conn = self._listener.accept()
             except OSError as exc:
@@ -87,9 +105,12 @@ class LocalSiteServer:
         if exc.errno not in _OUT_OF_ROOM:
             log.warning("accept() failed: %s; still serving", exc)
             return
-        if self.gate.shed_oldest(f"accept() failed ({exc.strerror}): a descriptor was needed"):
-            return
-        log.warning("accept() failed (%s) and no unauthenticated connection can be shed; waiting for one to end", exc.strerror)
+        self._make_room(f"accept() failed ({exc.strerror}): a descriptor was needed")
+
+    def _make_room(self, reason: str) -> None:
+        """Shed the oldest unauthenticated connection and wait until a connection's descriptor is closed."""
+        if not self.gate.shed_oldest(reason):
+            log.warning("%s and no unauthenticated connection can be shed; waiting for one to end", reason)
         with self._ended:
             self._ended.wait(1.0)  # also a backstop: descriptors may be freed outside this server
 
