@@ -206,7 +206,7 @@ class WriteParams(OperationParams):
     chunks: dict[str, int] | None = Field(default=None, max_length=32, description="Chunk sizes of the stored copy.")
 
 
-@operation("xarray.write", version="1", result="dataset")
+@operation("xarray.write", version="1", result="dataset", view=False)
 def write(params: WriteParams, ctx: OperationContext) -> Any:
     """Write (a part of) the data to the site's result store as netCDF or zarr; streams chunk by chunk.
 

@@ -21,6 +21,7 @@ from dfm_prefect.core.errors import (
     FederationError,
     PlacementError,
     RequestCancelledError,
+    ResultIntegrityError,
     SiteUnavailableError,
     error_class,
 )
@@ -231,21 +232,30 @@ class FederationClient:
         return self.fetch_salted(ref, timeout)[0]
 
     def fetch_salted(self, ref: DataRef, timeout: float = 300.0) -> tuple[bytes, str]:
-        """The stored result's bytes and the salt of its digest (sent only with the bytes), checked end to end."""
+        """The stored result's bytes and the salt of its digest (sent only with the bytes), checked end to end.
+
+        For a view the site first materializes it and names the stored copy in its
+        first chunk; the rest is fetched by, and checked against, that copy.
+        """
         parts: list[bytes] = []
-        offset, salt = 0, ""
+        offset, salt, target = 0, "", ref
         while True:
-            reply = self.request(ref.site, FetchRequest(id=new_id(), ref=ref, offset=offset, length=FETCH_CHUNK)).result(
+            reply = self.request(target.site, FetchRequest(id=new_id(), ref=target, offset=offset, length=FETCH_CHUNK)).result(
                 timeout=timeout
             )
             assert isinstance(reply, FetchChunk)
+            if reply.materialized is not None and target is ref and ref.is_view:
+                copy = reply.materialized
+                if copy.site != ref.site or copy.is_view or (copy.kind, copy.format) != (ref.kind, ref.format):
+                    raise ResultIntegrityError(f"site {ref.site!r} answered the fetch of {ref!r} with {copy!r}", site=ref.site)
+                target = copy
             data = b64decode(reply.data)
             parts.append(data)
             salt = reply.salt or salt
             offset += len(data)
             if reply.eof or not data:
                 break
-        return check_integrity(ref, b"".join(parts), salt), salt
+        return check_integrity(target, b"".join(parts), salt), salt
 
     # ------------------------------------------------------------- plumbing
 

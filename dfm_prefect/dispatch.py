@@ -124,8 +124,10 @@ class Dispatch:
                 ok=reply.ok,
                 duration_s=reply.duration_s if reply.duration_s else time.monotonic() - started,
                 bytes_out=b64size(reply.payload) if reply.payload else 0,
-                stored_bytes=reply.ref.size if reply.ref else 0,
+                stored_bytes=reply.ref.size if reply.ref and not reply.ref.is_view else 0,
                 error=reply.error.message if reply.error else None,
+                view=bool(reply.ref and reply.ref.is_view),
+                lineage=reply.ref.lineage() if reply.ref else "",
             )
         )
         ref = unwrap(reply)

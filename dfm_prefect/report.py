@@ -33,6 +33,10 @@ class StepRecord:
     bytes_out: int
     stored_bytes: int
     error: str | None = None
+    view: bool = False
+    """The result is a view: the site keeps its recipe, not a copy."""
+    lineage: str = ""
+    """What was done to which source, as one line."""
 
 
 def bytes_by_site(steps: Iterable[StepRecord], fetched: Counter[str]) -> Counter[str]:
@@ -60,6 +64,21 @@ def summary_markdown(steps: list[StepRecord], fetched: Counter[str]) -> str:
             f"| {site} | {len(mine)} | {sum(s.duration_s for s in mine):.2f} | "
             f"{sum(s.stored_bytes for s in mine):,} | {left[site]:,} |"
         )
+    done = [step for step in steps if step.ok and step.lineage]
+    if done:
+        lines += [
+            "",
+            "## Lineage",
+            "",
+            "What each result is: the sources and the steps that made it. A *view* is kept at its site as this recipe "
+            "and recomputed where it is used, not stored.",
+            "",
+            "| step | site | result | lineage |",
+            "|---|---|---|---|",
+        ]
+        for step in done:
+            lineage = step.lineage.replace("|", "\\|")
+            lines.append(f"| {step.task_run_name} | {step.site} | {'view' if step.view else 'stored'} | {lineage} |")
     return "\n".join(lines)
 
 

@@ -17,7 +17,7 @@ from dfm_prefect.core.operations import Operation
 from dfm_prefect.core.wire import RunRequest
 from site_workers.answers import refs_in, validation_message
 from site_workers.config import USER_CODE_OPERATION, Limits
-from site_workers.store import ResultStore
+from site_workers.views import Views
 
 
 def operation_for(request: RunRequest, operations: dict[str, Operation], site: str) -> Operation:
@@ -43,8 +43,11 @@ def operation_for(request: RunRequest, operations: dict[str, Operation], site: s
     return op
 
 
-def validated_params(op: Operation, request: RunRequest, limits: Limits, store: ResultStore, site: str) -> Any:
-    """The request's parameters validated by the operation's model, size-checked first; every `DataRef` in them must be this site's."""
+def validated_params(op: Operation, request: RunRequest, limits: Limits, held: Views, site: str) -> Any:
+    """The request's parameters validated by the operation's model, size-checked first; every `DataRef` in them must be this site's.
+
+    ``held`` says which references are this site's: results in its store, and views it made.
+    """
     size = len(json.dumps(request.params, separators=(",", ":")))
     if size > limits.max_params_bytes:
         raise InvalidParametersError(
@@ -60,5 +63,5 @@ def validated_params(op: Operation, request: RunRequest, limits: Limits, store: 
         ) from None
     for value in params.__dict__.values():
         for ref in refs_in(value):
-            store.check_owned(ref)
+            held.check_owned(ref)
     return params

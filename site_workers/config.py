@@ -82,6 +82,13 @@ class SourceConfig(_Model):
     format: Literal["zarr", "netcdf", "parquet", "csv"] | None = None
     storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
     description: str = ""
+    views: bool = Field(
+        default=True,
+        description="Gridded intermediates of this source (a subset, a derived variable) stay views: the site keeps "
+        "their recipe and a fingerprint of the source (file sizes and modification stamps, or S3 ETags) and "
+        "recomputes them where they are used, refusing with source_changed once the source changed. false: store a "
+        "copy of each (for a source that changes often, or whose changes its metadata would not show).",
+    )
 
     _url = field_validator("url")(_no_password_in_url)
 
@@ -91,6 +98,7 @@ class RootConfig(_Model):
 
     url: str = Field(min_length=1)
     storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
+    views: bool = Field(default=True, description="As for a source: intermediates of data under this root stay views.")
 
     _url = field_validator("url")(_no_password_in_url)
 

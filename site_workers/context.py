@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dfm_prefect.core.errors import AccessDeniedError, FederationError, RequestCancelledError
 from dfm_prefect.core.refs import DataRef
@@ -21,6 +21,9 @@ from site_workers.readers import open_location
 from site_workers.sources import SourceResolver
 from site_workers.store import ResultStore
 from site_workers.summaries import summarize
+
+if TYPE_CHECKING:
+    from site_workers.views import Views
 
 OPS_LOGGER = "dfm_prefect.site.ops"
 _lines: contextvars.ContextVar[list[LogLine] | None] = contextvars.ContextVar("dfm_site_log_lines", default=None)
@@ -69,6 +72,7 @@ class SiteContext:
         resolver: SourceResolver,
         store: ResultStore,
         compute: ComputeBackend,
+        views: Views | None = None,
         cancelled: threading.Event,
         stopped: Callable[[], FederationError | None] | None = None,
         on_progress: Callable[[float, str], None] | None = None,
@@ -80,6 +84,7 @@ class SiteContext:
         self.request_id = request_id
         self._resolver = resolver
         self._store = store
+        self._views = views
         self._compute = compute
         self._cancelled = cancelled
         self._stopped = stopped
@@ -112,6 +117,10 @@ class SiteContext:
         """Open a `DataRef` held here or a data source, lazily (xarray or Dask dataframe)."""
         self.check_cancelled()
         if isinstance(data, DataRef):
+            if data.is_view:
+                if self._views is None:
+                    raise AccessDeniedError(f"{data!r} is a view, and views are not opened here")
+                return self._views.open(data, self)
             return self._store.open_value(data)
         return open_location(self._resolver.resolve(data))
 

@@ -96,8 +96,11 @@ class ExportGate:
             )
 
     def inline(self, ref: DataRef, payload: bytes | None, store: ResultStore, recipient: str | None = None) -> bytes | None:
-        """The bytes to send along with a new result (``ref`` as the store just made it): only allowed results up to ``inline_bytes``."""
-        if self.refusal(ref, recipient, ref.contributors) is not None or ref.size > self.policy.inline_bytes:
+        """The bytes to send along with a new result (``ref`` as the store just made it): only allowed results up to ``inline_bytes``.
+
+        Never for a view: its bytes do not exist until something needs them (a fetch materializes it).
+        """
+        if ref.is_view or self.refusal(ref, recipient, ref.contributors) is not None or ref.size > self.policy.inline_bytes:
             return None
         data = payload if payload is not None else store.read_bytes(ref)
         # A result holding a credential does not come back inline; fetching it says why.

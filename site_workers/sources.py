@@ -56,6 +56,8 @@ class Location:
     format: str | None = None
     source: str | None = None
     root: str | None = None
+    views: bool = True
+    """Whether results derived from it may stay views (the site's choice per source or root)."""
 
     @property
     def url(self) -> str:
@@ -115,7 +117,8 @@ class SourceResolver:
         self.sources: dict[str, SourceConfig] = {source.name: source for source in config.sources}
         self._source_locations = {name: self._location_of(source) for name, source in self.sources.items()}
         self._roots = [
-            Location(*canonical(root.url), storage_options=dict(root.storage_options)) for root in config.data_roots
+            Location(*canonical(root.url), storage_options=dict(root.storage_options), views=root.views)
+            for root in config.data_roots
         ]
 
     @staticmethod
@@ -127,6 +130,7 @@ class SourceResolver:
             storage_options=dict(source.storage_options),
             format=infer_format(path, source.format),
             source=source.name,
+            views=source.views,
         )
 
     def source_location(self, name: str) -> Location:
@@ -148,10 +152,12 @@ class SourceResolver:
         for location in self._source_locations.values():
             if location.protocol == protocol and within(path, location.path):
                 format = infer_format(path, location.format)
-                return Location(protocol, path, location.storage_options, format, location.source, location.boundary)
+                return Location(
+                    protocol, path, location.storage_options, format, location.source, location.boundary, location.views
+                )
         for root in self._roots:
             if root.protocol == protocol and within(path, root.path):
-                return Location(protocol, path, root.storage_options, infer_format(path), root=root.path)
+                return Location(protocol, path, root.storage_options, infer_format(path), root=root.path, views=root.views)
         raise AccessDeniedError(
             f"{name!r} is not a data source of this site and not under its data roots; "
             f"sources here: {sorted(self.sources)}"

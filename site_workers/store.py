@@ -31,7 +31,7 @@ import fsspec
 
 from dfm_prefect.core.codecs import codec_for, decode
 from dfm_prefect.core.errors import AccessDeniedError, ConfigError, ResultIntegrityError
-from dfm_prefect.core.refs import DataRef, ResultKind
+from dfm_prefect.core.refs import DataRef, Recipe, ResultKind
 from site_workers.config import StoreConfig
 from site_workers.sources import canonical
 
@@ -116,6 +116,11 @@ class ResultStore:
         """
         return self._salt_for(posixpath.basename(ref.uri)).hex()
 
+    def keyed_digest(self, purpose: str, data: bytes) -> str:
+        """A digest of ``data`` keyed with the store's secret (hex sha256 HMAC), separate per ``purpose``."""
+        key = hmac.new(self._digest_key, purpose.encode(), hashlib.sha256).digest()
+        return hmac.new(key, data, hashlib.sha256).hexdigest()
+
     def _salt_for(self, name: str) -> bytes:
         return hmac.new(self._digest_key, name.encode(), hashlib.sha256).digest()[:16]
 
@@ -124,7 +129,14 @@ class ResultStore:
         return self.protocol == "file"
 
     def put(
-        self, value: Any, *, op: str, kind: ResultKind, summary: dict[str, Any], contributors: int | None = None
+        self,
+        value: Any,
+        *,
+        op: str,
+        kind: ResultKind,
+        summary: dict[str, Any],
+        contributors: int | None = None,
+        recipe: Recipe | None = None,
     ) -> tuple[DataRef, bytes | None]:
         """Store a value; return its reference and, for small values, the encoded bytes.
 
@@ -165,6 +177,7 @@ class ResultStore:
             op=op,
             summary=summary,
             contributors=contributors,
+            recipe=recipe,
         )
         with self._lock:
             self._verified[ref.uri] = (sha, stamp)

@@ -36,6 +36,7 @@ from dfm_prefect.core.errors import (
     SiteOverloadedError,
 )
 from dfm_prefect.core.operations import Operation, load_operations
+from dfm_prefect.core.refs import DataRef
 from dfm_prefect.core.wire import (
     CancelRequest,
     Described,
@@ -68,7 +69,7 @@ from site_workers.policy import ExportGate
 from site_workers.redaction import Redactor
 from site_workers.sources import SourceResolver
 from site_workers.store import ResultStore
-from site_workers.summaries import summarize
+from site_workers.views import Views
 
 log = logging.getLogger("dfm_prefect.site")
 
@@ -107,6 +108,7 @@ class SiteWorker:
         self.operations: dict[str, Operation] = {name: registry[name] for name in config.operations}
         self.resolver = SourceResolver(config)
         self.store = ResultStore(config.name, config.result_store)
+        self.views = Views(config.name, self.store, self.resolver, self.operations)
         self.compute = make_backend(config.compute)
         self.redactor = Redactor.for_config(config)
         self.catalog = Catalog(self.resolver, redact=self.redactor.text)
@@ -152,6 +154,8 @@ class SiteWorker:
                 self._safe_reply(reply, Described(id=message.id, info=self.describe()))
             elif isinstance(message, StatsRequest):
                 self._safe_reply(reply, StatsReply(id=message.id, stats=self.stats()))
+            elif isinstance(message, FetchRequest) and message.ref.is_view:
+                self._fetch_view(message, reply, identity)
             elif isinstance(message, FetchRequest):
                 self._safe_reply(reply, self._fetch(message, identity))
             elif isinstance(message, CancelRequest):
@@ -180,7 +184,7 @@ class SiteWorker:
             self._stats["requests"] += 1
         try:
             op = admission.operation_for(request, self.operations, self.name)
-            params = admission.validated_params(op, request, self.config.limits, self.store, self.name)
+            params = admission.validated_params(op, request, self.config.limits, self.views, self.name)
         except FederationError as exc:
             with self._lock:
                 self._stats["rejected"] += 1
@@ -218,28 +222,22 @@ class SiteWorker:
         started = time.monotonic()
         with self._lock:
             self._running += 1
-        ctx = SiteContext(
-            site=self.name,
-            request_id=request.id,
-            resolver=self.resolver,
-            store=self.store,
-            compute=self.compute,
-            cancelled=job.cancelled,
+        ctx = self._context(
+            request.id,
+            job.cancelled,
             stopped=lambda: job.stop,
-            user_code=self.config.user_code,
-            redact=self.redactor.text if self.redactor.active else None,
-            disclosure=self.gate.disclosure,
             on_progress=lambda fraction, message: self._safe_reply(
                 job.reply, ProgressUpdate(id=request.id, fraction=fraction, message=message)
             ),
         )
         try:
             ctx.check_cancelled()
+            recipe = self.views.recipe(op, params)
             with ctx.capturing_logs():
                 value = op.run(params, ctx)
             ctx.check_cancelled()
             counted = ctx.contributors if op.result_kind == "aggregate" else None
-            ref, payload = self.store.put(value, op=op.name, kind=op.result_kind, summary=summarize(value), contributors=counted)
+            ref, payload = self.views.keep(value, op, recipe, contributors=counted)
             inline = self.gate.inline(ref, payload, self.store, job.identity)
             message = RunResult(
                 id=request.id,
@@ -254,9 +252,11 @@ class SiteWorker:
             )
             with self._lock:
                 self._stats["completed"] += 1
-                self._stats["bytes_stored"] += ref.size
+                self._stats["bytes_stored"] += 0 if ref.is_view else ref.size
                 self._stats["bytes_out"] += len(inline or b"")
             outcome: dict[str, Any] = {"kind": ref.kind, "size": ref.size, "sha256": ref.sha256, "bytes_out": len(inline or b"")}
+            if ref.is_view:
+                outcome["view"] = True
         except Exception as exc:
             if not isinstance(exc, FederationError):
                 log.warning(
@@ -274,6 +274,29 @@ class SiteWorker:
                 self._deadlines.discard(job.deadline)
         self.audit.record("run", job.identity, request.id, op=op.name, inputs=data_inputs(params), **outcome)
         self._answer(job, message)
+
+    def _context(
+        self,
+        request_id: str,
+        cancelled: threading.Event,
+        *,
+        stopped: Callable[[], FederationError | None] | None = None,
+        on_progress: Callable[[float, str], None] | None = None,
+    ) -> SiteContext:
+        return SiteContext(
+            site=self.name,
+            request_id=request_id,
+            resolver=self.resolver,
+            store=self.store,
+            views=self.views,
+            compute=self.compute,
+            cancelled=cancelled,
+            stopped=stopped,
+            user_code=self.config.user_code,
+            redact=self.redactor.text if self.redactor.active else None,
+            disclosure=self.gate.disclosure,
+            on_progress=on_progress,
+        )
 
     def _answer(self, job: _Job, message: RunResult) -> None:
         """Send a run's one answer; later ones (an operation that finished after its timeout) are dropped."""
@@ -384,6 +407,38 @@ class SiteWorker:
         return FetchChunk(
             id=request.id, offset=request.offset, data=b64encode(data), salt=self.store.salt(ref), total=ref.size, eof=end >= ref.size
         )
+
+    def _fetch_view(self, request: FetchRequest, reply: Reply, identity: str | None) -> None:
+        """Fetch a view: refused up front where no copy of it could leave, else materialized (in the pool) and sent.
+
+        The first chunk names the stored copy (``materialized``); the client fetches
+        the rest by it. The export policy decides on the view, then on the copy.
+        """
+        ref = request.ref
+        self.views.check_owned(ref)
+        self.gate.check_export(ref, identity)
+        stored = self.views.materialized(ref)
+        if stored is not None:
+            self._safe_reply(reply, self._materialized_chunk(request, stored, identity))
+            return
+
+        def materialize() -> None:
+            try:
+                copy = self.views.materialize(ref, self._context(request.id, threading.Event()))
+                with self._lock:
+                    self._stats["bytes_stored"] += copy.size
+                answer: SiteMessage = self._materialized_chunk(request, copy, identity)
+            except Exception as exc:
+                log.info("fetch %s of a view refused: %s", request.id, self.redactor.text(str(exc)))
+                self.audit.record("refused", identity, request.id, kind="fetch", error=self._error(exc).code)
+                answer = ErrorReply(id=request.id, error=self._error(exc))
+            self._safe_reply(reply, answer)
+
+        self._pool.submit(materialize)
+
+    def _materialized_chunk(self, request: FetchRequest, stored: DataRef, identity: str | None) -> FetchChunk:
+        chunk = self._fetch(request.model_copy(update={"ref": stored}), identity)
+        return chunk.model_copy(update={"materialized": self.gate.outgoing(stored, identity)})
 
     def close(self) -> None:
         """Stop taking work, cancel what is queued, wait for what runs."""

@@ -15,7 +15,8 @@ import numpy as np
 
 from dfm_prefect.core.codecs import decode
 from dfm_prefect.core.errors import error_class
-from dfm_prefect.core.wire import RunRequest, RunResult, b64decode
+from dfm_prefect.core.refs import check_integrity
+from dfm_prefect.core.wire import ErrorReply, FetchRequest, RunRequest, RunResult, b64decode
 from site_workers.config import parse_site_config
 from site_workers.worker import SiteWorker
 
@@ -73,8 +74,41 @@ class InProcessSite:
         if not result.ok:
             raise error_class(result.error.code)(result.error.message)
         ref = result.ref
-        data = b64decode(result.payload) if result.payload is not None else self.worker.store.read_bytes(ref)
+        if result.payload is not None:
+            data = b64decode(result.payload)
+        elif ref.is_view:
+            data = self.fetch_bytes(ref)  # materialized through the site's fetch, as a client gets it
+        else:
+            data = self.worker.store.read_bytes(ref)  # what the site stored, whatever its policy lets leave
         return decode(ref.format, data)
+
+    def fetch_bytes(self, ref: Any, timeout: float = 120.0) -> bytes:
+        """A result's bytes through the site's fetch messages, as a client gets them (a view is materialized first)."""
+        parts, target, salt = [], ref, ""
+        while True:
+            request = FetchRequest(id=uuid.uuid4().hex, ref=target, offset=sum(map(len, parts)))
+            chunk = self._ask(request, timeout)
+            if isinstance(chunk, ErrorReply):
+                raise error_class(chunk.error.code)(chunk.error.message)
+            if chunk.materialized is not None:
+                target = chunk.materialized
+            parts.append(b64decode(chunk.data))
+            salt = chunk.salt or salt
+            if chunk.eof:
+                return check_integrity(target, b"".join(parts), salt)
+
+    def _ask(self, message: Any, timeout: float) -> Any:
+        done = threading.Event()
+        replies: list[Any] = []
+
+        def reply(answer: Any) -> None:
+            replies.append(answer)
+            done.set()
+
+        self.worker.handle_message(message, reply)
+        assert done.wait(timeout), f"{message.kind} did not answer within {timeout}s"
+        (answer,) = replies
+        return answer
 
     def ref(self, op: str, **params: Any) -> Any:
         """The `DataRef` of the result (for chaining on this site)."""

@@ -91,6 +91,12 @@ class ResultIntegrityError(FederationError):
     code = "result_integrity"
 
 
+class SourceChangedError(ResultIntegrityError):
+    """A view's data source changed since the view was made, so recomputing it would give other numbers."""
+
+    code = "source_changed"
+
+
 class RequestCancelledError(FederationError):
     """The request was cancelled before it finished."""
 
@@ -130,6 +136,7 @@ ERROR_CODES: dict[str, type[FederationError]] = {
         SiteUnavailableError,
         SiteOverloadedError,
         ResultIntegrityError,
+        SourceChangedError,
         RequestCancelledError,
         RequestTimeoutError,
         MalformedRequestError,

@@ -143,6 +143,7 @@ class Operation:
         version: str,
         result: ResultKind,
         params: type[OperationParams],
+        view: bool = True,
     ) -> None:
         if not _NAME.match(name):
             raise ConfigError(f"operation name {name!r} must look like 'package.verb' (lowercase, dotted)")
@@ -154,6 +155,8 @@ class Operation:
         self.version = version
         self.result_kind: ResultKind = result
         self.params = params
+        self.view = view
+        """Whether a lazy gridded result may stay a view (recomputed where it is used); False: always stored."""
         self.description = inspect.getdoc(fn) or ""
 
     def __repr__(self) -> str:
@@ -209,12 +212,20 @@ def operation(
     version: str = "1",
     result: ResultKind,
     params: type[OperationParams] | None = None,
+    view: bool = True,
 ) -> Callable[[Callable[..., Any]], Operation]:
-    """Declare an operation; the parameter model defaults to the first argument's annotation."""
+    """Declare an operation; the parameter model defaults to the first argument's annotation.
+
+    A ``dataset`` operation that returns lazy (Dask-backed) data makes a view: the
+    site keeps its recipe and recomputes it where it is used. It must then be a
+    pure function of its parameters and the data it reads. ``view=False`` makes
+    the site store every result (for operations whose point is the stored copy,
+    or whose result depends on more than their inputs).
+    """
 
     def register(fn: Callable[..., Any]) -> Operation:
         model = params or _params_model(fn, name)
-        op = Operation(fn, name=name, version=version, result=result, params=model)
+        op = Operation(fn, name=name, version=version, result=result, params=model, view=view)
         existing = _REGISTRY.get(name)
         if existing is not None and existing.fn.__module__ != fn.__module__:
             raise ConfigError(f"operation {name!r} is declared twice: in {existing.fn.__module__} and {fn.__module__}")

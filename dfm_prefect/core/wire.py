@@ -204,6 +204,11 @@ class FetchChunk(_Message):
     salt: str = Field(default="", max_length=128, pattern=r"^([0-9a-f]{2})*$", description="hex salt of the result's sha256, sent with its bytes.")
     total: int
     eof: bool
+    materialized: DataRef | None = Field(
+        default=None,
+        description="When a view was fetched: the stored result the site materialized it into; the bytes are its bytes "
+        "(fetch the rest of them by this reference).",
+    )
 
 
 class StatsReply(_Message):

@@ -1,0 +1,324 @@
+"""Views: gridded intermediates that stay recipes until their bytes are needed.
+
+An operation such as ``xarray.subset`` returns lazy (Dask-backed) data. Writing
+that out, hashing it and reading it back for the next operation costs a copy of
+the data per step and fills the result store, so the site keeps the step's
+:class:`~dfm_prefect.core.refs.Recipe` instead (the operation, its validated
+parameters and a fingerprint of each data source it reads) and hands out a
+`DataRef` to it. A later operation that opens the view recomputes it as part of
+its own lazy graph: ``subset → derive → moments`` is one Dask graph that reads
+each needed chunk of the source once.
+
+What a client cannot do with a view:
+
+- alter it: the reference's ``sha256`` is the site's keyed digest of its site,
+  kind, format, operation and recipe (`ResultStore.keyed_digest`), checked before
+  anything is recomputed;
+- get other numbers than the view stood for: before recomputing, the site
+  fingerprints each source again (sizes, modification and change stamps and
+  inodes of its files, or S3 ETags; metadata, never data) and refuses with
+  `SourceChangedError` when one changed;
+- get past the site's rules: recomputing runs the same operations with the same
+  validated parameters, their disclosure checks included, and a fetch applies
+  the export policy to the view and again to the copy it materializes.
+
+A view is materialized (stored with its sha256 like any result) only when its
+bytes are needed: when it is fetched, or stored on purpose (``xarray.write``
+stores every result). A source the administrator marks ``views: false``, an
+operation declared with ``view=False``, data that is not lazy, or a chain deeper
+than :data:`MAX_DEPTH` make stored results, as before.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from typing import Any
+
+from pydantic import ValidationError
+
+from dfm_prefect.core.codecs import codec_for
+from dfm_prefect.core.errors import (
+    AccessDeniedError,
+    FederationError,
+    InvalidParametersError,
+    ResultIntegrityError,
+    SourceChangedError,
+    UnknownOperationError,
+)
+from dfm_prefect.core.operations import Operation, OperationContext, OperationParams
+from dfm_prefect.core.refs import VIEW_SCHEME, DataRef, Recipe, ResultKind
+from site_workers.answers import refs_in, validation_message
+from site_workers.sources import Location, SourceResolver
+from site_workers.store import ResultStore
+from site_workers.summaries import summarize
+
+MAX_DEPTH = 16
+"""Views nest at most this deep (a view of a view of ...); a deeper step is stored."""
+_KEEP_MATERIALIZED = 4096
+_SIGNED_FIELDS = {"site", "kind", "format", "op", "recipe"}
+
+
+def _canonical(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+
+
+def _without_summaries(value: Any) -> Any:
+    """Recipe parameters with each nested reference's summary dropped (its digest does not cover it)."""
+    if isinstance(value, dict):
+        if {"site", "uri", "op"} <= set(value):
+            return {key: _without_summaries(item) for key, item in value.items() if key not in ("summary", "contributors")}
+        return {key: _without_summaries(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_without_summaries(item) for item in value]
+    return value
+
+
+def _depth(recipe: Recipe | dict[str, Any] | None) -> int:
+    """How many steps of views lead to this one (1 for a view of a source)."""
+    if recipe is None:
+        return 0
+    params = recipe.params if isinstance(recipe, Recipe) else recipe.get("params", {})
+    deepest = 0
+    for value in _walk(params):
+        if isinstance(value, dict) and str(value.get("uri", "")).startswith(VIEW_SCHEME):
+            deepest = max(deepest, _depth(value.get("recipe")))
+    return 1 + deepest
+
+
+def _walk(value: Any) -> Iterator[Any]:
+    if isinstance(value, dict):
+        if {"site", "uri", "op"} <= set(value):
+            yield value
+            return
+        for item in value.values():
+            yield from _walk(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _walk(item)
+
+
+def data_sources(op: Operation, params: OperationParams) -> list[str]:
+    """The data source names and URLs among an operation's inputs (not the `DataRef`s)."""
+    found: list[str] = []
+
+    def collect(value: Any) -> None:
+        if isinstance(value, str):
+            found.append(value)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                collect(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                collect(item)
+
+    for name in op.data_fields:
+        collect(getattr(params, name, None))
+    return sorted(set(found))
+
+
+def is_lazy(value: Any) -> bool:
+    """True for xarray data whose variables are all Dask-backed (nothing computed yet)."""
+    data_vars = getattr(value, "data_vars", None)
+    if data_vars is None:
+        chunks = getattr(value, "chunks", None)
+        return hasattr(value, "dims") and chunks is not None
+    return all(var.chunks is not None for var in data_vars.values())
+
+
+def _local_stamps(path: str) -> list[list[Any]]:
+    def stamp(name: str, st: os.stat_result) -> list[Any]:
+        # ctime and the inode change on every write or replacement and cannot be set back.
+        return [name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+    if not os.path.isdir(path):
+        return [stamp("", os.stat(path))]
+    stamps = []
+    for folder, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(folder, name)
+            stamps.append(stamp(os.path.relpath(full, path), os.lstat(full)))
+    return stamps
+
+
+def _remote_stamps(location: Location, path: str) -> list[list[Any]] | None:
+    fs = location.filesystem()
+    fs.invalidate_cache(path)  # listings are cached per filesystem instance; a fingerprint must see now
+    infos = fs.find(path, detail=True) if fs.isdir(path) else {path: fs.info(path)}
+    stamps = []
+    for name in sorted(infos):
+        info = infos[name]
+        version = next(
+            (info[key] for key in ("ETag", "etag", "VersionId", "mtime", "LastModified", "last_modified", "created") if info.get(key)),
+            None,
+        )
+        if version is None:
+            return None  # nothing would show a change: do not trust a view of it
+        stamps.append([name, info.get("size"), str(version)])
+    return stamps
+
+
+class Views:
+    """The site's views: making them, checking references to them, recomputing and materializing them."""
+
+    def __init__(self, site: str, store: ResultStore, resolver: SourceResolver, operations: dict[str, Operation]) -> None:
+        self.site = site
+        self._store = store
+        self._resolver = resolver
+        self._operations = operations
+        self._lock = threading.Lock()
+        self._materialized: OrderedDict[str, DataRef] = OrderedDict()
+        self._making: dict[str, threading.Lock] = {}
+
+    # -- recipes and fingerprints ---------------------------------------------------
+
+    def fingerprint(self, location: Location) -> str:
+        """A keyed digest of the source's metadata now ('' where changes could not be told: no view then)."""
+        if not location.views:
+            return ""
+        try:
+            stamps: list[list[Any]] | None = []
+            for path in location.files():
+                found = _local_stamps(path) if location.protocol == "file" else _remote_stamps(location, path)
+                if found is None:
+                    return ""
+                stamps += found  # type: ignore[operator]
+        except (OSError, FederationError):
+            return ""
+        return self._store.keyed_digest("source", _canonical([location.url, stamps]))[:32]
+
+    def recipe(self, op: Operation, params: OperationParams) -> Recipe:
+        """The recipe of a run about to start: taken before it reads, so a change during the run shows later."""
+        sources = {}
+        for name in data_sources(op, params):
+            try:
+                sources[name] = self.fingerprint(self._resolver.resolve(name))
+            except FederationError:
+                sources[name] = ""  # the operation itself says what is wrong with the name
+        return Recipe(op=op.name, version=op.version, params=_without_summaries(params.model_dump(mode="json")), sources=sources)
+
+    def _digest(self, ref: DataRef) -> str:
+        return self._store.keyed_digest("view", _canonical(ref.model_dump(mode="json", include=_SIGNED_FIELDS)))
+
+    # -- making ---------------------------------------------------------------------
+
+    def keep(
+        self, value: Any, op: Operation, recipe: Recipe, *, contributors: int | None = None
+    ) -> tuple[DataRef, bytes | None]:
+        """Keep an operation's result: as a view where it may be one, else in the store."""
+        kind: ResultKind = op.result_kind
+        summary = summarize(value)
+        if self._may_view(value, op, recipe):
+            unsigned = DataRef(
+                site=self.site,
+                uri=VIEW_SCHEME + "0" * 32,
+                kind=kind,
+                format=codec_for(value).format,
+                size=int(summary.get("nbytes", 0)),
+                sha256="0" * 64,
+                op=op.name,
+                summary=summary,
+                recipe=recipe,
+            )
+            digest = self._digest(unsigned)
+            return unsigned.model_copy(update={"uri": VIEW_SCHEME + digest[:32], "sha256": digest}), None
+        return self._store.put(value, op=op.name, kind=kind, summary=summary, contributors=contributors, recipe=recipe)
+
+    def _may_view(self, value: Any, op: Operation, recipe: Recipe) -> bool:
+        return (
+            op.view
+            and op.result_kind == "dataset"
+            and is_lazy(value)
+            and all(recipe.sources.values())
+            and _depth(recipe) <= MAX_DEPTH
+        )
+
+    # -- references -----------------------------------------------------------------
+
+    def check_owned(self, ref: DataRef) -> None:
+        """Raise `AccessDeniedError` unless ``ref`` is a result of this site (a stored one, or a view it made)."""
+        if not ref.is_view:
+            self._store.check_owned(ref)
+            return
+        if ref.site != self.site:
+            raise AccessDeniedError(f"{ref!r} is held by site {ref.site!r}, not by this site")
+        if ref.recipe is None or not hmac.compare_digest(self._digest(ref), ref.sha256) or ref.uri != VIEW_SCHEME + ref.sha256[:32]:
+            raise AccessDeniedError(f"{ref!r} is not a view this site made, or it was altered; run the steps that made it again")
+
+    def open(self, ref: DataRef, ctx: OperationContext) -> Any:
+        """The value behind a view: its materialized copy if there is one, else recomputed (lazily)."""
+        self.check_owned(ref)
+        stored = self.materialized(ref)
+        if stored is not None:
+            return self._store.open_value(stored)
+        return self._recompute(ref, ctx)
+
+    def _recompute(self, ref: DataRef, ctx: OperationContext) -> Any:
+        recipe = ref.recipe
+        assert recipe is not None  # check_owned made sure
+        op = self._operations.get(recipe.op)
+        if op is None or op.version != recipe.version or not op.view:
+            raise UnknownOperationError(
+                f"{ref!r} is a view made by {recipe.op!r} version {recipe.version!r}, which this site no longer offers; "
+                "run the steps that made it again",
+                site=self.site,
+            )
+        try:
+            params = op.params.model_validate(recipe.params)
+        except ValidationError as exc:
+            raise InvalidParametersError(
+                f"{ref!r}: its recipe no longer fits {op.name!r}: {validation_message(exc)}; run the steps that made it again",
+                site=self.site,
+            ) from None
+        for name, fingerprint in recipe.sources.items():
+            if not hmac.compare_digest(self.fingerprint(self._resolver.resolve(name)), fingerprint):
+                raise SourceChangedError(
+                    f"{ref!r} is a view of {name!r}, which changed since the view was made (its files' sizes or "
+                    "modification stamps differ), so it would give other numbers; run the steps that made it again "
+                    "to work on the data as it is now",
+                    site=self.site,
+                )
+        for value in params.__dict__.values():
+            for inner in refs_in(value):
+                self.check_owned(inner)
+        ctx.log.debug("recomputing view %s: %s", ref.uri, ref.lineage())
+        return op.run(params, ctx)
+
+    # -- materializing --------------------------------------------------------------
+
+    def materialized(self, ref: DataRef) -> DataRef | None:
+        """The stored copy of a view, if it was materialized and is still intact."""
+        with self._lock:
+            stored = self._materialized.get(ref.uri)
+        if stored is None:
+            return None
+        try:
+            self._store.verify(stored)
+        except ResultIntegrityError:
+            with self._lock:
+                self._materialized.pop(ref.uri, None)
+            return None
+        return stored
+
+    def materialize(self, ref: DataRef, ctx: OperationContext) -> DataRef:
+        """Store a view's bytes (once, however many ask at the same time) and return the stored reference."""
+        self.check_owned(ref)
+        with self._lock:
+            making = self._making.setdefault(ref.uri, threading.Lock())
+        with making:
+            stored = self.materialized(ref)
+            if stored is None:
+                value = self._recompute(ref, ctx)
+                stored, _ = self._store.put(value, op=ref.op, kind=ref.kind, summary=summarize(value), recipe=ref.recipe)
+                with self._lock:
+                    self._materialized[ref.uri] = stored
+                    while len(self._materialized) > _KEEP_MATERIALIZED:
+                        self._materialized.popitem(last=False)
+        with self._lock:
+            self._making.pop(ref.uri, None)
+        return stored
