@@ -41,6 +41,17 @@ def _accepts(value: Any) -> bool:
 def _write_file(value: Any, path: str) -> None:
     ds = value.copy()
     ds.encoding.pop(_MARK, None)
+    for variable in ds.variables.values():
+        # The source's chunk layout no longer fits a selection of it; the Dask chunks decide.
+        for key in ("chunks", "preferred_chunks"):
+            variable.encoding.pop(key, None)
+    # zarr needs equal chunks but the last; a selection cuts the first and last ones short.
+    widest: dict[Any, int] = {}
+    for variable in ds.variables.values():
+        for dim, sizes in zip(variable.dims, variable.chunks or ()):
+            widest[dim] = max(widest.get(dim, 0), *sizes)
+    if widest:
+        ds = ds.chunk(widest)
     with tempfile.TemporaryDirectory(prefix="dfm-zarr-") as scratch:
         root = os.path.join(scratch, "store.zarr")
         ds.to_zarr(root, mode="w", zarr_format=2, consolidated=True)

@@ -104,6 +104,9 @@ def demo(
         raw, out = report.raw_bytes[site], report.bytes_out.get(site, 0)
         moved.add_row(site, f"{raw:,}", f"{out:,}", f"{out / raw:.2e}" if raw else "-")
     console.print(moved)
+    for site, kinds in sorted(report.stored.items()):
+        written = ", ".join(f"{n:,} bytes of {kind}" for kind, n in kinds.items()) or "nothing"
+        console.print(f"{site}'s result store: {written} written by this run (intermediates stay views)")
     console.print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in report.seconds.items()))
     if report.ok:
         console.print(f"[green]OK[/green]: the federated answer equals direct computation on the pooled data (max relative difference {report.max_rel_diff:.1e} <= {RTOL:.0e})")

@@ -51,6 +51,8 @@ class DemoReport:
     seconds: dict[str, float] = field(default_factory=dict)
     flow_run_id: str | None = None
     transport: str = "flare"
+    stored: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Bytes each site's result store gained during the flow run, by result kind (views write nothing)."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, default=str)
@@ -118,6 +120,22 @@ def site_configs(workdir: Path, north: Path, south_url: str) -> list[Path]:
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         paths.append(path)
     return paths
+
+
+def store_usage(store: Path) -> dict[str, int]:
+    """Bytes in a site's result store by result kind (from the names it gives results: ``<id>.<kind>[-n<count>].<format>``)."""
+    usage: dict[str, int] = {}
+    if store.is_dir():
+        for path in store.iterdir():
+            parts = path.name.split(".")
+            if len(parts) == 3 and len(parts[0]) == 32:
+                kind = parts[1].split("-")[0]
+                usage[kind] = usage.get(kind, 0) + path.stat().st_size
+    return usage
+
+
+def _gained(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {kind: after[kind] - before.get(kind, 0) for kind in sorted(after) if after[kind] != before.get(kind, 0)}
 
 
 def direct_statistics(north: Path, s3: LocalS3, south_url: str, start: str, stop: str) -> dict[int, dict[str, float]]:
@@ -220,6 +238,8 @@ def run_demo(
             log(f"federation over {transport}: sites north (local zarr) and south ({south_url} via {s3.endpoint_url}) are up")
             client = get_client(federation.federation_file)
             before = {site: client.stats(site).bytes_out for site in client.sites}
+            stores = {site: workdir / "store" / site for site in client.sites}
+            usage = {site: store_usage(store) for site, store in stores.items()}
             raw = {site: sum(s.size or 0 for s in info.sources) for site, info in client.sites.items()}
             flow = federated_climate_stats.with_options(task_runner=FederationTaskRunner(federation.federation_file))
             t0 = time.perf_counter()
@@ -228,6 +248,7 @@ def run_demo(
             answer = state.result()
             flow_run_id = str(state.state_details.flow_run_id)
             bytes_out = {site: client.stats(site).bytes_out - before[site] for site in before}
+            stored = {site: _gained(usage[site], store_usage(store)) for site, store in stores.items()}
             close_clients()
         t0 = time.perf_counter()
         direct = direct_statistics(paths["north"], s3, south_url, start, stop)
@@ -249,4 +270,5 @@ def run_demo(
         seconds=seconds,
         flow_run_id=flow_run_id,
         transport=transport,
+        stored=stored,
     )

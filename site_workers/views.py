@@ -200,7 +200,7 @@ class Views:
                 sources[name] = self.fingerprint(self._resolver.resolve(name))
             except FederationError:
                 sources[name] = ""  # the operation itself says what is wrong with the name
-        return Recipe(op=op.name, version=op.version, params=_without_summaries(params.model_dump(mode="json")), sources=sources)
+        return Recipe(op=op.name, version=op.version, params=_without_summaries(params.model_dump(mode="json", exclude_defaults=True)), sources=sources)
 
     def _digest(self, ref: DataRef) -> str:
         return self._store.keyed_digest("view", _canonical(ref.model_dump(mode="json", include=_SIGNED_FIELDS)))

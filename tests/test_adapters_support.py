@@ -7,6 +7,7 @@ what memory:// sources need (they exist only inside one process).
 
 from __future__ import annotations
 
+import json
 import threading
 import uuid
 from typing import Any
@@ -63,6 +64,8 @@ class InProcessSite:
                 replies.append(message)
                 done.set()
 
+        # References go as JSON, as a client sends them.
+        params = json.loads(json.dumps(params, default=lambda value: value.model_dump(mode="json")))
         self.worker.handle_message(RunRequest(id=uuid.uuid4().hex, op=op, params=params), reply)
         assert done.wait(timeout), f"{op} did not answer within {timeout}s"
         (result,) = replies
@@ -81,6 +84,10 @@ class InProcessSite:
         else:
             data = self.worker.store.read_bytes(ref)  # what the site stored, whatever its policy lets leave
         return decode(ref.format, data)
+
+    def call_fetch(self, ref: Any) -> Any:
+        """A result's value fetched through the site's messages, under its export policy."""
+        return decode(ref.format, self.fetch_bytes(ref))
 
     def fetch_bytes(self, ref: Any, timeout: float = 120.0) -> bytes:
         """A result's bytes through the site's fetch messages, as a client gets them (a view is materialized first)."""

@@ -25,6 +25,9 @@ def test_demo_agrees_with_direct_computation(tmp_path, prefect_api):
     assert {"north", "south", "client"} <= sites
     for site in ("north", "south"):
         assert 0 < report.bytes_out[site] < report.raw_bytes[site] / 20
+        # The subset is a view: the run wrote only the small aggregates, no copy of the data.
+        assert set(report.stored[site]) == {"aggregate"}, report.stored
+        assert report.stored[site]["aggregate"] < 64 << 10
 
 
 def test_demo_command_prints_a_checked_report(tmp_path, prefect_api):
@@ -38,6 +41,8 @@ def test_demo_command_prints_a_checked_report(tmp_path, prefect_api):
     report = json.loads(result.stdout)
     assert report["ok"] is True and report["max_rel_diff"] <= 1e-9
     assert report["transport"] == "flare"  # the README's `./dev demo` runs over FLARE
+    for site in ("north", "south"):
+        assert set(report["stored"][site]) == {"aggregate"}, report["stored"]
 
 
 def test_the_check_catches_a_wrong_answer():

@@ -83,7 +83,7 @@ class Recipe(BaseModel):
         default_factory=dict, description="Data source read -> its fingerprint when read ('' where the site has none)."
     )
 
-    def lineage(self, width: int = 60) -> str:
+    def lineage(self, width: int = 120) -> str:
         """One line per step, sources first: ``source → op(params) → op(params)``."""
         steps: list[str] = []
         _lineage(self, steps, width)
