@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import dispatch, gpu, latency, load, locality, peer_dfm
+from bench import dispatch, gpu, latency, load, locality, peer_dfm, views
 from bench.env import BenchEnv
 from bench.harness import Row, machine
 from bench.report import markdown, table
@@ -27,6 +27,7 @@ BENCHMARKS = {
     "peer": peer_dfm.run,
     "load": load.run,
     "locality": locality.run,
+    "views": views.run,
     "gpu": gpu.run,
 }
 NOTES = {
@@ -67,6 +68,18 @@ Federated: a `FederationTaskRunner` flow runs `xarray.moments` and
 what left the sites. Download: the client reads both stores (local files, s3fs)
 and computes the same with Dask; bytes moved are the stored bytes read. Rounds
 alternate, are timed inside the flow run, and each checks that the answers agree.
+""",
+    "views": """
+**Views.** The demo flow (`flows/federated_climate_stats.py`: per site `xarray.subset`
+of the years asked, then area-weighted `xarray.moments` per year; the client pools
+the sums) on the demo's two sites (north local zarr, south zarr on S3 through moto
+on 127.0.0.1) at 2, 4, 8 and 16 years of a daily 1° float32 field, local transport,
+a running Prefect API. *views*: the subset is a view and the moments read the
+source once; *stored copies*: the same sources marked `views: false`, so each
+subset is written to the result store with its sha256 and read back; *direct*: the
+same statistics computed in the benchmark process on the pooled raw data. One warm
+flow run per variant, then the timed ones; every answer is checked against direct.
+Flow wall time includes Prefect's own per-flow-run cost (about 1 s).
 """,
     "gpu": """
 **GPU.** `bench/gpu.py` on a GPU machine (`scripts/gpu_check.sh`): the same
