@@ -148,7 +148,8 @@ class FederationClient:
         sites = self.sites
         if not sites:
             raise PlacementError(f"no site is reachable; down: {self.down}")
-        return place(op, data=data, sites=sites, explicit=explicit, inflight=self.inflight(), exclude=exclude)
+        links = getattr(getattr(self.transport, "spec", None), "links", None) or {}
+        return place(op, data=data, sites=sites, explicit=explicit, inflight=self.inflight(), exclude=exclude, links=links)
 
     # -------------------------------------------------------------- requests
 

@@ -13,12 +13,15 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.logging import get_run_logger
 from prefect.task_engine import TaskRunTimeoutError
 from pydantic_core import PydanticSerializationError, to_jsonable_python
 
 from dfm_prefect.core.errors import FederationError, InvalidParametersError, SiteUnavailableError
+from dfm_prefect.core.operations import MOVE, MOVE_OPERATION
 from dfm_prefect.core.refs import DataRef
 from dfm_prefect.core.wire import ProgressUpdate, RunResult, SiteMessage, b64size, unwrap
 from dfm_prefect.placement import Placement
@@ -60,7 +63,7 @@ class Dispatch:
                 f"parameters of {self.op.name!r} must be JSON values or DataRefs: {exc}"
             ) from None
 
-        site = self.placement.site
+        site, moves = self.placement.site, self.placement.moves
         if site in self.failed_sites:
             moved = self.client.place(
                 self.op.name,
@@ -70,7 +73,10 @@ class Dispatch:
             )
             if moved.site != site:
                 logger.info("site %s failed earlier; this attempt runs at %s (%s)", site, moved.site, moved.reason)
-            site = moved.site
+            site, moves = moved.site, moved.moves
+        if moves:
+            logger.info("%s runs at %s: %s", self.op.name, site, self.placement.reason)
+            payload = _replace_refs(payload, {ref.uri: self._move(ref, site) for ref in moves})
 
         task_ctx = TaskRunContext.get()
         flow_ctx = FlowRunContext.get()
@@ -113,6 +119,7 @@ class Dispatch:
         finally:
             self.runner.untrack(request_id)
         assert isinstance(reply, RunResult)
+        moved_from = str(params["ref"].site) if self.op.name == MOVE_OPERATION and isinstance(params.get("ref"), DataRef) else None
         for line in reply.logs:
             logger.log(line.level, "[site %s] %s", site, line.message)
         self.runner.record(
@@ -128,11 +135,21 @@ class Dispatch:
                 error=reply.error.message if reply.error else None,
                 view=bool(reply.ref and reply.ref.is_view),
                 lineage=reply.ref.lineage() if reply.ref else "",
+                moved_from=moved_from,
+                moved_bytes=reply.ref.size if moved_from and reply.ref else 0,
             )
         )
         ref = unwrap(reply)
         reporter.finish()
         return ref
+
+    def _move(self, ref: DataRef, site: str) -> DataRef:
+        """Bring ``ref`` to ``site`` as a task run of its own (``move@north→gpu-hub``), with this task run's retries."""
+        task_ctx = TaskRunContext.get()
+        retries = task_ctx.task.retries if task_ctx is not None else 0
+        mover = move_task.with_options(retries=retries, timeout_seconds=None)
+        moved: DataRef = mover(ref=ref, source=ref.site, target=site, timeout_s=self.timeout_s)
+        return moved
 
     def _wait(self, future: Future[SiteMessage], progress: _ProgressSlot, reporter: ProgressReporter) -> SiteMessage:
         """Wait for the reply within the task's timeout, mirroring progress reports meanwhile."""
@@ -159,3 +176,31 @@ class _ProgressSlot:
     def push(self, update: ProgressUpdate) -> None:
         self.latest = update
         self.wake.set()
+
+
+def _replace_refs(value: Any, moved: dict[str, DataRef]) -> Any:
+    """``value`` (JSON-ready parameters) with each moved reference replaced by its copy at the new site."""
+    if isinstance(value, dict):
+        uri = value.get("uri")
+        if isinstance(uri, str) and uri in moved and {"site", "sha256"} <= set(value):
+            return moved[uri].model_dump(mode="json")
+        return {key: _replace_refs(item, moved) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_replace_refs(item, moved) for item in value]
+    return value
+
+
+@task(name=MOVE_OPERATION, task_run_name="move@{source}→{target}", cache_policy=NO_CACHE)
+def move_task(ref: DataRef, source: str, target: str, timeout_s: float | None = None) -> DataRef:
+    """Move a result from the site that holds it to another site, site to site (the client never holds the bytes)."""
+    flow_ctx = FlowRunContext.get()
+    runner = getattr(flow_ctx, "task_runner", None) if flow_ctx else None
+    if not getattr(runner, "dispatches_operations", False):
+        raise FederationError("a move runs inside a flow on FederationTaskRunner")
+    task_ctx = TaskRunContext.get()
+    if task_ctx is not None:
+        task_ctx.task_run.tags = sorted({*task_ctx.task_run.tags, f"op:{MOVE_OPERATION}", f"site:{source}", f"site:{target}"})
+    dispatch = Dispatch(
+        op=MOVE, runner=runner, client=runner.client, placement=Placement(target, f"moves a result from {source}"), timeout_s=timeout_s
+    )
+    return dispatch.execute({"ref": ref})

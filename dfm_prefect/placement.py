@@ -2,8 +2,13 @@
 
 The rules, in order:
 
-1. the site the flow author named (``site=`` on the call);
-2. the site that holds the task's `DataRef` inputs;
+1. the site the flow author named (``site=`` on the call); inputs held
+   elsewhere move there;
+2. the site that holds the task's `DataRef` inputs, when it offers the
+   operation; otherwise (inputs on several sites, or the operation offered
+   elsewhere) the site that moves the fewest bytes, weighted by the link costs
+   the federation file declares, among those whose policies allow every move it
+   needs (the holder's ``export.sites``, the receiver's ``imports``);
 3. the site whose catalog owns the data named in the parameters
    (``dfm://site/source``, a source name, or a URL under a source's URL);
 4. the only site that offers the operation;
@@ -27,10 +32,58 @@ from dfm_prefect.core.wire import SiteInfo
 
 @dataclass(frozen=True)
 class Placement:
-    """Where a task run goes and why."""
+    """Where a task run goes and why; ``moves`` are its inputs that must come from other sites first."""
 
     site: str
     reason: str
+    moves: tuple[DataRef, ...] = ()
+
+
+LinkCosts = Mapping[str, float]
+"""Relative cost per byte of a link, by ``"from->to"`` (``"north->gpu-hub": 4.0``); 1.0 where not declared."""
+
+
+def move_refusal(ref: DataRef, to: str, sites: Mapping[str, SiteInfo]) -> str | None:
+    """Why ``ref`` cannot move to site ``to`` by the two sites' published policies, or None if it can."""
+    source, target = sites.get(ref.site), sites.get(to)
+    if source is None:
+        return f"its holder {ref.site!r} is not available"
+    if target is None:
+        return f"site {to!r} is not available"
+    out = source.export.sites.get(to)
+    if out is None or ref.kind not in out.kinds or ref.size > out.max_bytes:
+        return f"{ref.site} does not send {ref.kind} results of {ref.size:,} bytes to {to} (its export.sites)"
+    accepted = target.export.imports.get(ref.site)
+    if accepted is None or ref.kind not in accepted.kinds or ref.size > accepted.max_bytes:
+        return f"{to} does not accept {ref.kind} results of {ref.size:,} bytes from {ref.site} (its imports)"
+    return None
+
+
+def _weighted(refs: list[DataRef], to: str, links: LinkCosts) -> tuple[int, float]:
+    moved = [ref for ref in refs if ref.site != to]
+    return sum(ref.size for ref in moved), sum(ref.size * links.get(f"{ref.site}->{to}", 1.0) for ref in moved)
+
+
+def _by_bytes(
+    op: str, refs: list[DataRef], candidates: list[str], sites: Mapping[str, SiteInfo], links: LinkCosts,
+    inflight: Mapping[str, int], why: str,
+) -> Placement:
+    """The candidate that moves the fewest (weighted) bytes among those whose policies allow every move."""
+    allowed: dict[str, tuple[int, float]] = {}
+    told = []
+    for site in sorted(candidates):
+        refusals = [reason for ref in refs if ref.site != site and (reason := move_refusal(ref, site, sites))]
+        moved, cost = _weighted(refs, site, links)
+        if refusals:
+            told.append(f"{site}: {refusals[0]}")
+        else:
+            allowed[site] = (moved, cost)
+            told.append(f"{site}: moves {moved:,} bytes" + (f" (cost {cost:,.0f})" if cost != moved else ""))
+    if not allowed:
+        raise PlacementError(f"{op!r} {why}, and no site it could run at may receive its inputs: " + "; ".join(told))
+    site = min(allowed, key=lambda name: (allowed[name][1], inflight.get(name, 0), name))
+    moves = tuple(ref for ref in refs if ref.site != site)
+    return Placement(site, f"{why}: {site} moves the fewest bytes ({'; '.join(told)})", moves)
 
 
 def _norm(url: str) -> str:
@@ -87,9 +140,11 @@ def place(
     explicit: str | None = None,
     inflight: Mapping[str, int] | None = None,
     exclude: Iterable[str] = (),
+    links: LinkCosts | None = None,
 ) -> Placement:
     """Pick the site for one call of ``op``; ``data`` are the values of its data parameters."""
     inflight = inflight or {}
+    links = links or {}
     offering = {name for name, info in sites.items() if op in info.operations}
     described = ", ".join(f"{name} ({'offers' if name in offering else 'does not offer'} {op})" for name in sorted(sites))
 
@@ -98,23 +153,31 @@ def place(
             raise PlacementError(f"site {explicit!r} is not in the federation (or not healthy); sites: {described or 'none'}")
         if explicit not in offering:
             raise PlacementError(f"site {explicit!r} does not offer {op!r}; sites: {described}")
+        # The sites' own rules decide on the moves (and say which rule refuses).
+        moving = tuple(ref for ref in refs_in(list(data)) if ref.site != explicit)
+        if moving:
+            moved, _ = _weighted(list(moving), explicit, links)
+            return Placement(explicit, f"named by the flow; its inputs from {', '.join(sorted({r.site for r in moving}))} move there ({moved:,} bytes)", moving)
         return Placement(explicit, "named by the flow")
 
     values = list(data)
     refs = refs_in(values)
     if refs:
         holders = {ref.site for ref in refs}
-        if len(holders) > 1:
-            raise PlacementError(
-                f"{op!r} takes DataRefs held by different sites ({sorted(holders)}); an operation runs at one "
-                "site, so reduce each input at its own site first"
-            )
-        holder = holders.pop()
-        if holder not in sites:
-            raise PlacementError(f"the input {refs[0]!r} is held by site {holder!r}, which is not available now")
-        if holder not in offering:
-            raise PlacementError(f"the input {refs[0]!r} is held by site {holder!r}, which does not offer {op!r}")
-        return Placement(holder, "holds the DataRef inputs")
+        for holder in holders:
+            if holder not in sites:
+                raise PlacementError(f"an input of {op!r} is held by site {holder!r}, which is not available now")
+        if len(holders) == 1 and (holder := next(iter(holders))) in offering:
+            return Placement(holder, "holds the DataRef inputs")
+        if not offering:
+            raise PlacementError(f"no site offers {op!r}; sites: {described or 'none'}")
+        why = (
+            f"takes inputs held by {', '.join(sorted(holders))}"
+            if len(holders) > 1
+            else f"takes inputs held by {next(iter(holders))}, which does not offer it"
+        )
+        preferred = sorted(offering - set(exclude)) or sorted(offering)
+        return _by_bytes(op, refs, preferred, sites, links, inflight, why)
 
     named = _strings_in(values)
     if named:

@@ -37,33 +37,52 @@ class StepRecord:
     """The result is a view: the site keeps its recipe, not a copy."""
     lineage: str = ""
     """What was done to which source, as one line."""
+    moved_from: str | None = None
+    """For a move: the site the result came from (``site`` received it)."""
+    moved_bytes: int = 0
+    """For a move: the bytes that went from ``moved_from`` to ``site``, never through the client."""
 
 
 def bytes_by_site(steps: Iterable[StepRecord], fetched: Counter[str]) -> Counter[str]:
-    """Bytes that left each site: values sent back with results plus values fetched later."""
+    """Bytes that left each site for the client: values sent back with results plus values fetched later."""
     total: Counter[str] = Counter(fetched)
     for step in steps:
         total[step.site] += step.bytes_out
     return total
 
 
+def moved_between_sites(steps: Iterable[StepRecord]) -> Counter[tuple[str, str]]:
+    """Bytes that went from one site to another (moves), by (from, to)."""
+    total: Counter[tuple[str, str]] = Counter()
+    for step in steps:
+        if step.ok and step.moved_from:
+            total[(step.moved_from, step.site)] += step.moved_bytes
+    return total
+
+
 def summary_markdown(steps: list[StepRecord], fetched: Counter[str]) -> str:
-    sites = sorted({step.site for step in steps} | set(fetched))
+    moves = moved_between_sites(steps)
+    sites = sorted({step.site for step in steps} | set(fetched) | {site for pair in moves for site in pair})
     left = bytes_by_site(steps, fetched)
     lines = [
         "# Federation report",
         "",
         f"{len(steps)} operations on {len(sites)} site(s); {sum(not s.ok for s in steps)} failed attempts.",
         "",
-        "| site | operations | seconds at the site | bytes stored at the site | bytes that left the site |",
-        "|---|---|---|---|---|",
+        "| site | operations | seconds at the site | bytes stored at the site | bytes to the client | bytes to other sites | bytes from other sites |",
+        "|---|---|---|---|---|---|---|",
     ]
     for site in sites:
         mine = [step for step in steps if step.site == site]
+        sent = sum(n for (frm, _), n in moves.items() if frm == site)
+        received = sum(n for (_, to), n in moves.items() if to == site)
         lines.append(
             f"| {site} | {len(mine)} | {sum(s.duration_s for s in mine):.2f} | "
-            f"{sum(s.stored_bytes for s in mine):,} | {left[site]:,} |"
+            f"{sum(s.stored_bytes for s in mine):,} | {left[site]:,} | {sent:,} | {received:,} |"
         )
+    if moves:
+        lines += ["", "## Moves between sites", "", "Site to site, never through the client.", "", "| from | to | bytes |", "|---|---|---|"]
+        lines += [f"| {frm} | {to} | {n:,} |" for (frm, to), n in sorted(moves.items())]
     done = [step for step in steps if step.ok and step.lineage]
     if done:
         lines += [

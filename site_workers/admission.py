@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from dfm_prefect.core.errors import InvalidParametersError, UnknownOperationError
-from dfm_prefect.core.operations import Operation
+from dfm_prefect.core.operations import MOVE, Operation
 from dfm_prefect.core.wire import RunRequest
 from site_workers.answers import refs_in, validation_message
 from site_workers.config import USER_CODE_OPERATION, Limits
@@ -41,6 +41,17 @@ def operation_for(request: RunRequest, operations: dict[str, Operation], site: s
             site=site,
         )
     return op
+
+
+def move_params(request: RunRequest, limits: Limits, site: str) -> Any:
+    """The parameters of a ``dfm.move`` request (a reference held by another site), size-checked first."""
+    size = len(json.dumps(request.params, separators=(",", ":")))
+    if size > limits.max_params_bytes:
+        raise InvalidParametersError(f"parameters of 'dfm.move' are {size} bytes; this site accepts at most {limits.max_params_bytes}", site=site)
+    try:
+        return MOVE.params.model_validate(request.params)
+    except ValidationError as exc:
+        raise InvalidParametersError(f"invalid parameters for 'dfm.move': {validation_message(exc)}", site=site) from None
 
 
 def validated_params(op: Operation, request: RunRequest, limits: Limits, held: Views, site: str) -> Any:

@@ -19,8 +19,8 @@ from pydantic import ValidationError
 from dfm_prefect.core.errors import FederationError, OperationFailedError
 from dfm_prefect.core.operations import Operation
 from dfm_prefect.core.refs import DataRef
-from dfm_prefect.core.wire import ErrorInfo, ExportInfo, OperationInfo, SiteInfo, SiteLoad, SourceInfo
-from site_workers.config import ExportPolicy
+from dfm_prefect.core.wire import ErrorInfo, ExportInfo, OperationInfo, SiteInfo, SiteLoad, SiteRule, SourceInfo
+from site_workers.config import ExportPolicy, ImportPolicy
 
 log = logging.getLogger("dfm_prefect.site")
 MAX_ERROR = 8192
@@ -108,7 +108,15 @@ def refs_in(value: Any) -> list[DataRef]:
     return []
 
 
-def site_info(name: str, operations: dict[str, Operation], sources: list[SourceInfo], export: ExportPolicy, load: SiteLoad, compute: str) -> SiteInfo:
+def site_info(
+    name: str,
+    operations: dict[str, Operation],
+    sources: list[SourceInfo],
+    export: ExportPolicy,
+    load: SiteLoad,
+    compute: str,
+    imports: ImportPolicy | None = None,
+) -> SiteInfo:
     """What a site says about itself: operations with parameter schemas, sources, export policy, load."""
     return SiteInfo(
         name=name,
@@ -130,6 +138,8 @@ def site_info(name: str, operations: dict[str, Operation], sources: list[SourceI
             share_logs=export.share_logs,
             min_group_size=export.disclosure.min_group_size,
             min_subset_size=export.disclosure.min_subset_size,
+            sites={site: SiteRule(kinds=list(rule.kinds), max_bytes=rule.max_bytes) for site, rule in export.sites.items()},
+            imports={site: SiteRule(kinds=list(rule.kinds), max_bytes=rule.max_bytes) for site, rule in (imports.sites if imports else {}).items()},
         ),
         load=load,
         compute=compute,

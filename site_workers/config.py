@@ -136,6 +136,35 @@ class DisclosurePolicy(_Model):
     min_subset_size: int = Field(default=3, ge=1, le=1_000_000)
 
 
+class SiteRule(_Model):
+    """What may move between this site and one other site, per result: its kinds and at most how many bytes."""
+
+    kinds: list[ResultKind] = Field(min_length=1)
+    max_bytes: int = Field(default=1 << 30, ge=0)
+
+
+_SITE_KEY = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
+
+
+class ImportPolicy(_Model):
+    """What this site accepts from other sites (moves it pulls for a flow).
+
+    ``sites`` names each site it takes results from, with the kinds and the
+    largest result; ``quota_bytes`` caps the bytes of moved-in results its store
+    holds at once. A move from a site not listed, of another kind, larger than
+    the rule or over the quota is refused before any byte is sent.
+
+    Example::
+
+        imports:
+          sites: {north: {kinds: [dataset], max_bytes: 2000000000}}
+          quota_bytes: 20000000000
+    """
+
+    sites: dict[_SITE_KEY, SiteRule] = Field(default_factory=dict)
+    quota_bytes: int = Field(default=10 << 30, ge=0)
+
+
 class ExportPolicy(_Model):
     """What may leave the site.
 
@@ -172,6 +201,11 @@ class ExportPolicy(_Model):
     )
     error_detail: Literal["message", "type"] = "type"
     disclosure: DisclosurePolicy = DisclosurePolicy()
+    sites: dict[_SITE_KEY, SiteRule] = Field(
+        default_factory=dict,
+        description="Per other site, what may move there (kinds, bytes per result); apart from what may go to "
+        "clients, and only to sites named here. A move also needs the receiving site's `imports`.",
+    )
 
     @model_validator(mode="after")
     def _recipients_name_kinds_that_leave(self) -> ExportPolicy:
@@ -261,6 +295,7 @@ class SiteConfig(_Model):
     compute: ComputeConfig = ComputeConfig()
     user_code: UserCodePolicy = UserCodePolicy()
     identities: IdentityPolicy = IdentityPolicy()
+    imports: ImportPolicy = ImportPolicy()
 
     _env_secrets: frozenset[str] = PrivateAttr(default=frozenset())
 

@@ -73,6 +73,24 @@ class Identities:
             raise AuthenticationError(str(exc), site=self.site) from None
 
 
+    def grantor(self, grant: Any, for_site: str) -> str | None:
+        """Who signed ``grant`` (a move request) for site ``for_site``; None if unsigned and this site allows that.
+
+        The grant's signature names the site it was sent to, so a grant for one
+        site is no grant for another.
+        """
+        if getattr(grant, "auth", None) is None:
+            if self.policy.require:
+                raise AuthenticationError("this site moves results only for signed requests (identities.require)", site=self.site)
+            return None
+        if self._verifier is None:
+            raise AuthenticationError("the move was signed but this site trusts no root CA to check it", site=self.site)
+        try:
+            return self._verifier.verify(grant, for_site, once=False)
+        except AuthenticationError as exc:
+            raise AuthenticationError(f"the move's grant does not hold: {exc}", site=self.site) from None
+
+
 class AuditLog:
     """One JSON line per event at this site: who, what, on which data, what left. Private to the site (0600)."""
 

@@ -76,6 +76,31 @@ class ExportGate:
         if (reason := self._group_refusal(ref, contributors)) is not None:
             raise DisclosureRefusedError(f"{ref!r}: {reason}", site=self.site)
 
+    def site_refusal(self, ref: DataRef, site: str, contributors: int | None = None) -> str | None:
+        """Why ``ref`` may not move to ``site`` (``export.sites``), or None if it may."""
+        rule = self.policy.sites.get(site)
+        if rule is None:
+            named = ", ".join(sorted(self.policy.sites)) or "none"
+            return f"this site sends no results to site {site!r} (export.sites names: {named})"
+        if ref.kind not in rule.kinds:
+            return f"this site sends only {', '.join(rule.kinds)} results to site {site!r} (export.sites.{site}.kinds), not {ref.kind!r}"
+        if ref.size > rule.max_bytes:
+            return f"the result is {ref.size} bytes and this site sends at most {rule.max_bytes} bytes per result to {site!r} (export.sites.{site}.max_bytes)"
+        return None
+
+    def check_site_export(self, ref: DataRef, site: str, contributors: int | None = None) -> None:
+        """Raise `ExportRefusedError` (`DisclosureRefusedError` for the disclosure rules) if ``ref`` may not move to ``site``."""
+        if (reason := self.site_refusal(ref, site)) is not None:
+            raise ExportRefusedError(f"{ref!r} cannot move to site {site!r}: {reason}", site=self.site)
+        if (reason := self._group_refusal(ref, contributors)) is not None:
+            raise DisclosureRefusedError(f"{ref!r}: {reason}", site=self.site)
+
+    def outgoing_to_site(self, ref: DataRef, site: str) -> DataRef:
+        """``ref`` as another site may see it: its full summary only where it may move there."""
+        if self.site_refusal(ref, site) is None and self._group_refusal(ref, ref.contributors) is None:
+            return ref
+        return ref.model_copy(update={"summary": structure_only(ref.summary), "contributors": None})
+
     def outgoing(self, ref: DataRef, recipient: str | None = None) -> DataRef:
         """``ref`` as the client may see it: the full summary and group count only where the result could leave.
 

@@ -38,7 +38,7 @@ from site_workers.sources import canonical
 _CHUNK = 4 << 20
 _PRIVATE_DIR = 0o700
 _PRIVATE_FILE = 0o600
-_BOUND_NAME = re.compile(r"^[0-9a-f]{32}\.(value|aggregate|dataset|table)(?:-n(\d{1,15}))?\.([a-z0-9_]+)$")
+_BOUND_NAME = re.compile(r"^[0-9a-f]{32}\.(value|aggregate|dataset|table)(?:-n(\d{1,15}))?(-moved)?\.([a-z0-9_]+)$")
 DIGEST_KEY = ".digest-key"
 """The store's secret for the salts of result digests (never a result: its name matches no result name)."""
 _LEGACY_NAME = re.compile(r"^[0-9a-f]{32}\.([a-z0-9_]+)$")
@@ -183,6 +183,50 @@ class ResultStore:
             self._verified[ref.uri] = (sha, stamp)
         return ref, payload
 
+    def put_file(
+        self, local: str, *, kind: ResultKind, format: str, op: str, summary: dict[str, Any], recipe: Recipe | None = None
+    ) -> DataRef:
+        """Store a file that arrived from another site (a move) under a name that marks it moved; it is moved, not copied.
+
+        The caller has checked its size and sha256 against what the sending site
+        recorded; here it gets this store's own salted digest.
+        """
+        if not re.fullmatch(r"[a-z0-9_]{1,32}", format):
+            raise AccessDeniedError(f"{format!r} is not a result format")
+        name = f"{uuid.uuid4().hex}.{kind}-moved.{format}"
+        target = f"{self.root}/{name}"
+        size, sha = os.path.getsize(local), _sha256_file(local, self._salt_for(name))
+        if self.is_local:
+            os.chmod(local, _PRIVATE_FILE)
+            _move_private(local, target)
+        else:
+            self.fs.put_file(local, target)
+        ref = DataRef(
+            site=self.site, uri=f"{self.protocol}://{target}", kind=kind, format=format, size=size, sha256=sha, op=op,
+            summary=summary, recipe=recipe,
+        )
+        with self._lock:
+            self._verified[ref.uri] = (sha, self._stamp(target))
+        return ref
+
+    def moved_bytes(self) -> int:
+        """Bytes of the results in the store that came from other sites (what ``imports.quota_bytes`` caps)."""
+        total = 0
+        for entry in self.fs.ls(self.root, detail=True):
+            name = posixpath.basename(str(entry.get("name", "")))
+            bound = _BOUND_NAME.match(name)
+            if bound is not None and bound.group(3):
+                total += int(entry.get("size") or 0)
+        return total
+
+    def scratch(self) -> str | None:
+        """A private folder for a result on its way into the store (on the store's own disk when it is local)."""
+        if not self.is_local:
+            return None
+        folder = f"{self.root}/.incoming"
+        os.makedirs(folder, mode=_PRIVATE_DIR, exist_ok=True)
+        return folder
+
     def _stamp(self, path: str) -> Any:
         """What must be unchanged for an earlier sha256 check to still hold (size first)."""
         if self.is_local:
@@ -203,10 +247,10 @@ class ResultStore:
         name = posixpath.basename(path)
         bound = _BOUND_NAME.match(name)
         if bound is not None:
-            if (bound.group(1), bound.group(3)) != (ref.kind, ref.format):
+            if (bound.group(1), bound.group(4)) != (ref.kind, ref.format):
                 raise AccessDeniedError(
                     f"{ref!r} claims kind {ref.kind!r} and format {ref.format!r}, but this site stored that result "
-                    f"as {bound.group(1)!r} in {bound.group(3)!r}: the reference was altered"
+                    f"as {bound.group(1)!r} in {bound.group(4)!r}: the reference was altered"
                 )
         elif (legacy := _LEGACY_NAME.match(name)) is None or legacy.group(1) != ref.format:
             raise AccessDeniedError(f"{ref!r} does not name a result of this site's store")
@@ -224,6 +268,11 @@ class ResultStore:
         """
         bound = _BOUND_NAME.match(posixpath.basename(self.check_owned(ref)))
         return int(bound.group(2)) if bound is not None and bound.group(2) is not None else None
+
+    def came_from_a_site(self, ref: DataRef) -> bool:
+        """True for a result another site sent here (a move), as the stored name records it."""
+        bound = _BOUND_NAME.match(posixpath.basename(self.check_owned(ref)))
+        return bound is not None and bound.group(3) is not None
 
     def read_bytes(self, ref: DataRef, offset: int = 0, length: int | None = None) -> bytes:
         """Read (part of) a stored result after checking it is intact."""

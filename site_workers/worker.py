@@ -35,7 +35,7 @@ from dfm_prefect.core.errors import (
     RequestTimeoutError,
     SiteOverloadedError,
 )
-from dfm_prefect.core.operations import Operation, load_operations
+from dfm_prefect.core.operations import MOVE, MOVE_OPERATION, Operation, load_operations
 from dfm_prefect.core.refs import DataRef
 from dfm_prefect.core.wire import (
     CancelRequest,
@@ -65,6 +65,8 @@ from site_workers.config import SiteConfig
 from site_workers.context import SiteContext
 from site_workers.deadlines import Deadlines
 from site_workers.identities import AuditLog, Identities, data_inputs
+from site_workers.moves import Mover
+from site_workers.peers import SITE_IDENTITY_PREFIX, Peers
 from site_workers.policy import ExportGate
 from site_workers.redaction import Redactor
 from site_workers.sources import SourceResolver
@@ -74,6 +76,19 @@ from site_workers.views import Views
 log = logging.getLogger("dfm_prefect.site")
 
 Reply = Callable[[SiteMessage], None]
+
+
+@dataclass
+class _Recipient:
+    """Who a fetch is for: a client (its identity, if any) or another site (moving the result under a person's grant)."""
+
+    identity: str | None = None
+    site: str | None = None
+    grantor: str | None = None
+
+    @property
+    def audit_name(self) -> str | None:
+        return f"{SITE_IDENTITY_PREFIX}{self.site} for {self.grantor or 'anonymous'}" if self.site else self.identity
 
 
 @dataclass
@@ -94,7 +109,11 @@ class _Job:
 class SiteWorker:
     """Runs the operations a site offers, for any transport."""
 
-    def __init__(self, config: SiteConfig, *, root_ca: str | None = None) -> None:
+    def __init__(
+        self, config: SiteConfig, *, root_ca: str | None = None, peers: Peers | None = None, site_certificates: bool = False
+    ) -> None:
+        """``peers`` reaches other sites (moves); ``site_certificates``: a certificate named ``site:<name>`` speaks for
+        that site (the local transport's sites sign with such certificates; over FLARE the transport says who sent)."""
         self.config = config
         self.name = config.name
         if config.user_code.enabled:
@@ -109,6 +128,8 @@ class SiteWorker:
         self.resolver = SourceResolver(config)
         self.store = ResultStore(config.name, config.result_store)
         self.views = Views(config.name, self.store, self.resolver, self.operations)
+        self.mover = Mover(config.name, config.imports, self.store, peers)
+        self.site_certificates = site_certificates
         self.compute = make_backend(config.compute)
         self.redactor = Redactor.for_config(config)
         self.catalog = Catalog(self.resolver, redact=self.redactor.text)
@@ -120,18 +141,24 @@ class SiteWorker:
         self._lock = threading.Lock()
         self._jobs: dict[str, _Job] = {}
         self._running = 0
-        self._stats = {"requests": 0, "completed": 0, "failed": 0, "rejected": 0, "bytes_out": 0, "bytes_stored": 0}
+        self._stats = {
+            "requests": 0, "completed": 0, "failed": 0, "rejected": 0, "bytes_out": 0, "bytes_stored": 0,
+            "bytes_to_sites": 0, "bytes_from_sites": 0,
+        }
         self._closed = False
         self._deadlines = Deadlines(config.name)
 
     # ------------------------------------------------------------------ frames
 
-    def handle_frame(self, frame: bytes | str, reply: Reply, peer: str = "local", identity: str | None = None) -> None:
+    def handle_frame(
+        self, frame: bytes | str, reply: Reply, peer: str = "local", identity: str | None = None, from_site: str | None = None
+    ) -> None:
         """Decode one frame and answer each of its messages through ``reply``.
 
         ``peer`` names the connection (its requests are cancelled together when it
         goes away); ``identity`` is the client identity the transport authenticated
-        for it, or None where the transport has none.
+        for it, or None where the transport has none; ``from_site`` is the site that
+        sent it, where the transport authenticated a site (FLARE's mesh).
         """
         try:
             envelope = Envelope.model_validate_json(frame)
@@ -142,22 +169,46 @@ class SiteWorker:
             self._safe_reply(reply, ErrorReply(id=guess_id(frame), error=ErrorInfo(code=MalformedRequestError.code, message=self.redactor.text(message, 8192))))
             return
         for message in envelope.messages:
-            self.handle_message(message, reply, peer, identity)
+            self.handle_message(message, reply, peer, identity, from_site)
 
-    def handle_message(self, message: Any, reply: Reply, peer: str = "local", identity: str | None = None) -> None:
-        """Answer one decoded message, acting for the identity that signed it (or the transport's)."""
+    def handle_message(
+        self, message: Any, reply: Reply, peer: str = "local", identity: str | None = None, from_site: str | None = None
+    ) -> None:
+        """Answer one decoded message, acting for the identity that signed it (or the transport's).
+
+        Another site (``from_site``, or a ``site:<name>`` certificate where sites sign)
+        may only fetch results it moves for a flow.
+        """
         try:
-            identity = self.identities.who(message) or identity
+            if from_site is None:
+                signed = self.identities.who(message)
+                if signed is not None and signed.startswith(SITE_IDENTITY_PREFIX):
+                    if not self.site_certificates:
+                        raise AuthenticationError(
+                            f"the request is signed with a certificate named {signed!r}; here sites are known by the "
+                            "transport, and a certificate cannot speak for one",
+                            site=self.name,
+                        )
+                    from_site, identity = signed[len(SITE_IDENTITY_PREFIX) :], None
+                else:
+                    identity = signed or identity
+            if from_site is not None:
+                if not isinstance(message, FetchRequest):
+                    raise AccessDeniedError(
+                        f"site {from_site!r} sent a {message.kind!r} request; another site may only fetch results it "
+                        "moves for a flow",
+                        site=self.name,
+                    )
+                self._fetch_for(message, reply, _Recipient(site=from_site))
+                return
             if isinstance(message, RunRequest):
                 self._accept_run(message, reply, peer, identity)
             elif isinstance(message, DescribeRequest):
                 self._safe_reply(reply, Described(id=message.id, info=self.describe()))
             elif isinstance(message, StatsRequest):
                 self._safe_reply(reply, StatsReply(id=message.id, stats=self.stats()))
-            elif isinstance(message, FetchRequest) and message.ref.is_view:
-                self._fetch_view(message, reply, identity)
             elif isinstance(message, FetchRequest):
-                self._safe_reply(reply, self._fetch(message, identity))
+                self._fetch_for(message, reply, _Recipient(identity=identity))
             elif isinstance(message, CancelRequest):
                 self.cancel(message.target, by=identity)
         except Exception as exc:  # a bad request must never stop the site
@@ -183,8 +234,11 @@ class SiteWorker:
         with self._lock:
             self._stats["requests"] += 1
         try:
-            op = admission.operation_for(request, self.operations, self.name)
-            params = admission.validated_params(op, request, self.config.limits, self.views, self.name)
+            if request.op == MOVE_OPERATION:
+                op, params = MOVE, admission.move_params(request, self.config.limits, self.name)
+            else:
+                op = admission.operation_for(request, self.operations, self.name)
+                params = admission.validated_params(op, request, self.config.limits, self.views, self.name)
         except FederationError as exc:
             with self._lock:
                 self._stats["rejected"] += 1
@@ -232,12 +286,18 @@ class SiteWorker:
         )
         try:
             ctx.check_cancelled()
-            recipe = self.views.recipe(op, params)
-            with ctx.capturing_logs():
-                value = op.run(params, ctx)
-            ctx.check_cancelled()
-            counted = ctx.contributors if op.result_kind == "aggregate" else None
-            ref, payload = self.views.keep(value, op, recipe, contributors=counted)
+            if op is MOVE:
+                with ctx.capturing_logs():
+                    ref, payload = self.mover.pull(request, params.ref, ctx), None
+                with self._lock:
+                    self._stats["bytes_from_sites"] += ref.size if ref.site == self.name and ref is not params.ref else 0
+            else:
+                recipe = self.views.recipe(op, params)
+                with ctx.capturing_logs():
+                    value = op.run(params, ctx)
+                ctx.check_cancelled()
+                counted = ctx.contributors if op.result_kind == "aggregate" else None
+                ref, payload = self.views.keep(value, op, recipe, contributors=counted)
             inline = self.gate.inline(ref, payload, self.store, job.identity)
             message = RunResult(
                 id=request.id,
@@ -376,15 +436,76 @@ class SiteWorker:
 
     def describe(self) -> SiteInfo:
         """What this site offers: operations with parameter schemas, sources, export policy, load."""
-        return site_info(self.name, self.operations, self.catalog.entries(), self.config.export, self.load(), self.compute.name)
+        return site_info(
+            self.name, self.operations, self.catalog.entries(), self.config.export, self.load(), self.compute.name, self.config.imports
+        )
 
     def stats(self) -> SiteStats:
         with self._lock:
             counters = dict(self._stats)
         return SiteStats(**counters, load=self.load())
 
-    def _fetch(self, request: FetchRequest, identity: str | None) -> FetchChunk:
+    def _fetch_for(self, request: FetchRequest, reply: Reply, recipient: _Recipient) -> None:
+        """Answer a fetch: checked for the client or site asking; a view is first materialized (in the pool).
+
+        The first piece of a view names the stored copy (``materialized``); the rest is
+        fetched by it. The export policy decides on the view, then on the copy.
+        """
         ref = request.ref
+        if recipient.site is not None:
+            self._check_grant(request, recipient)
+        self.views.check_owned(ref)
+        if not ref.is_view:
+            self._safe_reply(reply, self._piece(request, ref, recipient))
+            return
+        self._check_export(ref, recipient, None)
+        stored = self.views.materialized(ref)
+        if stored is not None:
+            self._safe_reply(reply, self._piece(request, stored, recipient, materialized=True))
+            return
+
+        def materialize() -> None:
+            try:
+                copy = self.views.materialize(ref, self._context(request.id, threading.Event()))
+                with self._lock:
+                    self._stats["bytes_stored"] += copy.size
+                answer: SiteMessage = self._piece(request, copy, recipient, materialized=True)
+            except Exception as exc:
+                log.info("fetch %s of a view refused: %s", request.id, self.redactor.text(str(exc)))
+                self.audit.record("refused", recipient.audit_name, request.id, kind="fetch", error=self._error(exc).code)
+                answer = ErrorReply(id=request.id, error=self._error(exc))
+            self._safe_reply(reply, answer)
+
+        self._pool.submit(materialize)
+
+    def _check_grant(self, request: FetchRequest, recipient: _Recipient) -> None:
+        """A site fetches only what a person asked it to move: the signed ``dfm.move`` request, for that site, naming this result."""
+        grant, site = request.grant, recipient.site
+        assert site is not None
+        if grant is None or grant.op != MOVE_OPERATION:
+            raise AccessDeniedError(
+                f"site {site!r} fetched {request.ref!r} without a move request signed for it; a site fetches only "
+                "what a flow asked it to move",
+                site=self.name,
+            )
+        recipient.grantor = self.identities.grantor(grant, site)
+        try:
+            granted = admission.move_params(grant, self.config.limits, self.name).ref
+        except FederationError as exc:
+            raise AccessDeniedError(f"the move request site {site!r} presented is not valid: {exc}", site=self.name) from None
+        if granted.uri != request.ref.uri:
+            copy = self.views.materialized(granted) if granted.is_view and granted.site == self.name else None
+            if copy is None or copy.uri != request.ref.uri:
+                raise AccessDeniedError(f"site {site!r} fetched {request.ref!r}, but its move request names {granted!r}", site=self.name)
+
+    def _check_export(self, ref: DataRef, recipient: _Recipient, contributors: int | None) -> None:
+        if recipient.site is not None:
+            self.gate.check_site_export(ref, recipient.site, contributors)
+        else:
+            self.gate.check_export(ref, recipient.identity, contributors)
+
+    def _piece(self, request: FetchRequest, ref: DataRef, recipient: _Recipient, *, materialized: bool = False) -> FetchChunk:
+        """One piece of a stored result, if it may go to ``recipient``; with ``materialized``, naming the copy."""
         # What the site recorded decides, not what the reference claims: size and sha256
         # are checked against the stored bytes, kind and format against the stored name.
         self.store.verify(ref)
@@ -394,51 +515,27 @@ class SiteWorker:
                 "run the operation that produced it again",
                 site=self.name,
             )
-        self.gate.check_export(ref, identity, self.store.contributors(ref))
+        self._check_export(ref, recipient, self.store.contributors(ref))
         if self.redactor.active:
-            # The whole result, not the chunk: a credential may straddle chunks. What may
-            # leave is at most export.max_bytes, so this read is bounded.
+            # The whole result, not the piece: a credential may straddle pieces. What may
+            # leave is bounded by the policy's max_bytes, so this read is bounded.
             self.gate.check_content(ref, self.store.read_bytes(ref))
         data = self.store.read_bytes(ref, request.offset, request.length)
         with self._lock:
-            self._stats["bytes_out"] += len(data)
-        self.audit.record("fetch", identity, request.id, ref=ref.uri, kind=ref.kind, offset=request.offset, bytes_out=len(data))
+            self._stats["bytes_to_sites" if recipient.site else "bytes_out"] += len(data)
+        event = {"to_site": recipient.site} if recipient.site else {}
+        self.audit.record(
+            "move-out" if recipient.site else "fetch", recipient.audit_name, request.id,
+            ref=ref.uri, kind=ref.kind, offset=request.offset, bytes_out=len(data), **event,
+        )
         end = request.offset + len(data)
-        return FetchChunk(
+        chunk = FetchChunk(
             id=request.id, offset=request.offset, data=b64encode(data), salt=self.store.salt(ref), total=ref.size, eof=end >= ref.size
         )
-
-    def _fetch_view(self, request: FetchRequest, reply: Reply, identity: str | None) -> None:
-        """Fetch a view: refused up front where no copy of it could leave, else materialized (in the pool) and sent.
-
-        The first chunk names the stored copy (``materialized``); the client fetches
-        the rest by it. The export policy decides on the view, then on the copy.
-        """
-        ref = request.ref
-        self.views.check_owned(ref)
-        self.gate.check_export(ref, identity)
-        stored = self.views.materialized(ref)
-        if stored is not None:
-            self._safe_reply(reply, self._materialized_chunk(request, stored, identity))
-            return
-
-        def materialize() -> None:
-            try:
-                copy = self.views.materialize(ref, self._context(request.id, threading.Event()))
-                with self._lock:
-                    self._stats["bytes_stored"] += copy.size
-                answer: SiteMessage = self._materialized_chunk(request, copy, identity)
-            except Exception as exc:
-                log.info("fetch %s of a view refused: %s", request.id, self.redactor.text(str(exc)))
-                self.audit.record("refused", identity, request.id, kind="fetch", error=self._error(exc).code)
-                answer = ErrorReply(id=request.id, error=self._error(exc))
-            self._safe_reply(reply, answer)
-
-        self._pool.submit(materialize)
-
-    def _materialized_chunk(self, request: FetchRequest, stored: DataRef, identity: str | None) -> FetchChunk:
-        chunk = self._fetch(request.model_copy(update={"ref": stored}), identity)
-        return chunk.model_copy(update={"materialized": self.gate.outgoing(stored, identity)})
+        if materialized:
+            shown = self.gate.outgoing_to_site(ref, recipient.site) if recipient.site else self.gate.outgoing(ref, recipient.identity)
+            chunk = chunk.model_copy(update={"materialized": shown})
+        return chunk
 
     def close(self) -> None:
         """Stop taking work, cancel what is queued, wait for what runs."""

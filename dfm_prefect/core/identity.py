@@ -131,8 +131,13 @@ class Verifier:
         except ValueError as exc:
             raise ConfigError(f"{path} is not a PEM certificate: {exc}") from None
 
-    def verify(self, message: BaseModel, site: str) -> str:
-        """The identity that signed ``message`` for ``site``; `AuthenticationError` if anything does not hold."""
+    def verify(self, message: BaseModel, site: str, *, once: bool = True) -> str:
+        """The identity that signed ``message`` for ``site``; `AuthenticationError` if anything does not hold.
+
+        ``once=False`` checks a signed request that is shown again on purpose (a move's
+        grant, presented with each piece the receiving site fetches): everything but the
+        replay check, which the request already passed where it was sent.
+        """
         auth = getattr(message, "auth", None)
         if not isinstance(auth, RequestSignature):
             raise AuthenticationError("the request is not signed")
@@ -151,7 +156,8 @@ class Verifier:
         fingerprint = hashlib.sha256(der).hexdigest()
         cert = self._certificate(der, fingerprint, now)
         self._check_signature(cert, signed_payload(message, site, auth.ts), auth.sig)
-        self._remember(fingerprint, str(getattr(message, "id", "")), now)
+        if once:
+            self._remember(fingerprint, str(getattr(message, "id", "")), now)
         return common_name(cert)
 
     def _certificate(self, der: bytes, fingerprint: str, now: float) -> x509.Certificate:

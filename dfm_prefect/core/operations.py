@@ -203,6 +203,23 @@ def _mentions_ref(annotation: Any) -> bool:
     return any(_mentions_ref(arg) for arg in get_args(annotation))
 
 
+MOVE_OPERATION = "dfm.move"
+"""The built-in operation that brings a result held by another site to the site it runs at (see `site_workers.moves`)."""
+
+
+class MoveParams(OperationParams):
+    """The parameters of ``dfm.move``: the result to bring, as the site that holds it gave it out."""
+
+    ref: DataRef
+
+
+def _moved_at_the_site(params: MoveParams, ctx: OperationContext) -> Any:
+    raise ConfigError("dfm.move is carried out by the receiving site itself (SiteWorker), not as an installed operation")
+
+
+MOVE = Operation(_moved_at_the_site, name=MOVE_OPERATION, version="1", result="dataset", params=MoveParams, view=False)
+"""``dfm.move`` as an operation: every site offers it, and its ``imports`` rules decide."""
+
 _REGISTRY: dict[str, Operation] = {}
 
 

@@ -106,6 +106,8 @@ def _lineage(recipe: Recipe, steps: list[str], width: int) -> None:
                     _lineage(Recipe.model_validate(inner), steps, width)
                 else:
                     steps.append(f"{item.get('op')}@{item.get('site')}")
+                if recipe.op == "dfm.move" and isinstance(item, dict):
+                    shown.append(f"from={item.get('site')}")
             continue
         text = json.dumps(value, separators=(",", ":"), default=str)
         shown.append(f"{key}={text if len(text) <= width else text[: width - 1] + '…'}")

@@ -70,6 +70,11 @@ class FetchRequest(_Message):
     offset: int = Field(default=0, ge=0)
     length: int = Field(default=4 << 20, gt=0, le=64 << 20)
     auth: RequestSignature | None = None
+    grant: RunRequest | None = Field(
+        default=None,
+        description="For a fetch by another site: the person's signed request that asked that site to move this "
+        f"result (a {'`'}dfm.move{'`'} run signed for the fetching site), which the holding site checks.",
+    )
 
 
 class StatsRequest(_Message):
@@ -139,6 +144,13 @@ class SourceInfo(_Message):
     summary: dict[str, Any] = Field(default_factory=dict)
 
 
+class SiteRule(_Message):
+    """What may move between this site and one other site: kinds and bytes per result."""
+
+    kinds: list[ResultKind]
+    max_bytes: int
+
+
 class ExportInfo(_Message):
     """The public part of the site's export policy."""
 
@@ -146,6 +158,8 @@ class ExportInfo(_Message):
     max_bytes: int
     inline_bytes: int
     share_logs: bool
+    sites: dict[str, SiteRule] = Field(default_factory=dict, description="What may move from this site to each other site.")
+    imports: dict[str, SiteRule] = Field(default_factory=dict, description="What this site accepts from each other site.")
     min_group_size: int = Field(default=1, description="Smallest group an aggregate that leaves may have.")
     min_subset_size: int = Field(default=1, description="Smallest selection (and smallest left-out part) allowed.")
 
@@ -169,8 +183,10 @@ class SiteStats(_Message):
     completed: int = 0
     failed: int = 0
     rejected: int = 0
-    bytes_out: int = Field(default=0, description="Result bytes that left the site.")
+    bytes_out: int = Field(default=0, description="Result bytes that left the site for clients.")
     bytes_stored: int = Field(default=0, description="Result bytes written to the store.")
+    bytes_to_sites: int = Field(default=0, description="Result bytes that left the site for other sites (moves).")
+    bytes_from_sites: int = Field(default=0, description="Result bytes this site received from other sites (moves).")
     load: SiteLoad = SiteLoad()
 
 

@@ -83,6 +83,11 @@ class FlareSpec(BaseModel):
         "and the server; unanswered requests fail at once if the server cannot be reached.",
     )
     max_exchange_bytes: int = Field(default=8 << 20, ge=1 << 16)
+    links: dict[str, float] = Field(
+        default_factory=dict,
+        description='Relative cost per byte of moving data between two sites, by "from->to" (1.0 where not named); '
+        "placement weighs the bytes an operation would move by these.",
+    )
 
 
 class FlareTransport(Transport):

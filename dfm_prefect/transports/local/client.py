@@ -37,6 +37,11 @@ class LocalSpec(BaseModel):
     authkey: SecretStr = Field(description="hex shared key of the federation")
     cert: str | None = Field(default=None, description="This user's certificate (PEM), issued by the federation's CA.")
     key: str | None = Field(default=None, description="This user's private key (PEM) for signing requests.")
+    links: dict[str, float] = Field(
+        default_factory=dict,
+        description='Relative cost per byte of moving data between two sites, by "from->to" (1.0 where not named); '
+        "placement weighs the bytes an operation would move by these.",
+    )
 
 
 class _Link:

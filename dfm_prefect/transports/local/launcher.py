@@ -31,7 +31,7 @@ from dfm_prefect.core.errors import SiteUnavailableError
 from dfm_prefect.transports.base import Launcher, Started, free_port, write_spec
 from dfm_prefect.transports.local.client import LocalSpec
 from dfm_prefect.transports.local.pki import LocalCA
-from dfm_prefect.transports.local.protocol import AUTHKEY_ENV, DEFAULT_USER, READY
+from dfm_prefect.transports.local.protocol import AUTHKEY_ENV, DEFAULT_USER, PEERS_ENV, READY
 from site_workers.identities import AUDIT_DIR_ENV, ROOT_CA_ENV
 
 
@@ -94,7 +94,14 @@ class LocalFederation(Launcher):
         """Start (or restart) one site on its fixed port and wait until it serves."""
         site = self._sites[name]
         assert self.ca is not None, "start() makes the CA first"
-        env = self.process_env(**{AUTHKEY_ENV: self.authkey, ROOT_CA_ENV: str(self.ca.root_ca), AUDIT_DIR_ENV: str(self.workdir / "audit")})
+        env = self.process_env(
+            **{
+                AUTHKEY_ENV: self.authkey,
+                ROOT_CA_ENV: str(self.ca.root_ca),
+                AUDIT_DIR_ENV: str(self.workdir / "audit"),
+                PEERS_ENV: str(self._peers_file(name)),
+            }
+        )
         site.log = open(self.workdir / "logs" / f"{name}.log", "a")
         site.process = subprocess.Popen(
             [sys.executable, "-m", "dfm_prefect.transports.local.server", str(site.config), "--port", str(site.port)],
@@ -105,6 +112,14 @@ class LocalFederation(Launcher):
             start_new_session=True,
         )
         self._await_ready(site)
+
+    def _peers_file(self, name: str) -> Path:
+        """The site's own federation file: the other sites, and a certificate that names this site (for moves)."""
+        assert self.ca is not None
+        cert, key = self.ca.issue_site(name)
+        others = {other: f"127.0.0.1:{site.port}" for other, site in self._sites.items() if other != name}
+        spec = LocalSpec(sites=others, authkey=SecretStr(self.authkey), cert=str(cert), key=str(key))
+        return write_spec(spec, self.ca.folder / f"site-{name}.json")
 
     def _await_ready(self, site: _Site) -> None:
         assert site.process is not None and site.process.stdout is not None

@@ -99,8 +99,17 @@ class LocalCA:
         """A certificate and key for one person (the common name is their identity); return their paths."""
         if not _NAME.match(common_name):
             raise ConfigError(f"identity {common_name!r}: use letters, digits and . _ @ + - (at most 128)")
+        return self._issue(common_name, common_name)
+
+    def issue_site(self, site: str) -> tuple[Path, Path]:
+        """A certificate and key for a site, named ``site:<name>`` (no person's name can contain ':')."""
+        if not _NAME.match(site):
+            raise ConfigError(f"site name {site!r} cannot be certified")
+        return self._issue(f"site:{site}", f"site-{site}")
+
+    def _issue(self, common_name: str, file_stem: str) -> tuple[Path, Path]:
         key = ec.generate_private_key(ec.SECP256R1())
         cert = _certificate(_name(common_name), self.cert.subject, key.public_key(), self._key, ca=False)
         pem_key = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-        cert_path = write_private(self.folder / f"{common_name}.crt", cert.public_bytes(serialization.Encoding.PEM))
-        return cert_path, write_private(self.folder / f"{common_name}.key", pem_key)
+        cert_path = write_private(self.folder / f"{file_stem}.crt", cert.public_bytes(serialization.Encoding.PEM))
+        return cert_path, write_private(self.folder / f"{file_stem}.key", pem_key)

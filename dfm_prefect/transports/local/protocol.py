@@ -13,3 +13,5 @@ AUTHKEY_ENV = "DFM_AUTHKEY"
 
 DEFAULT_USER = "admin@local"
 """The identity of the person who starts a local federation (the one its federation file signs as)."""
+PEERS_ENV = "DFM_PEERS"
+"""Names a site's own federation file for reaching the other sites (moves), signed with its site certificate."""

@@ -29,13 +29,16 @@ import sys
 import threading
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Connection, Listener, answer_challenge, deliver_challenge
+from pathlib import Path
 
 from dfm_prefect.core.backpressure import ReplyBuffer
 from dfm_prefect.core.errors import ConfigError
 from dfm_prefect.core.wire import ReplyEnvelope, SiteMessage
+from dfm_prefect.transports.local.client import LocalSpec, LocalTransport
 from dfm_prefect.transports.local.gate import HandshakeGate, shutdown
-from dfm_prefect.transports.local.protocol import AUTHKEY_ENV, MAX_FRAME, READY
+from dfm_prefect.transports.local.protocol import AUTHKEY_ENV, MAX_FRAME, PEERS_ENV, READY
 from site_workers.config import load_site_config
+from site_workers.peers import Peers
 from site_workers.worker import SiteWorker
 
 log = logging.getLogger("dfm_prefect.site.local")
@@ -210,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("DFM_LOG_LEVEL", "WARNING"), format="%(asctime)s %(name)s %(message)s")
     try:
         config = load_site_config(args.config)
-        worker = SiteWorker(config)
+        peers, transport = _peers(config.name)
+        worker = SiteWorker(config, peers=peers, site_certificates=True)
         server = LocalSiteServer(worker, authkey=authkey_from_env(), host=args.host, port=args.port)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -221,7 +225,25 @@ def main(argv: list[str] | None = None) -> int:
         server.serve_forever()
     except KeyboardInterrupt:
         server.close()
+    finally:
+        if transport is not None:
+            transport.close()
     return 0
+
+
+def _peers(site: str) -> tuple[Peers | None, LocalTransport | None]:
+    """How this site reaches the others for moves: the federation file ``DFM_PEERS`` names (none: no moves)."""
+    path = os.environ.get(PEERS_ENV)
+    if not path:
+        return None, None
+    try:
+        spec = LocalSpec.model_validate_json(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{PEERS_ENV}={path}: cannot read this site's federation file for moves: {exc}") from None
+    transport = LocalTransport(spec)
+    peers = Peers(site, transport.send, transport.signer())
+    transport.open(peers.on_message, peers.on_lost)
+    return peers, transport
 
 
 if __name__ == "__main__":
