@@ -29,7 +29,7 @@ from dfm_prefect.client import FederationClient, get_client
 from dfm_prefect.core.errors import ExportRefusedError, ResultIntegrityError, SiteUnavailableError
 from dfm_prefect.testing.climate import ClimateSpec, make_region, write_zarr
 from tests.conftest import TRANSPORTS, read_task_runs, site_config
-from tests.support_sites import private_federation, private_flare_federation, site_processes
+from tests.support_sites import private_federation, private_flare_federation, restart_site, site_processes
 
 pytestmark = pytest.mark.slow
 
@@ -222,6 +222,9 @@ def test_a_large_move_streams_with_memory_bounded_at_both_ends(mesh, tmp_path):
     # ~ 200 MB in memory: the whole northern field as float64, materialized at north for the move.
     wide = client.call("north", "xarray.subset", {"data": "big"})
     assert wide.size > 50 << 20
+    # A small move first, so that both processes have loaded what moves need (libraries, connections).
+    small = client.call("north", "xarray.subset", {"data": "big", "ranges": {"lat": {"start": 0, "stop": 5}}})
+    client.call("hub", "dfm.move", {"ref": small.model_dump(mode="json")})
     pids = {site: site_processes(fed, site) for site in ("north", "hub")}
     rss = lambda site: sum(psutil.Process(pid).memory_info().rss for pid in pids[site])  # noqa: E731
     start = {site: rss(site) for site in pids}
@@ -241,15 +244,16 @@ def test_a_large_move_streams_with_memory_bounded_at_both_ends(mesh, tmp_path):
         done.set()
         sampler.join()
     assert moved.site == "hub" and moved.size > 50 << 20
-    # hub writes pieces to disk as they arrive: its memory grows by the pieces in flight, not by the payload.
-    assert peak["hub"] - start["hub"] < 48 << 20, (peak, start, moved.size)
+    # hub writes pieces to disk as they arrive: its memory grows by the pieces in flight (at most 4 of 4 MiB,
+    # base64 in JSON, over FLARE also in the mesh's 1 MiB chunks), not by the payload; bench/moves.py shows it at 1 GB.
+    flare = hasattr(fed, "site_log")  # a FLARE site is two processes (its FLARE client and the mesh job's)
+    assert peak["hub"] - start["hub"] < (128 if flare else 64) << 20, (peak, start, moved.size)
     # north materializes the view chunk by chunk and sends it piece by piece.
-    assert peak["north"] - start["north"] < moved.size, (peak, start, moved.size)
+    assert peak["north"] - start["north"] < (192 if flare else 96) << 20, (peak, start, moved.size)
 
 
-def test_a_source_that_dies_mid_move_fails_the_move_naming_it_and_a_retry_completes(mesh_local):
-    fed, root = mesh_local
-    client = get_client(fed.federation_file)
+def test_a_source_that_dies_mid_move_fails_the_move_naming_it_and_a_retry_completes(mesh):
+    fed, root, client = mesh
     wide = client.call("north", "xarray.subset", {"data": "big"})
     before = stored(root, "hub")
     _, future = client.run("hub", "dfm.move", {"ref": wide.model_dump(mode="json")})
@@ -262,8 +266,7 @@ def test_a_source_that_dies_mid_move_fails_the_move_naming_it_and_a_retry_comple
 
         unwrap(future.result(timeout=120))
     assert stored(root, "hub") == before and incoming(root, "hub") == []
-    fed.start_site("north")
-    client.refresh()
+    restart_site(fed, client, "north")
     moved = client.call("hub", "dfm.move", {"ref": wide.model_dump(mode="json")})
     assert moved.site == "hub" and moved.size > 0
 

@@ -11,6 +11,11 @@ Flow of one request::
 
     client --dfm.exchange{frames}--> controller --aux dfm.dispatch--> site (acks at once)
     site --aux dfm.reply{chunk}--> controller mailbox --dfm.exchange{pieces}--> client
+
+Between sites (a move: ``hub`` fetches from ``north``)::
+
+    hub --aux dfm.peer{frame for north}--> controller --dfm.dispatch{frame, from_site=hub}--> north
+    north --aux dfm.reply{chunk for site:hub}--> controller --dfm.dispatch{replies}--> hub
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ TOPIC_DISPATCH = "dfm.dispatch"
 TOPIC_HELLO = "dfm.hello"
 TOPIC_HEARTBEAT = "dfm.heartbeat"
 TOPIC_REPLY = "dfm.reply"
+TOPIC_PEER = "dfm.peer"
+"""A site's own frame for another site (the fetches of a move); the controller says who sent it."""
 # outside client -> server job (admin app commands)
 CMD_EXCHANGE = "dfm.exchange"
 CMD_STATUS = "dfm.status"
@@ -190,16 +197,40 @@ class Heartbeat(_Model):
 
 class HeartbeatAck(_Model):
     known: bool = Field(description="False: the controller lost track of this site; say hello again.")
+    dead_sites: list[str] = Field(default_factory=list, description="Sites of the job that are dead now (fail what waits for them).")
+
+
+SITE_PEER_PREFIX = "site:"
+"""The peer id under which a site's own frames reach another site (and that site's replies come back)."""
 
 
 class PeerFrame(_Model):
     peer: str
     data: str
+    from_site: str | None = Field(
+        default=None, description="Set by the controller only: the site that sent this frame, as FLARE authenticated it."
+    )
+
+
+class SiteFrame(_Model):
+    """A site's own frame for another site, site -> controller."""
+
+    site: str
+    incarnation: str
+    target: str = Field(min_length=1, max_length=64)
+    id: str = Field(min_length=1, max_length=64)
+    data: str = Field(max_length=MAX_CHUNK_CHARS)
+
+
+class SiteFrameAck(_Model):
+    accepted: bool
+    reason: str | None = None
 
 
 class DispatchBatch(_Model):
     frames: list[PeerFrame] = Field(default_factory=list)
     closed_peers: list[str] = Field(default_factory=list, description="Clients that left: cancel their work.")
+    replies: list[Piece] = Field(default_factory=list, description="Pieces of other sites' replies to this site's own frames.")
 
 
 class DispatchAck(_Model):

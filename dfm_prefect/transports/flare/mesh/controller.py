@@ -43,6 +43,7 @@ from dfm_prefect.transports.flare.protocol import (
     TOPIC_DISPATCH,
     TOPIC_HEARTBEAT,
     TOPIC_HELLO,
+    TOPIC_PEER,
     TOPIC_REPLY,
     CommandError,
     DispatchAck,
@@ -51,6 +52,7 @@ from dfm_prefect.transports.flare.protocol import (
     HeartbeatAck,
     Hello,
     ReplyChunk,
+    SiteFrame,
     StatusRequest,
 )
 
@@ -122,6 +124,7 @@ class MeshController(Controller):
         senders.register(engine, TOPIC_HELLO, self._on_hello)
         senders.register(engine, TOPIC_HEARTBEAT, self._on_heartbeat)
         senders.register(engine, TOPIC_REPLY, self._on_reply)
+        senders.register(engine, TOPIC_PEER, self._on_site_frame)
         engine.register_app_command(CMD_EXCHANGE, self._cmd_exchange)
         engine.register_app_command(CMD_STATUS, self._cmd_status)
         for site in self.router.sites:
@@ -212,7 +215,18 @@ class MeshController(Controller):
         if isinstance(known, str):
             log.warning("refused a heartbeat naming site %s from %s: %s", beat.site, origin, known)
             return aux.bad_request(f"heartbeat refused: {known}")
-        return aux.reply(HeartbeatAck(known=known))
+        return aux.reply(HeartbeatAck(known=known, dead_sites=self.router.dead_sites()))
+
+    def _on_site_frame(self, origin: str, request: Any) -> Shareable:
+        try:
+            frame = aux.unpack(request, SiteFrame)
+        except ValidationError as exc:
+            return aux.bad_request(f"not a site frame: {exc.errors()[0]['msg']}")
+        assert self.router is not None
+        ack = self.router.site_frame(frame, self._site(origin))
+        if not ack.accepted:
+            log.info("refused a frame from %s (naming site %s) for %s: %s", origin, frame.site, frame.target, ack.reason)
+        return aux.reply(ack)
 
     def _on_reply(self, origin: str, request: Any) -> Shareable:
         try:

@@ -47,7 +47,9 @@ from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 from pydantic import ValidationError
 
-from dfm_prefect.core.errors import FederationError
+from dfm_prefect.core.errors import FederationError, MalformedRequestError, SiteUnavailableError
+from dfm_prefect.core.wire import ClientMessage, Envelope, ReplyEnvelope
+from dfm_prefect.transports.flare.chunks import Reassembler
 from dfm_prefect.transports.flare.mesh import aux, senders
 from dfm_prefect.transports.flare.mesh.replies import ReplySender
 from dfm_prefect.transports.flare.protocol import (
@@ -56,6 +58,7 @@ from dfm_prefect.transports.flare.protocol import (
     TOPIC_DISPATCH,
     TOPIC_HEARTBEAT,
     TOPIC_HELLO,
+    TOPIC_PEER,
     TOPIC_REPLY,
     DispatchAck,
     DispatchBatch,
@@ -64,6 +67,8 @@ from dfm_prefect.transports.flare.protocol import (
     Hello,
     ReplyAck,
     ReplyChunk,
+    SiteFrame,
+    SiteFrameAck,
 )
 
 log = logging.getLogger("dfm_prefect.site.flare")
@@ -111,6 +116,8 @@ class MeshExecutor(Executor):
         self._engine: Any = None
         self._stop = threading.Event()
         self._intake: queue.SimpleQueue[DispatchBatch | None] = queue.SimpleQueue()
+        self.peers: Any = None
+        self._answers = Reassembler(max_pending_bytes=256 << 20)
         self._threads: list[threading.Thread] = []
 
     # ------------------------------------------------------------ life cycle
@@ -161,13 +168,17 @@ class MeshExecutor(Executor):
         path = os.environ.get(SITE_CONFIG_ENV)
         if not path:
             return f"{SITE_CONFIG_ENV} is not set for this FLARE client; start it with the site's YAML (docs/flare.md)"
+        from site_workers.peers import Peers
+
         try:
             config = load_site_config(path)
             if config.name != self.site:
                 return f"{path} configures site {config.name!r} but this FLARE client is {self.site!r}"
             # Requests are signed by people with certificates from this federation's provisioning.
             root_ca = self._engine.get_workspace().get_file_path_in_startup("rootCA.pem") if self._engine else None
-            self.worker = SiteWorker(config, root_ca=root_ca)
+            # Other sites are reached through the controller, which tells them who sent each frame.
+            self.peers = Peers(self.site, self._send_to_site)
+            self.worker = SiteWorker(config, root_ca=root_ca, peers=self.peers)
         except FederationError as exc:
             return str(exc)
         except Exception as exc:  # report any start failure to the controller instead of dying silently
@@ -221,6 +232,9 @@ class MeshExecutor(Executor):
             beat = Heartbeat(site=self.site, incarnation=self.incarnation, load=self.worker.load())
             answer = aux.send(self._engine, None, TOPIC_HEARTBEAT, beat, 5.0, HeartbeatAck)
             acks = [a for a in answer.values() if isinstance(a, HeartbeatAck)]
+            if acks and self.peers is not None:
+                for site in acks[0].dead_sites:
+                    self.peers.on_lost(site, "the mesh controller declared it dead")
             if acks and not acks[0].known:
                 # The controller declared this site dead: its clients have failed what it holds.
                 self._cancel_all("the mesh controller had declared this site dead")
@@ -271,8 +285,42 @@ class MeshExecutor(Executor):
                 if cancelled:
                     log.info("client %s left; cancelled %d of its requests", peer, cancelled)
                 self.sender.close_peer(peer)
+            for piece in batch.replies:
+                self._answer_piece(piece.site, piece.frame, piece.index, piece.count, piece.data)
             for frame in batch.frames:
-                self.worker.handle_frame(frame.data, self.sender.reply_for(frame.peer), frame.peer)
+                self.worker.handle_frame(frame.data, self.sender.reply_for(frame.peer), frame.peer, from_site=frame.from_site)
+
+    def _answer_piece(self, site: str, frame: str, index: int, count: int, data: str) -> None:
+        """A piece of another site's answer to this site's own frame; the whole answer goes to `Peers`."""
+        try:
+            whole = self._answers.add((site, frame), index, count, data)
+        except MalformedRequestError as exc:
+            log.warning("site %s dropped an answer from %s: %s", self.site, site, exc)
+            return
+        if whole is None or self.peers is None:
+            return
+        try:
+            envelope = ReplyEnvelope.model_validate_json(whole)
+        except ValidationError as exc:
+            log.warning("site %s got an answer from %s that is not wire v1: %s", self.site, site, exc.errors()[0]["msg"])
+            return
+        for message in envelope.messages:
+            self.peers.on_message(site, message)
+
+    def _send_to_site(self, site: str, messages: list[ClientMessage]) -> None:
+        """This site's own frame for another site, through the controller."""
+        frame = SiteFrame(
+            site=self.site,
+            incarnation=self.incarnation,
+            target=site,
+            id=uuid.uuid4().hex,
+            data=Envelope(messages=list(messages)).model_dump_json(),
+        )
+        answer = aux.send(self._engine, None, TOPIC_PEER, frame, self.aux_timeout, SiteFrameAck)
+        ack = next((a for a in answer.values() if isinstance(a, SiteFrameAck)), None)
+        if ack is None or not ack.accepted:
+            reason = ack.reason if ack is not None else next(iter(answer.values()), "no answer")
+            raise SiteUnavailableError(f"the mesh controller did not take a frame for site {site!r}: {reason}", site=site)
 
     def _send_chunk(self, chunk: ReplyChunk) -> ReplyAck | None:
         answer = aux.send(self._engine, None, TOPIC_REPLY, chunk, self.aux_timeout, ReplyAck)

@@ -43,20 +43,26 @@ from dfm_prefect.core.wire import SiteLoad
 from dfm_prefect.transports.flare.mesh.mailbox import Delivery, Mailboxes
 from dfm_prefect.transports.flare.mesh.sites import NOT_A_SITE, NOT_ITS_CLIENT, OVER_QUOTA, SiteRecord, admit
 from dfm_prefect.transports.flare.protocol import (
+    SITE_PEER_PREFIX,
     DispatchBatch,
     ExchangeReply,
     ExchangeRequest,
     Heartbeat,
     Hello,
     PeerFrame,
+    Piece,
     ReplyAck,
     ReplyChunk,
+    SiteFrame,
+    SiteFrameAck,
     SiteState,
     StatusReply,
     StatusRequest,
     peer_of,
 )
 
+SITE_REPLY_BYTES = 64 << 20
+"""Reply bytes that may wait in the controller for one site's own requests (a move); beyond it the answering site resends later."""
 SEEN_FRAMES = 100_000
 """How many recent frame ids are remembered to make resent frames no-ops."""
 
@@ -231,6 +237,8 @@ class Router:
 
     def reply(self, chunk: ReplyChunk, sender: str | None) -> ReplyAck:
         """Put a reply chunk from site ``sender`` in its client's mailbox, if the site may answer that client."""
+        if chunk.peer.startswith(SITE_PEER_PREFIX):
+            return self._site_reply(chunk, sender)
         with self._cond:
             self.counters["reply_chunks"] += 1
             site = self._sender(sender)
@@ -252,18 +260,77 @@ class Router:
             return ReplyAck(accepted=False, reason="the controller's reply buffer for this site or client is full; resend later")
         return ReplyAck(accepted=True)
 
+    # ------------------------------------------------------- site to site
+
+    def site_frame(self, frame: SiteFrame, sender: str | None) -> SiteFrameAck:
+        """Queue a frame site ``sender`` sends to another site of the job, marked with who sent it."""
+        with self._cond:
+            site = self._sender(sender)
+            refused = NOT_A_SITE if site is None else admit(site, frame.site, frame.incarnation)
+            if refused is not None:
+                return SiteFrameAck(accepted=False, reason=refused)
+            assert site is not None
+            if frame.target == site.name:
+                return SiteFrameAck(accepted=False, reason="a site does not send frames to itself")
+            target = self._sites.get(frame.target)
+            reason = self._undeliverable(frame.target, target)
+            if reason is not None:
+                return SiteFrameAck(accepted=False, reason=reason)
+            assert target is not None
+            self.counters["site_frames"] += 1
+            if frame.id not in self._seen:
+                self._remember(frame.id)
+                target.outbox.append(PeerFrame(peer=SITE_PEER_PREFIX + site.name, data=frame.data, from_site=site.name))
+                self._cond.notify_all()
+            return SiteFrameAck(accepted=True)
+
+    def _site_reply(self, chunk: ReplyChunk, sender: str | None) -> ReplyAck:
+        """A reply chunk for another site's own frame: queued for that site, if the sender served it."""
+        with self._cond:
+            self.counters["site_reply_chunks"] += 1
+            site = self._sender(sender)
+            refused = NOT_A_SITE if site is None else admit(site, chunk.site, chunk.incarnation)
+            if site is not None and refused is None and chunk.peer not in site.peers:
+                refused = NOT_ITS_CLIENT
+                site.rejected[refused] += 1
+            if refused is not None:
+                return ReplyAck(accepted=False, reason=refused, retry=False)
+            assert site is not None
+            target = self._sites.get(chunk.peer[len(SITE_PEER_PREFIX) :])
+            if target is None or target.state != "ready":
+                return ReplyAck(accepted=True)  # nobody will take it
+            if target.reply_bytes + len(chunk.data) > SITE_REPLY_BYTES and target.replies:
+                site.rejected[OVER_QUOTA] += 1
+                return ReplyAck(accepted=False, reason="the controller's buffer for that site is full; resend later")
+            target.replies.append(Piece(seq=0, site=site.name, frame=chunk.frame, index=chunk.index, count=chunk.count, data=chunk.data))
+            target.reply_bytes += len(chunk.data)
+            site.last_seen = self._clock()
+            self._cond.notify_all()
+        return ReplyAck(accepted=True)
+
+    def dead_sites(self) -> list[str]:
+        with self._cond:
+            return sorted(site.name for site in self._sites.values() if site.state == "dead")
+
     def next_batch(self, name: str, stop: threading.Event) -> DispatchBatch | None:
-        """Block until ``name`` has frames or notices to send; None when stopping."""
+        """Block until ``name`` has frames, replies or notices to send; None when stopping."""
         with self._cond:
             site = self._sites[name]
-            self._cond.wait_for(lambda: stop.is_set() or site.outbox or site.closed_peers)
+            self._cond.wait_for(lambda: stop.is_set() or site.outbox or site.closed_peers or site.replies)
             if stop.is_set():
                 return None
             frames = [site.outbox.popleft() for _ in range(min(len(site.outbox), self.max_dispatch_frames))]
             closed, site.closed_peers = site.closed_peers, []
+            replies: list[Piece] = []
+            size = 0
+            while site.replies and (not replies or size + len(site.replies[0].data) <= SITE_REPLY_BYTES // 8):
+                piece = site.replies.popleft()
+                size += len(piece.data)
+                replies.append(piece)
+            site.reply_bytes -= size
             site.serve([frame.peer for frame in frames], closed)
             self.counters["dispatches"] += 1
-            return DispatchBatch(frames=frames, closed_peers=closed)
+            return DispatchBatch(frames=frames, closed_peers=closed, replies=replies)
 
     def dispatch_failed(self, name: str, reason: str) -> None:
         self.mark_dead(name, f"dispatch failed: {reason}")
@@ -276,6 +343,8 @@ class Router:
                 return False
             site.state, site.reason = "dead", reason
             site.outbox.clear()
+            site.replies.clear()
+            site.reply_bytes = 0
             self._cond.notify_all()
         self.mailboxes.wake()
         return True

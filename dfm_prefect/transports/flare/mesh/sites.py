@@ -13,7 +13,7 @@ from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 
 from dfm_prefect.core.wire import SiteLoad
-from dfm_prefect.transports.flare.protocol import PeerFrame, SiteState, SiteStateName
+from dfm_prefect.transports.flare.protocol import PeerFrame, Piece, SiteState, SiteStateName
 
 SPOKE_FOR_ANOTHER = "spoke for another site"
 STALE_INCARNATION = "not its current job process"
@@ -42,6 +42,9 @@ class SiteRecord:
     departed: OrderedDict[str, None] = field(default_factory=OrderedDict)
     """Clients that left after using this site; replies still on their way to them are dropped quietly."""
     rejected: Counter[str] = field(default_factory=Counter)
+    replies: deque[Piece] = field(default_factory=deque)
+    """Pieces of other sites' replies to this site's own frames (a move), waiting to be dispatched."""
+    reply_bytes: int = 0
 
     def serve(self, peers: list[str], closed: list[str]) -> None:
         """Frames from ``peers`` and notices that ``closed`` left go to the site now."""
