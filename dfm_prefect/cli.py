@@ -11,7 +11,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -44,6 +44,28 @@ def _transport(value: str) -> str:
 
 
 TRANSPORT_HELP = "An installed transport: flare (sites behind FLARE, mTLS, one mesh job) or local (plain site processes), or any other registered."
+
+
+FEDERATION_HELP = "Federation file or block:NAME (default: $DFM_FEDERATION)."
+
+
+def _client(federation: Optional[Path]) -> Any:
+    """The client for ``--federation`` or ``$DFM_FEDERATION``: a federation file or ``block:NAME``, as flows accept."""
+    from dfm_prefect.client import get_client
+    from dfm_prefect.spec import FEDERATION_ENV
+
+    source = str(federation) if federation is not None else os.environ.get(FEDERATION_ENV)
+    if source is not None and source.startswith("block:"):
+        from dfm_prefect.task_runner import resolve_federation
+
+        try:
+            return get_client(resolve_federation(source))
+        except ValueError as exc:  # Prefect's message when no such block exists
+            raise ConfigError(
+                f"cannot load Federation block {source[len('block:'):]!r} from the Prefect API: {exc}; "
+                "create it with `dfm-prefect prefect setup --federation FILE --block NAME` (and check PREFECT_API_URL)"
+            ) from None
+    return get_client(source)
 
 
 def _fail(exc: FederationError) -> typer.Exit:
@@ -117,19 +139,40 @@ def demo(
 
 @site_app.command("check")
 def site_check(config: Path) -> None:
-    """Validate a site config and show what the site would offer."""
+    """Validate a site config, open every source (metadata only) and show what the site would offer.
+
+    Exits 2 if the config is invalid or a source is missing, unreadable or not in its format.
+    """
+    import logging
+
     from site_workers.config import load_site_config
+    from site_workers.redaction import Redactor
+    from site_workers.source_check import check_sources
     from site_workers.worker import SiteWorker
 
     try:
-        worker = SiteWorker(load_site_config(config))
+        site_config = load_site_config(config)
+    except FederationError as exc:
+        raise _fail(exc) from None
+    with console.status(f"opening the {len(site_config.sources)} source(s) of site {site_config.name} (metadata only)..."):
+        problems = check_sources(site_config, Redactor.for_config(site_config).text)
+    if problems:
+        for problem in problems:
+            err.print(f"[red]error:[/red] {problem}", soft_wrap=True)
+        err.print(f"site {site_config.name}: {len(problems)} of {len(site_config.sources)} source(s) cannot be served; nothing was started")
+        raise typer.Exit(EXIT_BAD_INPUT)
+    # The catalog below opens the sources again; they were just checked, so its own warnings would repeat them.
+    logging.getLogger("dfm_prefect.site.catalog").setLevel(logging.ERROR)
+    worker = None
+    try:
+        worker = SiteWorker(site_config)
         info = worker.describe()
     except FederationError as exc:
         raise _fail(exc) from None
     finally:
-        if "worker" in locals():
+        if worker is not None:
             worker.close()
-    console.print(f"site [bold]{info.name}[/bold]: config is valid")
+    console.print(f"site [bold]{info.name}[/bold]: config is valid and every source opens")
     _print_site(info)
 
 
@@ -204,13 +247,11 @@ def federation_issue(
 
 @federation_app.command("status")
 def federation_status(
-    federation: Annotated[Optional[Path], typer.Option(help="Federation file (default: $DFM_FEDERATION).")] = None,
+    federation: Annotated[Optional[Path], typer.Option(help=FEDERATION_HELP)] = None,
 ) -> None:
     """Show each site's state, operations and load (exit 3 if a site is down)."""
-    from dfm_prefect.client import get_client
-
     try:
-        client = get_client(federation)
+        client = _client(federation)
     except FederationError as exc:
         raise _fail(exc) from None
     transport = client.transport.site_states()
@@ -265,14 +306,12 @@ def federation_mesh(
 @app.command()
 def catalog(
     site: Annotated[Optional[str], typer.Argument(help="Only this site.")] = None,
-    federation: Annotated[Optional[Path], typer.Option(help="Federation file (default: $DFM_FEDERATION).")] = None,
+    federation: Annotated[Optional[Path], typer.Option(help=FEDERATION_HELP)] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """List the operations (with parameter schemas) and data sources each site offers."""
-    from dfm_prefect.client import get_client
-
     try:
-        client = get_client(federation)
+        client = _client(federation)
     except FederationError as exc:
         raise _fail(exc) from None
     sites = {k: v for k, v in client.sites.items() if site in (None, k)}

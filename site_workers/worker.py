@@ -237,6 +237,7 @@ class SiteWorker:
             ctx.check_cancelled()
             with ctx.capturing_logs():
                 value = op.run(params, ctx)
+                ctx.log.info("%s ran at site %s in %.2f s", op.name, self.name, time.monotonic() - started)
             ctx.check_cancelled()
             counted = ctx.contributors if op.result_kind == "aggregate" else None
             ref, payload = self.store.put(value, op=op.name, kind=op.result_kind, summary=summarize(value), contributors=counted)
