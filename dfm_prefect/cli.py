@@ -7,14 +7,18 @@ federation is unreachable.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from dfm_prefect.core.errors import ConfigError, FederationError, SiteUnavailableError
@@ -68,6 +72,20 @@ def _client(federation: Optional[Path]) -> Any:
     return get_client(source)
 
 
+@contextlib.contextmanager
+def _progress(title: str) -> Iterator[Callable[[str], None]]:
+    """A spinner with the elapsed time; each finished stage is printed once, above it, with its time."""
+    started = time.monotonic()
+    with console.status(f"{title}...") as status:
+
+        def step(line: str) -> None:
+            elapsed = time.monotonic() - started
+            console.print(f"[green]✓[/green] {escape(line)} [dim]({elapsed:.1f} s)[/dim]")
+            status.update(f"{title}... ({escape(line)})")
+
+        yield step
+
+
 def _fail(exc: FederationError) -> typer.Exit:
     err.print(f"[red]error:[/red] {exc}")
     if isinstance(exc, ConfigError):
@@ -96,9 +114,11 @@ def demo(
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     spec = ClimateSpec(years=years, resolution=resolution)
     try:
-        report = run_demo(
-            workdir, spec, transport=transport, log=(lambda _msg: None) if as_json else (lambda msg: console.print(f"[dim]{msg}[/dim]"))
-        )
+        if as_json:
+            report = run_demo(workdir, spec, transport=transport, log=lambda _msg: None)
+        else:
+            with _progress(f"federated demo over {transport}") as step:
+                report = run_demo(workdir, spec, transport=transport, log=step)
     except FederationError as exc:
         raise _fail(exc) from None
     if as_json:
@@ -201,8 +221,8 @@ def federation_up(
     from dfm_prefect.federation_control import up
 
     try:
-        with console.status(f"starting the {transport} federation (FLARE: server, sites, mesh job)..."):
-            started = up(configs, workdir, transport=transport)
+        with _progress(f"starting the {transport} federation of {len(configs)} site(s)") as step:
+            started = up(configs, workdir, transport=transport, progress=step)
     except FederationError as exc:
         raise _fail(exc) from None
     console.print(f"federation is up over {transport}: {', '.join(started.sites)}")
@@ -307,9 +327,12 @@ def federation_mesh(
 def catalog(
     site: Annotated[Optional[str], typer.Argument(help="Only this site.")] = None,
     federation: Annotated[Optional[Path], typer.Option(help=FEDERATION_HELP)] = None,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    op: Annotated[Optional[str], typer.Option("--op", help="Only this operation, with the fields of its nested parameters.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="The sites' own descriptions, as JSON (parameter schemas included).")] = False,
 ) -> None:
-    """List the operations (with parameter schemas) and data sources each site offers."""
+    """Show every operation with its parameters (name, type, default, description), and each site's sources and policy."""
+    from dfm_prefect.catalog_view import print_catalog
+
     try:
         client = _client(federation)
     except FederationError as exc:
@@ -321,8 +344,10 @@ def catalog(
     if as_json:
         print(json.dumps({k: v.model_dump(mode="json") for k, v in sites.items()}, indent=2))
         return
-    for info in sites.values():
-        _print_site(info)
+    if not print_catalog(console, sites, op=op):
+        offered = sorted({name for info in sites.values() for name in info.operations})
+        err.print(f"[red]error:[/red] no site offers operation {op!r}; offered: {', '.join(offered)}", soft_wrap=True)
+        raise typer.Exit(EXIT_BAD_INPUT)
 
 
 @prefect_app.command("setup")
@@ -361,34 +386,11 @@ def prefect_setup(
 
 
 def _print_site(info: object) -> None:
+    from dfm_prefect.catalog_view import print_catalog
     from dfm_prefect.core.wire import SiteInfo
 
     assert isinstance(info, SiteInfo)
-    ops = Table(title=f"{info.name}: operations")
-    for column in ("operation", "version", "result", "parameters", "description"):
-        ops.add_column(column)
-    for name, op in sorted(info.operations.items()):
-        params = ", ".join(op.params_schema.get("properties", {}))
-        ops.add_row(name, op.version, op.result_kind, params, op.description)
-    console.print(ops)
-    sources = Table(title=f"{info.name}: data sources")
-    for column in ("source", "url", "format", "dims / rows", "variables / columns", "size"):
-        sources.add_column(column)
-    for source in info.sources:
-        summary = source.summary
-        if "columns" in summary:  # a table
-            rows = summary.get("rows")
-            dims = f"rows={rows:,}" if isinstance(rows, int) else "rows=?"
-            variables = ", ".join(f"{name}:{dtype}" for name, dtype in summary["columns"].items())
-        else:
-            dims = ", ".join(f"{k}={v}" for k, v in summary.get("dims", {}).items())
-            variables = ", ".join(summary.get("data_vars", {}))
-        sources.add_row(source.name, source.url, source.format, dims, variables, f"{source.size:,}" if source.size else "?")
-    console.print(sources)
-    console.print(
-        f"export policy: kinds {', '.join(info.export.kinds) or 'none'}, at most {info.export.max_bytes:,} bytes per result; "
-        f"groups of at least {info.export.min_group_size} and subsets of at least {info.export.min_subset_size} records or cells"
-    )
+    print_catalog(console, {info.name: info})
 
 
 def main() -> None:

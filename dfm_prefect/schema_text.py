@@ -33,7 +33,6 @@ _CONSTRAINTS = (
     ("maxItems", "at most {} items"),
     ("minProperties", "at least {} entries"),
     ("maxProperties", "at most {} entries"),
-    ("pattern", "matches {}"),
 )
 
 
@@ -103,7 +102,10 @@ def type_text(schema: dict[str, Any], defs: dict[str, Any] | None = None) -> str
 
 
 def constraints_text(schema: dict[str, Any], defs: dict[str, Any] | None = None) -> str:
-    """The bounds a value must respect (``>= 0``, ``at most 256 items``), or ''."""
+    """The bounds a value must respect (``>= 0``, ``at most 256 items``), or ''.
+
+    Regular expressions are left to the JSON schema (``catalog --json``): descriptions say what a name may be.
+    """
     _, schema = _definition(schema, defs or {})
     found = [template.format(schema[key]) for key, template in _CONSTRAINTS if key in schema]
     for key in ("anyOf", "oneOf"):

@@ -110,3 +110,26 @@ def test_the_cli_accepts_a_federation_block_as_flows_do(federation, prefect_api:
     missing = cli("catalog", DFM_FEDERATION="block:no-such-block", PREFECT_API_URL=prefect_api)
     assert missing.returncode == 2
     assert "cannot load Federation block 'no-such-block'" in missing.stderr and "dfm-prefect prefect setup" in missing.stderr
+
+
+@pytest.mark.slow
+def test_the_catalog_shows_every_parameter_readably_and_cuts_nothing(federation):
+    shown = cli("catalog", "--federation", str(federation.federation_file), COLUMNS="80")
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    for name in ("core.echo", "core.sleep", "xarray.subset", "xarray.moments", "xarray.reduce", "testing.flaky"):
+        assert any(line.startswith(f"{name}  result: ") for line in lines), f"{name} is not shown whole"
+    assert "offered by: north, south" in shown.stdout
+    assert "…" not in shown.stdout  # rich's mark of a cut cell
+    moments = shown.stdout[shown.stdout.index("xarray.moments  result:") :]
+    for cell in ("dims", "list of string", "required", "weights", '"none" | "area"', '"none"', "DataRef or source"):
+        assert cell in moments, cell
+    assert "north: data sources" in shown.stdout and "temperature" in shown.stdout
+
+    one = cli("catalog", "--federation", str(federation.federation_file), "--op", "xarray.subset", COLUMNS="80")
+    assert one.returncode == 0, one.stderr
+    assert one.stdout.startswith("xarray.subset  result: dataset") and "Range (an item of the parameters above)" in one.stdout
+    assert "xarray.moments" not in one.stdout and "data sources" not in one.stdout
+
+    unknown = cli("catalog", "--federation", str(federation.federation_file), "--op", "xarray.nope")
+    assert unknown.returncode == 2 and "no site offers operation 'xarray.nope'" in unknown.stderr

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -165,10 +165,14 @@ class LocalFederation(Launcher):
         return self
 
     @classmethod
-    def up(cls, configs: Sequence[str | os.PathLike[str]], workdir: Path) -> Started:
+    def up(cls, configs: Sequence[str | os.PathLike[str]], workdir: Path, progress: Callable[[str], None] | None = None) -> Started:
         # Each site runs in its own session, so it outlives this process.
         local = cls(configs, workdir=workdir)
+        if progress is not None:
+            progress(f"starting {len(local.sites)} site process(es): {', '.join(local.sites)}")
         local.start()
+        if progress is not None:
+            progress("every site is ready")
         pids = {site: pids[0] for site, pids in local.pids().items()}
         return Started(transport="local", federation_file=str(local.federation_file), sites=local.sites, pids=pids, workdir=str(workdir))
 
