@@ -8,10 +8,10 @@ describe parameters the same way.
 Example:
 
 ```python
-from adapters.tables import GroupbyParams
+from adapters.tables import GroupbyAggregateParams
 from dfm_prefect.schema_text import parameter_rows
 
-for row in parameter_rows(GroupbyParams.model_json_schema()):
+for row in parameter_rows(GroupbyAggregateParams.model_json_schema()):
     print(row.name, row.type, row.default, row.description)
 ```
 """

@@ -65,7 +65,8 @@ class LocalFederation(Launcher):
         if self.ca is None:
             raise SiteUnavailableError("start the federation before issuing identities")
         cert, key = (self.ca.folder / f"{identity}.crt", self.ca.folder / f"{identity}.key")
-        if not cert.exists():
+        # A federation started again in the same workdir has a new CA: certificates of the last one are issued again.
+        if not self.ca.issued(cert):
             cert, key = self.ca.issue(identity)
         return self._spec(cert, key)
 
