@@ -133,3 +133,15 @@ def test_the_catalog_shows_every_parameter_readably_and_cuts_nothing(federation)
 
     unknown = cli("catalog", "--federation", str(federation.federation_file), "--op", "xarray.nope")
     assert unknown.returncode == 2 and "no site offers operation 'xarray.nope'" in unknown.stderr
+
+
+def test_a_federation_started_again_in_its_workdir_issues_its_users_again(tmp_path: Path):
+    from dfm_prefect.transports.local.pki import LocalCA
+
+    first = LocalCA.create(tmp_path / "identities")
+    cert, _ = first.issue("admin@local")
+    assert first.issued(cert)
+    second = LocalCA.create(tmp_path / "identities")  # `federation down`, then `up` in the same workdir
+    assert not second.issued(cert) and not second.issued(tmp_path / "nobody.crt")
+    again, _ = second.issue("admin@local")
+    assert second.issued(again)
