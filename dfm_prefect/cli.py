@@ -7,14 +7,18 @@ federation is unreachable.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from dfm_prefect.core.errors import ConfigError, FederationError, SiteUnavailableError
@@ -46,6 +50,42 @@ def _transport(value: str) -> str:
 TRANSPORT_HELP = "An installed transport: flare (sites behind FLARE, mTLS, one mesh job) or local (plain site processes), or any other registered."
 
 
+FEDERATION_HELP = "Federation file or block:NAME (default: $DFM_FEDERATION)."
+
+
+def _client(federation: Optional[Path]) -> Any:
+    """The client for ``--federation`` or ``$DFM_FEDERATION``: a federation file or ``block:NAME``, as flows accept."""
+    from dfm_prefect.client import get_client
+    from dfm_prefect.spec import FEDERATION_ENV
+
+    source = str(federation) if federation is not None else os.environ.get(FEDERATION_ENV)
+    if source is not None and source.startswith("block:"):
+        from dfm_prefect.task_runner import resolve_federation
+
+        try:
+            return get_client(resolve_federation(source))
+        except ValueError as exc:  # Prefect's message when no such block exists
+            raise ConfigError(
+                f"cannot load Federation block {source[len('block:'):]!r} from the Prefect API: {exc}; "
+                "create it with `dfm-prefect prefect setup --federation FILE --block NAME` (and check PREFECT_API_URL)"
+            ) from None
+    return get_client(source)
+
+
+@contextlib.contextmanager
+def _progress(title: str) -> Iterator[Callable[[str], None]]:
+    """A spinner with the elapsed time; each finished stage is printed once, above it, with its time."""
+    started = time.monotonic()
+    with console.status(f"{title}...") as status:
+
+        def step(line: str) -> None:
+            elapsed = time.monotonic() - started
+            console.print(f"[green]✓[/green] {escape(line)} [dim]({elapsed:.1f} s)[/dim]")
+            status.update(f"{title}... ({escape(line)})")
+
+        yield step
+
+
 def _fail(exc: FederationError) -> typer.Exit:
     err.print(f"[red]error:[/red] {exc}")
     if isinstance(exc, ConfigError):
@@ -74,9 +114,11 @@ def demo(
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     spec = ClimateSpec(years=years, resolution=resolution)
     try:
-        report = run_demo(
-            workdir, spec, transport=transport, log=(lambda _msg: None) if as_json else (lambda msg: console.print(f"[dim]{msg}[/dim]"))
-        )
+        if as_json:
+            report = run_demo(workdir, spec, transport=transport, log=lambda _msg: None)
+        else:
+            with _progress(f"federated demo over {transport}") as step:
+                report = run_demo(workdir, spec, transport=transport, log=step)
     except FederationError as exc:
         raise _fail(exc) from None
     if as_json:
@@ -120,19 +162,40 @@ def demo(
 
 @site_app.command("check")
 def site_check(config: Path) -> None:
-    """Validate a site config and show what the site would offer."""
+    """Validate a site config, open every source (metadata only) and show what the site would offer.
+
+    Exits 2 if the config is invalid or a source is missing, unreadable or not in its format.
+    """
+    import logging
+
     from site_workers.config import load_site_config
+    from site_workers.redaction import Redactor
+    from site_workers.source_check import check_sources
     from site_workers.worker import SiteWorker
 
     try:
-        worker = SiteWorker(load_site_config(config))
+        site_config = load_site_config(config)
+    except FederationError as exc:
+        raise _fail(exc) from None
+    with console.status(f"opening the {len(site_config.sources)} source(s) of site {site_config.name} (metadata only)..."):
+        problems = check_sources(site_config, Redactor.for_config(site_config).text)
+    if problems:
+        for problem in problems:
+            err.print(f"[red]error:[/red] {problem}", soft_wrap=True)
+        err.print(f"site {site_config.name}: {len(problems)} of {len(site_config.sources)} source(s) cannot be served; nothing was started")
+        raise typer.Exit(EXIT_BAD_INPUT)
+    # The catalog below opens the sources again; they were just checked, so its own warnings would repeat them.
+    logging.getLogger("dfm_prefect.site.catalog").setLevel(logging.ERROR)
+    worker = None
+    try:
+        worker = SiteWorker(site_config)
         info = worker.describe()
     except FederationError as exc:
         raise _fail(exc) from None
     finally:
-        if "worker" in locals():
+        if worker is not None:
             worker.close()
-    console.print(f"site [bold]{info.name}[/bold]: config is valid")
+    console.print(f"site [bold]{info.name}[/bold]: config is valid and every source opens")
     _print_site(info)
 
 
@@ -161,8 +224,8 @@ def federation_up(
     from dfm_prefect.federation_control import up
 
     try:
-        with console.status(f"starting the {transport} federation (FLARE: server, sites, mesh job)..."):
-            started = up(configs, workdir, transport=transport)
+        with _progress(f"starting the {transport} federation of {len(configs)} site(s)") as step:
+            started = up(configs, workdir, transport=transport, progress=step)
     except FederationError as exc:
         raise _fail(exc) from None
     console.print(f"federation is up over {transport}: {', '.join(started.sites)}")
@@ -207,13 +270,11 @@ def federation_issue(
 
 @federation_app.command("status")
 def federation_status(
-    federation: Annotated[Optional[Path], typer.Option(help="Federation file (default: $DFM_FEDERATION).")] = None,
+    federation: Annotated[Optional[Path], typer.Option(help=FEDERATION_HELP)] = None,
 ) -> None:
     """Show each site's state, operations and load (exit 3 if a site is down)."""
-    from dfm_prefect.client import get_client
-
     try:
-        client = get_client(federation)
+        client = _client(federation)
     except FederationError as exc:
         raise _fail(exc) from None
     transport = client.transport.site_states()
@@ -268,14 +329,15 @@ def federation_mesh(
 @app.command()
 def catalog(
     site: Annotated[Optional[str], typer.Argument(help="Only this site.")] = None,
-    federation: Annotated[Optional[Path], typer.Option(help="Federation file (default: $DFM_FEDERATION).")] = None,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    federation: Annotated[Optional[Path], typer.Option(help=FEDERATION_HELP)] = None,
+    op: Annotated[Optional[str], typer.Option("--op", help="Only this operation, with the fields of its nested parameters.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="The sites' own descriptions, as JSON (parameter schemas included).")] = False,
 ) -> None:
-    """List the operations (with parameter schemas) and data sources each site offers."""
-    from dfm_prefect.client import get_client
+    """Show every operation with its parameters (name, type, default, description), and each site's sources and policy."""
+    from dfm_prefect.catalog_view import print_catalog
 
     try:
-        client = get_client(federation)
+        client = _client(federation)
     except FederationError as exc:
         raise _fail(exc) from None
     sites = {k: v for k, v in client.sites.items() if site in (None, k)}
@@ -285,8 +347,10 @@ def catalog(
     if as_json:
         print(json.dumps({k: v.model_dump(mode="json") for k, v in sites.items()}, indent=2))
         return
-    for info in sites.values():
-        _print_site(info)
+    if not print_catalog(console, sites, op=op):
+        offered = sorted({name for info in sites.values() for name in info.operations})
+        err.print(f"[red]error:[/red] no site offers operation {op!r}; offered: {', '.join(offered)}", soft_wrap=True)
+        raise typer.Exit(EXIT_BAD_INPUT)
 
 
 @prefect_app.command("setup")
@@ -325,34 +389,11 @@ def prefect_setup(
 
 
 def _print_site(info: object) -> None:
+    from dfm_prefect.catalog_view import print_catalog
     from dfm_prefect.core.wire import SiteInfo
 
     assert isinstance(info, SiteInfo)
-    ops = Table(title=f"{info.name}: operations")
-    for column in ("operation", "version", "result", "parameters", "description"):
-        ops.add_column(column)
-    for name, op in sorted(info.operations.items()):
-        params = ", ".join(op.params_schema.get("properties", {}))
-        ops.add_row(name, op.version, op.result_kind, params, op.description)
-    console.print(ops)
-    sources = Table(title=f"{info.name}: data sources")
-    for column in ("source", "url", "format", "dims / rows", "variables / columns", "size"):
-        sources.add_column(column)
-    for source in info.sources:
-        summary = source.summary
-        if "columns" in summary:  # a table
-            rows = summary.get("rows")
-            dims = f"rows={rows:,}" if isinstance(rows, int) else "rows=?"
-            variables = ", ".join(f"{name}:{dtype}" for name, dtype in summary["columns"].items())
-        else:
-            dims = ", ".join(f"{k}={v}" for k, v in summary.get("dims", {}).items())
-            variables = ", ".join(summary.get("data_vars", {}))
-        sources.add_row(source.name, source.url, source.format, dims, variables, f"{source.size:,}" if source.size else "?")
-    console.print(sources)
-    console.print(
-        f"export policy: kinds {', '.join(info.export.kinds) or 'none'}, at most {info.export.max_bytes:,} bytes per result; "
-        f"groups of at least {info.export.min_group_size} and subsets of at least {info.export.min_subset_size} records or cells"
-    )
+    print_catalog(console, {info.name: info})
 
 
 def main() -> None:

@@ -222,6 +222,7 @@ def run_demo(
     workdir = workdir.resolve()
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
+    log(f"preparing {spec.raw_bytes / 1e6:.0f} MB of synthetic daily temperature (made once, then reused)")
     paths = prepare_data(workdir, spec)
     seconds["data"] = time.perf_counter() - t0
     log(f"data: {spec.raw_bytes / 1e6:.0f} MB of daily temperature, {spec.years} years at {spec.resolution} degrees")
@@ -230,10 +231,14 @@ def run_demo(
         t0 = time.perf_counter()
         south_url = upload(s3, paths["south"])
         seconds["upload"] = time.perf_counter() - t0
+        log(f"south's data is on a local S3 server ({s3.endpoint_url})")
         configs = site_configs(workdir, paths["north"], south_url)
         env = {**DEMO_CREDENTIALS, "DFM_DEMO_S3_ENDPOINT": s3.endpoint_url}
         t0 = time.perf_counter()
-        with launcher(configs, workdir=workdir / "federation", env=env) as federation:
+        federation = launcher(configs, workdir=workdir / "federation", env=env)
+        if hasattr(federation, "on_step"):
+            federation.on_step = log  # each stage of a FLARE start (kits, server, clients, mesh job)
+        with federation:
             seconds["federation_up"] = time.perf_counter() - t0
             log(f"federation over {transport}: sites north (local zarr) and south ({south_url} via {s3.endpoint_url}) are up")
             client = get_client(federation.federation_file)
@@ -242,6 +247,7 @@ def run_demo(
             usage = {site: store_usage(store) for site, store in stores.items()}
             raw = {site: sum(s.size or 0 for s in info.sources) for site, info in client.sites.items()}
             flow = federated_climate_stats.with_options(task_runner=FederationTaskRunner(federation.federation_file))
+            log("running the flow (its operations run at the sites; only partial sums come back)")
             t0 = time.perf_counter()
             state = flow(datasets=["dfm://north/temperature", "dfm://south/temperature"], start=start, stop=stop, return_state=True)
             seconds["flow"] = time.perf_counter() - t0
@@ -250,6 +256,7 @@ def run_demo(
             bytes_out = {site: client.stats(site).bytes_out - before[site] for site in before}
             stored = {site: _gained(usage[site], store_usage(store)) for site, store in stores.items()}
             close_clients()
+        log("flow finished; computing the same statistics directly on the pooled data, to compare")
         t0 = time.perf_counter()
         direct = direct_statistics(paths["north"], s3, south_url, start, stop)
         seconds["direct"] = time.perf_counter() - t0

@@ -17,7 +17,6 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.logging import get_run_logger
-from prefect.task_engine import TaskRunTimeoutError
 from pydantic_core import PydanticSerializationError, to_jsonable_python
 
 from dfm_prefect.core.errors import FederationError, InvalidParametersError, SiteUnavailableError
@@ -31,6 +30,17 @@ if TYPE_CHECKING:
     from dfm_prefect.client import FederationClient
     from dfm_prefect.core.operations import Operation
     from dfm_prefect.task_runner import FederationTaskRunner
+
+
+class OperationTimeoutError(TimeoutError):
+    """An operation ran past its task's ``timeout_seconds``; the site was asked to cancel it.
+
+    Prefect's engine reports it as the task run's timeout (state ``TimedOut``) with this message.
+    """
+
+    def __repr__(self) -> str:
+        # Prefect's engine puts the exception's repr in the state message.
+        return f"{type(self).__name__}: {self}"
 
 
 @dataclass
@@ -110,8 +120,9 @@ class Dispatch:
             reply = self._wait(future, progress, reporter)
         except FutureTimeout:
             self.client.cancel(site, request_id)
-            raise TaskRunTimeoutError(
-                f"{self.op.name} at site {site!r} did not finish within {self.timeout_s}s; the site was asked to cancel it"
+            raise OperationTimeoutError(
+                f"{self.op.name} at site {site!r} did not finish within its timeout of {self.timeout_s:g} s; "
+                "the site was asked to cancel it"
             ) from None
         except SiteUnavailableError:
             self.failed_sites.add(site)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -38,12 +38,21 @@ def state_file(workdir: str | os.PathLike[str]) -> Path:
     return Path(workdir) / "processes.json"
 
 
-def up(configs: Sequence[str | os.PathLike[str]], workdir: str | os.PathLike[str], *, transport: str = "flare") -> Started:
-    """Start a federation of the given site configs and wait until every site is ready."""
+def up(
+    configs: Sequence[str | os.PathLike[str]],
+    workdir: str | os.PathLike[str],
+    *,
+    transport: str = "flare",
+    progress: Callable[[str], None] | None = None,
+) -> Started:
+    """Start a federation of the given site configs and wait until every site is ready.
+
+    ``progress`` is called with a line for each stage that is done (provisioning, server, sites, mesh job).
+    """
     workdir = Path(workdir).resolve()
     if state_file(workdir).exists():
         raise ConfigError(f"a federation was already started from {workdir}; run `dfm-prefect federation down --workdir {workdir}` first")
-    started = launcher_class(transport).up(configs, workdir)
+    started = launcher_class(transport).up(configs, workdir, progress)
     state_file(workdir).write_text(started.model_dump_json(indent=2))
     return started
 

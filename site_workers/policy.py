@@ -10,6 +10,12 @@ from site_workers.redaction import Redactor
 from site_workers.store import ResultStore
 from site_workers.summaries import structure_only
 
+# What reduces a result of each kind to an aggregate that may leave.
+_REDUCE_HINT = {
+    "table": "for example with table.groupby_aggregate",
+    "dataset": "for example with xarray.moments or xarray.reduce",
+}
+
 
 class ExportGate:
     """Decides, for each result and each recipient, whether its bytes may leave the site.
@@ -52,7 +58,7 @@ class ExportGate:
             allowed = ", ".join(self.policy.kinds) or "none"
             return (
                 f"results of kind {ref.kind!r} may not leave this site (allowed kinds: {allowed}); "
-                "reduce the data at the site first (for example with xarray.moments) and fetch that"
+                f"reduce the data at the site first ({_REDUCE_HINT.get(ref.kind, _REDUCE_HINT['dataset'])}) and fetch that"
             )
         allowed_clients = self.policy.recipients.get(ref.kind)
         if allowed_clients is not None:

@@ -289,12 +289,14 @@ class SiteWorker:
             if op is MOVE:
                 with ctx.capturing_logs():
                     ref, payload = self.mover.pull(request, params.ref, ctx), None
+                    ctx.log.info("dfm.move brought %s from site %s in %.2f s", ref.op, params.ref.site, time.monotonic() - started)
                 with self._lock:
                     self._stats["bytes_from_sites"] += ref.size if ref.site == self.name and ref is not params.ref else 0
             else:
                 recipe = self.views.recipe(op, params)
                 with ctx.capturing_logs():
                     value = op.run(params, ctx)
+                    ctx.log.info("%s ran at site %s in %.2f s", op.name, self.name, time.monotonic() - started)
                 ctx.check_cancelled()
                 counted = ctx.contributors if op.result_kind == "aggregate" else None
                 ref, payload = self.views.keep(value, op, recipe, contributors=counted)

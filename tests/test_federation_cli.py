@@ -30,6 +30,7 @@ def test_local_up_status_down_round_trip(tmp_path: Path):
     workdir = tmp_path / "fed"
     up = cli("federation", "up", *configs, "--workdir", str(workdir), "--transport", "local")
     assert up.returncode == 0, up.stderr[-2000:]
+    assert "✓ starting 2 site process(es): north, south" in up.stdout and up.stdout.count("✓ every site is ready") == 1, up.stdout
     started = json.loads((workdir / "processes.json").read_text())
     assert started["transport"] == "local" and set(started["pids"]) == {"north", "south"}
     again = cli("federation", "up", *configs, "--workdir", str(workdir), "--transport", "local")

@@ -65,6 +65,10 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
     workdir = root / "fed"
     started = cli("federation", "up", *configs, "--workdir", str(workdir))
     assert started.returncode == 0, started.stderr[-3000:]
+    # Progress: each stage once, with no FLARE chatter in between.
+    for stage in ("✓ provisioned mTLS startup kits", "✓ FLARE server is up", "✓ FLARE clients connected", "✓ every site is ready"):
+        assert started.stdout.count(stage) == 1, started.stdout
+    assert "Connecting to FLARE" not in started.stdout + started.stderr
     state = SimpleNamespace(
         workdir=workdir,
         file=workdir / "federation.json",

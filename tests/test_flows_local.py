@@ -160,6 +160,8 @@ def test_timeouts_end_the_task_run_and_cancel_the_remote_work(runner, client, pr
     state = slow(return_state=True)
     runs = wait_for_task_runs(str(state.state_details.flow_run_id), 1, lambda r: r.state_name == "TimedOut")
     assert runs, "the task run should end TimedOut"
+    message = runs[0].state.message
+    assert "sleep at site 'south' did not finish within its timeout of 1 s" in message and "None" not in message, message
     # The site was told to cancel: nothing keeps running there.
     assert client.stats("south").load.running == 0
 

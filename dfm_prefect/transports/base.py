@@ -217,8 +217,11 @@ class Launcher(ABC):
 
     @classmethod
     @abstractmethod
-    def up(cls, configs: Sequence[str | os.PathLike[str]], workdir: Path) -> Started:
-        """Start the federation in processes that outlive the caller; return what to stop later."""
+    def up(cls, configs: Sequence[str | os.PathLike[str]], workdir: Path, progress: Callable[[str], None] | None = None) -> Started:
+        """Start the federation in processes that outlive the caller; return what to stop later.
+
+        ``progress``, when given, is called with a line for each stage that is done.
+        """
 
     @classmethod
     @abstractmethod

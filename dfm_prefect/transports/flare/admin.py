@@ -20,6 +20,7 @@ finally:
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -46,11 +47,26 @@ class AdminUnreachableError(SiteUnavailableError):
     """The FLARE server's admin endpoint cannot be reached, or the command got no answer."""
 
 
+FLARE_ADMIN_LOGGER = "dfm_prefect.flare.admin"
+
+
+def _log_flare_line(msg: str) -> None:
+    logging.getLogger(FLARE_ADMIN_LOGGER).debug("%s", msg)
+
+
 def quiet_flare() -> None:
-    """Send FLARE's human-readable progress lines to stderr, keeping stdout for our own output."""
+    """Keep FLARE's admin-client chatter out of the user's terminal.
+
+    FLARE's admin API prints a line such as "Connecting to FLARE ..." for every
+    session it opens or reopens; a flow opens several and the long-poll reopens
+    them, so the terminal filled with it. Those lines go to the debug log
+    (logger ``dfm_prefect.flare.admin``) instead; errors still raise.
+    """
+    from nvflare.fuel.hci.client import api as hci_api
     from nvflare.tool.cli_output import set_output_format
 
-    set_output_format("json")
+    set_output_format("json")  # FLARE's own human-readable output, where it has any, goes to stderr
+    hci_api._print_hci_message = _log_flare_line  # the module-level printer every admin session calls
 
 
 def admin_kit_folder(admin_kit: str | os.PathLike[str]) -> Path:

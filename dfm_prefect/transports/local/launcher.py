@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -65,7 +65,8 @@ class LocalFederation(Launcher):
         if self.ca is None:
             raise SiteUnavailableError("start the federation before issuing identities")
         cert, key = (self.ca.folder / f"{identity}.crt", self.ca.folder / f"{identity}.key")
-        if not cert.exists():
+        # A federation started again in the same workdir has a new CA: certificates of the last one are issued again.
+        if not self.ca.issued(cert):
             cert, key = self.ca.issue(identity)
         return self._spec(cert, key)
 
@@ -180,10 +181,14 @@ class LocalFederation(Launcher):
         return self
 
     @classmethod
-    def up(cls, configs: Sequence[str | os.PathLike[str]], workdir: Path) -> Started:
+    def up(cls, configs: Sequence[str | os.PathLike[str]], workdir: Path, progress: Callable[[str], None] | None = None) -> Started:
         # Each site runs in its own session, so it outlives this process.
         local = cls(configs, workdir=workdir)
+        if progress is not None:
+            progress(f"starting {len(local.sites)} site process(es): {', '.join(local.sites)}")
         local.start()
+        if progress is not None:
+            progress("every site is ready")
         pids = {site: pids[0] for site, pids in local.pids().items()}
         return Started(transport="local", federation_file=str(local.federation_file), sites=local.sites, pids=pids, workdir=str(workdir))
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
@@ -94,6 +95,15 @@ class LocalCA:
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             raise ConfigError(f"{root}/rootCA.key is not the CA key of a local federation")
         return cls(root, key, cert)
+
+    def issued(self, cert_path: Path) -> bool:
+        """True if ``cert_path`` holds a certificate this CA signed."""
+        try:
+            cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+            cert.verify_directly_issued_by(self.cert)
+        except (OSError, ValueError, TypeError, InvalidSignature):
+            return False
+        return True
 
     def issue(self, common_name: str) -> tuple[Path, Path]:
         """A certificate and key for one person (the common name is their identity); return their paths."""

@@ -34,7 +34,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,7 @@ from dfm_prefect.transports.flare.protocol import SITE_CONFIG_ENV, StatusReply
 from site_workers.identities import AUDIT_DIR_ENV
 
 READY = "DFM-FLARE-READY"
+STEP = "DFM-FLARE-STEP "
 log = logging.getLogger("dfm_prefect.transports.flare.federation")
 
 
@@ -68,6 +69,8 @@ class FlareFederation(Launcher):
         self.supervisor: MeshSupervisor | None = None
         self._session: admin.LockedSession | None = None
         self._spec_lock = threading.Lock()
+        self.on_step: Callable[[str], None] | None = None
+        """Called with a line for each stage of `start` that is done (for progress displays)."""
 
     @property
     def job_folder(self) -> Path:
@@ -105,22 +108,31 @@ class FlareFederation(Launcher):
             raise
         return self.spec
 
+    def _step(self, line: str) -> None:
+        if self.on_step is not None:
+            self.on_step(line)
+
     def _start(self) -> None:
         t0 = time.perf_counter()
         self.poc.prepare()
         self.seconds["provision"] = time.perf_counter() - t0
+        self._step(f"provisioned mTLS startup kits (server, {len(self.sites)} site(s), admin)")
         self.poc.start(SERVER, self._env())
         self.poc.wait_server()
+        self._step("FLARE server is up")
         for site in self.sites:
             self.poc.start(site, self._env(site))
         self.seconds["server"] = time.perf_counter() - t0
         self._session = admin.LockedSession(admin.open_session(self.poc.admin_kit, ADMIN_USER))
         self._wait_clients()
         self.seconds["clients"] = time.perf_counter() - t0
+        self._step(f"FLARE clients connected: {', '.join(self.sites)}")
         write_job(self.job_folder, self.job)
         self.job_id = admin.submit_mesh_job(self._session, self.job_folder)
+        self._step(f"mesh job {self.job_id} submitted; waiting for every site to say it is ready")
         admin.wait_ready(self._session, self.job_id, self.sites, self.ready_timeout)
         self.seconds["ready"] = time.perf_counter() - t0
+        self._step("every site is ready")
         write_spec(self.spec, self.federation_file)
         if self.supervise:
             watcher = admin.LockedSession(admin.open_session(self.poc.admin_kit, ADMIN_USER))
@@ -251,9 +263,9 @@ class FlareFederation(Launcher):
         return self
 
     @classmethod
-    def up(cls, configs: Sequence[str | os.PathLike[str]], workdir: Path) -> Started:
+    def up(cls, configs: Sequence[str | os.PathLike[str]], workdir: Path, progress: Callable[[str], None] | None = None) -> Started:
         names = cls(configs, workdir=workdir).sites  # validates the configs before anything starts
-        owner = launch(configs, workdir)
+        owner = launch(configs, workdir, progress=progress)
         return Started(transport="flare", federation_file=str(workdir / "federation.json"), sites=names, owner=owner, workdir=str(workdir))
 
     @classmethod
@@ -267,8 +279,17 @@ class FlareFederation(Launcher):
         return lines
 
 
-def launch(configs: Sequence[str | os.PathLike[str]], workdir: str | os.PathLike[str], *, timeout: float = 300.0) -> int:
-    """Run a federation in a detached process that lives until SIGTERM; return its pid once every site is ready."""
+def launch(
+    configs: Sequence[str | os.PathLike[str]],
+    workdir: str | os.PathLike[str],
+    *,
+    timeout: float = 300.0,
+    progress: Callable[[str], None] | None = None,
+) -> int:
+    """Run a federation in a detached process that lives until SIGTERM; return its pid once every site is ready.
+
+    ``progress`` is called with a line for each stage the federation process finishes.
+    """
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / "federation.log"
@@ -288,6 +309,8 @@ def launch(configs: Sequence[str | os.PathLike[str]], workdir: str | os.PathLike
             if line.startswith(READY):
                 ready.set()
                 return
+            if line.startswith(STEP) and progress is not None:
+                progress(line[len(STEP) :].rstrip())
 
     reader = threading.Thread(target=watch, name="dfm-flare-launch", daemon=True)
     reader.start()
@@ -331,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
         federation = FlareFederation(args.configs, workdir=args.workdir)
+        federation.on_step = lambda line: print(f"{STEP}{line}", flush=True)
         federation.start()
     except FederationError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
