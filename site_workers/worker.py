@@ -289,7 +289,7 @@ class SiteWorker:
             if op is MOVE:
                 with ctx.capturing_logs():
                     ref, payload = self.mover.pull(request, params.ref, ctx), None
-                    ctx.log.info("dfm.move brought %s from site %s in %.2f s", ref.op, params.ref.site, time.monotonic() - started)
+                    ctx.log.info("dfm.move brought %s from site %s in %.2f s", params.ref.op, params.ref.site, time.monotonic() - started)
                 with self._lock:
                     self._stats["bytes_from_sites"] += ref.size if ref.site == self.name and ref is not params.ref else 0
             else:
