@@ -165,3 +165,73 @@ class DatabaseConfig(_Model):
             if repeated:
                 raise ValueError(f"database {self.name!r}: {what} repeated: {repeated}")
         return self
+
+
+class ProgramInput(_Model):
+    """A `DataRef` (or source) staged into the scratch directory as ``<name>.<format>`` before the program starts."""
+
+    format: Literal["csv", "parquet", "json", "netcdf"] = "csv"
+    description: str = ""
+
+
+class ProgramOutput(_Model):
+    """The file in the scratch directory that becomes the result, and how it is read."""
+
+    path: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$", description="A file name in the scratch directory.")
+    format: Literal["csv", "parquet", "json", "text"] = "json"
+    kind: Literal["value", "table", "aggregate"] = "value"
+    max_bytes: int = Field(default=64 << 20, ge=1)
+
+
+class ProgramConfig(_Model):
+    """A command-line program offered as the operation ``program.<name>``; it runs with no shell, ever.
+
+    ``argv`` is a template: each item is one argument, and ``{param}`` in it is
+    replaced by a typed parameter's value, or by the staged file of an input
+    (an argument never splits, whatever a value holds). The program runs in a
+    fresh scratch directory it alone may write to (Landlock; the run is refused
+    where the kernel cannot confine it, unless ``confine_writes: false``),
+    without the site's environment, under the same CPU, memory, file-size and
+    wall-clock limits as ``code.python``, and with every process it starts
+    killed when it ends.
+
+    Example::
+
+        programs:
+          - name: smooth
+            executable: /opt/tools/smooth
+            argv: [--window, "{window}", --in, "{series}", --out, smoothed.csv]
+            params: {window: {type: integer, minimum: 1, maximum: 365}}
+            inputs: {series: {format: csv}}
+            output: {path: smoothed.csv, format: csv, kind: table}
+    """
+
+    name: str = Field(pattern=_IDENT)
+    executable: str = Field(pattern=r"^/", description="Absolute path of the program.")
+    argv: list[str] = Field(default_factory=list, max_length=1024)
+    params: dict[str, ParamSpec] = Field(default_factory=dict)
+    inputs: dict[str, ProgramInput] = Field(default_factory=dict)
+    output: ProgramOutput
+    description: str = ""
+    env: dict[str, str] = Field(default_factory=dict, description="The program's whole environment besides PATH, HOME, TMPDIR, LANG.")
+    timeout_s: float = Field(default=300.0, gt=0, le=86_400)
+    cpu_s: int = Field(default=300, ge=1, le=86_400)
+    memory_bytes: int = Field(default=2 << 30, ge=64 << 20)
+    max_file_bytes: int = Field(default=256 << 20, ge=1024, description="Largest file (or printed output) the program may write.")
+    confine_writes: bool = Field(default=True, description="Refuse to run where Landlock cannot keep its writes in its scratch directory.")
+    network: bool = Field(default=False, description="Let it open TCP connections (Linux 6.7+ can forbid them; older kernels cannot).")
+
+    @model_validator(mode="after")
+    def _placeholders_known(self) -> ProgramConfig:
+        names = set(self.params) | set(self.inputs)
+        both = sorted(set(self.params) & set(self.inputs))
+        if both:
+            raise ValueError(f"program {self.name!r}: {both} are both parameters and inputs")
+        bad = [p for p in names if not re.match(_IDENT, p)]
+        if bad:
+            raise ValueError(f"program {self.name!r}: parameter and input names are lowercase identifiers: {bad}")
+        used = {m for item in self.argv for m in re.findall(r"\{([^{}]*)\}", item)}
+        unknown = sorted(used - names)
+        if unknown:
+            raise ValueError(f"program {self.name!r}: argv uses {unknown}, which are neither params nor inputs")
+        return self
