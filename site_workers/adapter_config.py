@@ -235,3 +235,59 @@ class ProgramConfig(_Model):
         if unknown:
             raise ValueError(f"program {self.name!r}: argv uses {unknown}, which are neither params nor inputs")
         return self
+
+
+class ServiceOperation(_Model):
+    """How one operationId of a service is offered: what its answer becomes, and whether a `DataRef` feeds its body.
+
+    With ``data_field`` the operation takes a ``data`` parameter (a table held at
+    the site, or a table source) and sends its rows as that field of the JSON
+    body (a list of records). ``response_field`` picks one field of the JSON
+    answer. For a ``table`` result, ``append_to_input`` adds the answer (one value
+    per input row) to the input rows as that column (scores, predictions).
+    """
+
+    result: Literal["value", "table"] = "value"
+    data_field: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+    response_field: str | None = Field(default=None, min_length=1, max_length=128)
+    append_to_input: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _append_needs_input(self) -> ServiceOperation:
+        if self.append_to_input and not (self.data_field and self.result == "table"):
+            raise ValueError("append_to_input needs data_field and result: table")
+        return self
+
+
+class ServiceConfig(_Model):
+    """An HTTP service the site calls on clients' behalf: only the operationIds listed, only at ``base_url``.
+
+    ``openapi`` is the service's OpenAPI 3 document (JSON or YAML), a file the
+    administrator ships with the config; each listed operationId becomes the
+    operation ``service.<name>.<operation_id in snake_case>`` whose parameters
+    (path, query and JSON body) are checked against that document before any
+    call. ``headers`` carry the site's credentials (``${env:NAME}``), never a
+    client's. Redirects are not followed; an answer slower than ``timeout_s``
+    or larger than ``max_response_bytes`` is cut off.
+
+    Example::
+
+        services:
+          - name: risk
+            base_url: http://models.internal:8080
+            openapi: /etc/dfm/risk-openapi.json
+            headers: {Authorization: "Bearer ${env:RISK_MODEL_TOKEN}"}
+            operations:
+              predict: {result: table, data_field: rows, response_field: predictions, append_to_input: risk}
+    """
+
+    name: str = Field(pattern=_IDENT)
+    base_url: str = Field(pattern=r"^https?://[^/?#@]+(/[^?#]*)?$", description="Scheme, host, port and path prefix; no credentials.")
+    openapi: str = Field(min_length=1, description="Path of the service's OpenAPI document at the site.")
+    operations: dict[str, ServiceOperation] = Field(min_length=1)
+    headers: dict[str, str] = Field(default_factory=dict, repr=False)
+    timeout_s: float = Field(default=30.0, gt=0, le=3600, description="Longest a call may take, start to last byte.")
+    max_response_bytes: int = Field(default=16 << 20, ge=1)
+    max_request_bytes: int = Field(default=64 << 20, ge=1)
+    description: str = ""

@@ -26,7 +26,7 @@ from dfm_prefect.core.operations import Operation
 from site_workers.config import SiteConfig
 
 GROUP = "dfm_prefect.site_bindings"
-SECTIONS = ("databases", "programs")
+SECTIONS = ("databases", "programs", "services")
 
 
 def declared_operations(config: SiteConfig) -> dict[str, Operation]:

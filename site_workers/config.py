@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from dfm_prefect.core.errors import ConfigError
 from dfm_prefect.core.refs import ResultKind
-from site_workers.adapter_config import DatabaseConfig, ProgramConfig
+from site_workers.adapter_config import DatabaseConfig, ProgramConfig, ServiceConfig
 from site_workers.compute_config import ComputeConfig
 
 _ENV_REF = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -256,6 +256,7 @@ class SiteConfig(_Model):
     identities: IdentityPolicy = IdentityPolicy()
     databases: list[DatabaseConfig] = Field(default_factory=list, description="Databases the site reads (site_workers.adapter_config).")
     programs: list[ProgramConfig] = Field(default_factory=list, description="Command-line programs offered as program.<name>.")
+    services: list[ServiceConfig] = Field(default_factory=list, description="HTTP services offered as service.<name>.<operation>.")
 
     _env_secrets: frozenset[str] = PrivateAttr(default=frozenset())
 
@@ -285,7 +286,8 @@ class SiteConfig(_Model):
         names = [db.name for db in self.databases]
         queries = [query.name for db in self.databases for query in db.queries]
         programs = [program.name for program in self.programs]
-        for what, found in (("database", names), ("named query", queries), ("program", programs)):
+        services = [service.name for service in self.services]
+        for what, found in (("database", names), ("named query", queries), ("program", programs), ("service", services)):
             repeated = sorted({name for name in found if found.count(name) > 1})
             if repeated:
                 raise ValueError(f"{what} names must be unique at a site; repeated: {repeated}")
