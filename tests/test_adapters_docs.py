@@ -57,3 +57,19 @@ BASE = {"name": "lab", "result_store": {"url": "file:///tmp/dfm-docs-store"}}
 def test_bad_declarations_are_refused_with_the_reason(extra, message):
     with pytest.raises(ConfigError, match=message):
         parse_site_config({**BASE, **extra})
+
+
+def test_credentials_written_in_the_file_are_secrets_too(tmp_path):
+    from site_workers.redaction import Redactor
+
+    config = parse_site_config(
+        {
+            **BASE,
+            "operations": [],
+            "databases": [{"name": "db", "url": "sqlite:///x.db", "password": "literal-db-password", "connect_args": {"sslpassword": "literal-ssl-pass"}}],
+            "services": [{"name": "s", "base_url": "http://h:1", "openapi": "/x.json", "operations": {"a": {}}, "headers": {"X-Api-Key": "literal-api-key"}}],
+        }
+    )
+    redactor = Redactor.for_config(config)
+    text = redactor.text("db literal-db-password ssl literal-ssl-pass key literal-api-key")
+    assert "literal" not in text and text.count("[redacted]") == 3

@@ -279,7 +279,8 @@ def test_credentials_never_appear_in_answers(site, postgres):
         assert postgres.password not in text
 
 
-def test_wrong_password_is_a_clear_error_without_the_password(postgres, databases, tmp_path_factory, monkeypatch):
+def test_wrong_password_is_a_clear_error_without_the_password(postgres, databases, tmp_path_factory, monkeypatch, caplog):
+    caplog.set_level("DEBUG")
     monkeypatch.setenv(PASSWORD_ENV, "wrong-password-123456")
     with InProcessSite(
         tmp_path_factory.mktemp("sql-bad"), [], operations=["sql.aggregate"], databases=[clinic(databases["postgresql"])],
@@ -288,6 +289,7 @@ def test_wrong_password_is_a_clear_error_without_the_password(postgres, database
         result = site.run("sql.aggregate", database="clinic", table="visits", aggregations={"n": {"column": "id", "func": "count"}})
     assert not result.ok and "OperationalError" in result.error.message, result.error
     assert "wrong-password-123456" not in result.model_dump_json()
+    assert "wrong-password-123456" not in caplog.text
 
 
 def test_large_results_stream_in_batches_and_stop_at_max_rows(databases, postgres, tmp_path_factory, monkeypatch, data):
