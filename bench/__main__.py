@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import dispatch, gpu, latency, load, locality, peer_dfm
+from bench import dispatch, gpu, latency, load, locality, peer_dfm, sql_locality
 from bench.env import BenchEnv
 from bench.harness import Row, machine
 from bench.report import markdown, table
@@ -27,6 +27,7 @@ BENCHMARKS = {
     "peer": peer_dfm.run,
     "load": load.run,
     "locality": locality.run,
+    "sql": sql_locality.run,
     "gpu": gpu.run,
 }
 NOTES = {
@@ -67,6 +68,17 @@ Federated: a `FederationTaskRunner` flow runs `xarray.moments` and
 what left the sites. Download: the client reads both stores (local files, s3fs)
 and computes the same with Dask; bytes moved are the stored bytes read. Rounds
 alternate, are timed inside the flow run, and each checks that the answers agree.
+""",
+    "sql": """
+**Databases.** Count, sum, sum of squares, min and max of `stay_days` per ward for
+adults over two hospitals, each a PostgreSQL database of `DFM_BENCH_SQL_ROWS`
+(default 1,000,000) visits on 127.0.0.1. Federated: a `FederationTaskRunner` flow
+runs `sql.aggregate` at each site (the database groups) and pools the partials on
+the client; bytes moved are what left the sites. Pull: the client streams the adult
+rows' ward and stay from both databases and computes the same with pandas; bytes
+moved are what the servers sent, counted by a TCP relay on an untimed repeat of
+the same reads. Rounds alternate, are
+timed inside the flow run, and each checks that the answers agree.
 """,
     "gpu": """
 **GPU.** `bench/gpu.py` on a GPU machine (`scripts/gpu_check.sh`): the same
