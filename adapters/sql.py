@@ -247,11 +247,31 @@ def bind_databases(configs: list[Any], offered: list[str]) -> dict[str, Operatio
     return {name: op for name, op in ops.items() if name.startswith("query.") or name in listed}
 
 
+def _offered(base: type[OperationParams], databases: Mapping[str, Database]) -> type[OperationParams]:
+    """``base`` with ``database`` and ``table`` limited to what this site offers, so its catalog lists them."""
+    from pydantic import create_model
+
+    tables = sorted({table for db in databases.values() for table in db.allowed}) or [""]
+    model: type[OperationParams] = create_model(
+        base.__name__,
+        __base__=base,
+        database=(Literal[tuple(sorted(databases))], Field(description="A database this site declares.")),
+        table=(Literal[tuple(tables)], Field(description="A table or view this site lists.")),
+    )
+    return model
+
+
 def _bind(databases: Mapping[str, Database], queries: Mapping[str, tuple[str, Any]]) -> dict[str, Operation]:
     ops = {
-        "sql.select": bound_operation(partial(run_select, databases), name="sql.select", result="table", params=SelectParams, description=_DOCS["sql.select"]),
+        "sql.select": bound_operation(
+            partial(run_select, databases), name="sql.select", result="table", params=_offered(SelectParams, databases), description=_DOCS["sql.select"]
+        ),
         "sql.aggregate": bound_operation(
-            partial(run_aggregate, databases), name="sql.aggregate", result="aggregate", params=AggregateParams, description=_DOCS["sql.aggregate"]
+            partial(run_aggregate, databases),
+            name="sql.aggregate",
+            result="aggregate",
+            params=_offered(AggregateParams, databases),
+            description=_DOCS["sql.aggregate"],
         ),
     }
     for name, (database, query) in queries.items():

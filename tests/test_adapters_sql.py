@@ -15,11 +15,9 @@ import pandas as pd
 import pytest
 
 from dfm_prefect.core.errors import (
-    AccessDeniedError,
     DisclosureRefusedError,
     InvalidParametersError,
     OperationFailedError,
-    UnknownOperationError,
 )
 from dfm_prefect.core.wire import RunRequest, RunResult
 from dfm_prefect.testing.postgres import LocalPostgres
@@ -191,10 +189,12 @@ def test_named_queries_bind_typed_parameters(site, data):
 
 def test_unlisted_tables_columns_databases_are_refused_and_the_site_keeps_serving(site):
     aggs = {"n": {"column": "id", "func": "count"}}
-    with pytest.raises(AccessDeniedError, match="secrets"):
+    with pytest.raises(InvalidParametersError, match="table: Input should be 'visits'"):
         site.call("sql.select", database="clinic", table="secrets")
-    with pytest.raises(UnknownOperationError, match="no database"):
+    with pytest.raises(InvalidParametersError, match="database: Input should be 'clinic' or 'restricted'"):
         site.call("sql.aggregate", database="elsewhere", table="visits", aggregations=aggs)
+    schema = site.worker.describe().operations["sql.select"].params_schema  # the catalog lists what may be asked
+    assert schema["properties"]["table"]["const"] == "visits" and schema["properties"]["database"]["enum"] == ["clinic", "restricted"]
     with pytest.raises(InvalidParametersError, match="no column 'salary'"):
         site.call("sql.select", database="clinic", table="visits", columns=["salary"])
     with pytest.raises(InvalidParametersError, match="no column 'name'"):

@@ -8,13 +8,17 @@ equal the same statistics computed on the pooled rows, on both transports.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import numpy as np
 import pandas as pd
 import pytest
 
 from dfm_prefect.testing.postgres import LocalPostgres
 from flows.federated_sql_stats import federated_sql_stats
-from tests.conftest import TRANSPORTS
+from tests.conftest import ROOT, TRANSPORTS
 from tests.support_sites import private_federation, private_flare_federation
 from tests.test_adapters_sql import visits
 
@@ -76,3 +80,15 @@ def test_pooled_statistics_equal_the_query_on_pooled_rows(mesh, hospitals, prefe
     want = pd.DataFrame({"n": adults.count(), "mean": adults.mean(), "std": adults.std(), "min": adults.min(), "max": adults.max()}).reset_index()
     pd.testing.assert_frame_equal(got, want, check_dtype=False, rtol=1e-9)
     assert np.all(got["n"] > 100)
+
+
+@pytest.mark.slow
+def test_the_catalog_command_shows_the_database_operations_with_their_schemas(mesh):
+    command = [sys.executable, "-m", "dfm_prefect.cli", "catalog", "north", "--json", "--federation", str(mesh.federation_file)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    operations = json.loads(done.stdout)["north"]["operations"]
+    schema = operations["sql.aggregate"]["params_schema"]
+    assert operations["sql.aggregate"]["result_kind"] == "aggregate"
+    assert schema["properties"]["database"]["const"] == "clinic" and schema["properties"]["table"]["const"] == "visits"
+    assert {"by", "aggregations", "where"} <= set(schema["properties"])
