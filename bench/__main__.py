@@ -13,7 +13,11 @@ import sys
 import time
 from pathlib import Path
 
+<<<<<<< HEAD
 from bench import dispatch, gpu, latency, load, locality, peer_dfm, views
+=======
+from bench import dispatch, gpu, latency, load, locality, peer_dfm, sql_locality
+>>>>>>> adapters
 from bench.env import BenchEnv
 from bench.harness import Row, machine
 from bench.report import markdown, table
@@ -27,7 +31,11 @@ BENCHMARKS = {
     "peer": peer_dfm.run,
     "load": load.run,
     "locality": locality.run,
+<<<<<<< HEAD
     "views": views.run,
+=======
+    "sql": sql_locality.run,
+>>>>>>> adapters
     "gpu": gpu.run,
 }
 NOTES = {
@@ -69,6 +77,7 @@ what left the sites. Download: the client reads both stores (local files, s3fs)
 and computes the same with Dask; bytes moved are the stored bytes read. Rounds
 alternate, are timed inside the flow run, and each checks that the answers agree.
 """,
+<<<<<<< HEAD
     "views": """
 **Views.** The demo flow (`flows/federated_climate_stats.py`: per site `xarray.subset`
 of the years asked, then area-weighted `xarray.moments` per year; the client pools
@@ -80,6 +89,18 @@ subset is written to the result store with its sha256 and read back; *direct*: t
 same statistics computed in the benchmark process on the pooled raw data. One warm
 flow run per variant, then the timed ones; every answer is checked against direct.
 Flow wall time includes Prefect's own per-flow-run cost (about 1 s).
+=======
+    "sql": """
+**Databases.** Count, sum, sum of squares, min and max of `stay_days` per ward for
+adults over two hospitals, each a PostgreSQL database of `DFM_BENCH_SQL_ROWS`
+(default 1,000,000) visits on 127.0.0.1. Federated: a `FederationTaskRunner` flow
+runs `sql.aggregate` at each site (the database groups) and pools the partials on
+the client; bytes moved are what left the sites. Pull: the client streams the adult
+rows' ward and stay from both databases and computes the same with pandas; bytes
+moved are what the servers sent, counted by a TCP relay on an untimed repeat of
+the same reads. Rounds alternate, are
+timed inside the flow run, and each checks that the answers agree.
+>>>>>>> adapters
 """,
     "gpu": """
 **GPU.** `bench/gpu.py` on a GPU machine (`scripts/gpu_check.sh`): the same

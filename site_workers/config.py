@@ -41,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from dfm_prefect.core.errors import ConfigError
 from dfm_prefect.core.refs import ResultKind
+from site_workers.adapter_config import DatabaseConfig, ProgramConfig, ServiceConfig
 from site_workers.compute_config import ComputeConfig
 
 _ENV_REF = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -296,6 +297,9 @@ class SiteConfig(_Model):
     user_code: UserCodePolicy = UserCodePolicy()
     identities: IdentityPolicy = IdentityPolicy()
     imports: ImportPolicy = ImportPolicy()
+    databases: list[DatabaseConfig] = Field(default_factory=list, description="Databases the site reads (site_workers.adapter_config).")
+    programs: list[ProgramConfig] = Field(default_factory=list, description="Command-line programs offered as program.<name>.")
+    services: list[ServiceConfig] = Field(default_factory=list, description="HTTP services offered as service.<name>.<operation>.")
 
     _env_secrets: frozenset[str] = PrivateAttr(default=frozenset())
 
@@ -319,6 +323,21 @@ class SiteConfig(_Model):
         if duplicates:
             raise ValueError(f"source names must be unique; repeated: {duplicates}")
         return value
+
+    @model_validator(mode="after")
+    def _declared_names_unique(self) -> SiteConfig:
+        names = [db.name for db in self.databases]
+        queries = [query.name for db in self.databases for query in db.queries]
+        programs = [program.name for program in self.programs]
+        services = [service.name for service in self.services]
+        for what, found in (("database", names), ("named query", queries), ("program", programs), ("service", services)):
+            repeated = sorted({name for name in found if found.count(name) > 1})
+            if repeated:
+                raise ValueError(f"{what} names must be unique at a site; repeated: {repeated}")
+        wants_sql = sorted(name for name in self.operations if name in ("sql.select", "sql.aggregate"))
+        if wants_sql and not self.databases:
+            raise ValueError(f"operations lists {wants_sql}, which read the site's databases, but it declares none (databases:)")
+        return self
 
     @model_validator(mode="after")
     def _user_code_is_opt_in(self) -> SiteConfig:

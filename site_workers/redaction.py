@@ -3,7 +3,7 @@
 The site's secrets are the values its config took from the site's environment
 (``${env:NAME}``, except in ``url`` fields, which the catalog publishes) and
 every string under a credential-like key (``key``, ``secret``, ``token``,
-``password``, ...) inside any ``storage_options``. :class:`Redactor` replaces
+``password``, ...) inside any ``storage_options`` or a database's ``connect_args`` or a service's ``headers``, and database passwords. :class:`Redactor` replaces
 them, and their URL- and JSON-escaped forms, in error messages, log lines,
 progress messages, result summaries and catalog entries, and tells the export
 gate when a result's bytes contain one. Values shorter than
@@ -70,6 +70,11 @@ def config_secrets(config: SiteConfig) -> set[str]:
     found = set(config.env_secrets)
     for section in (*config.sources, *config.data_roots, config.result_store):
         found.update(_under_secret_keys(section.storage_options))
+    for db in config.databases:  # a password written in the file is as secret as one read from the environment
+        found.update(value for value in (db.password,) if value)
+        found.update(_under_secret_keys(db.connect_args))
+    for service in config.services:
+        found.update(_under_secret_keys(service.headers))
     return found
 
 

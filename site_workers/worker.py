@@ -59,6 +59,7 @@ from dfm_prefect.core.wire import (
 )
 from site_workers import admission
 from site_workers.answers import error_info, guess_id, site_info, validation_message, wire_safe_id
+from site_workers.bindings import declared_operations
 from site_workers.catalog import Catalog
 from site_workers.compute import make_backend
 from site_workers.config import SiteConfig
@@ -125,6 +126,7 @@ class SiteWorker:
                 f"site {config.name!r} lists operations that are not installed: {unknown}; installed: {sorted(registry)}"
             )
         self.operations: dict[str, Operation] = {name: registry[name] for name in config.operations}
+        self.operations.update(declared_operations(config))  # databases, services, programs of this site's config
         self.resolver = SourceResolver(config)
         self.store = ResultStore(config.name, config.result_store)
         self.views = Views(config.name, self.store, self.resolver, self.operations)
