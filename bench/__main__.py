@@ -13,11 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-<<<<<<< HEAD
-from bench import dispatch, gpu, latency, load, locality, peer_dfm, views
-=======
-from bench import dispatch, gpu, latency, load, locality, peer_dfm, sql_locality
->>>>>>> adapters
+from bench import dispatch, gpu, latency, load, locality, peer_dfm, sql_locality, views
 from bench.env import BenchEnv
 from bench.harness import Row, machine
 from bench.report import markdown, table
@@ -31,11 +27,8 @@ BENCHMARKS = {
     "peer": peer_dfm.run,
     "load": load.run,
     "locality": locality.run,
-<<<<<<< HEAD
     "views": views.run,
-=======
     "sql": sql_locality.run,
->>>>>>> adapters
     "gpu": gpu.run,
 }
 NOTES = {
@@ -77,7 +70,6 @@ what left the sites. Download: the client reads both stores (local files, s3fs)
 and computes the same with Dask; bytes moved are the stored bytes read. Rounds
 alternate, are timed inside the flow run, and each checks that the answers agree.
 """,
-<<<<<<< HEAD
     "views": """
 **Views.** The demo flow (`flows/federated_climate_stats.py`: per site `xarray.subset`
 of the years asked, then area-weighted `xarray.moments` per year; the client pools
@@ -89,7 +81,7 @@ subset is written to the result store with its sha256 and read back; *direct*: t
 same statistics computed in the benchmark process on the pooled raw data. One warm
 flow run per variant, then the timed ones; every answer is checked against direct.
 Flow wall time includes Prefect's own per-flow-run cost (about 1 s).
-=======
+""",
     "sql": """
 **Databases.** Count, sum, sum of squares, min and max of `stay_days` per ward for
 adults over two hospitals, each a PostgreSQL database of `DFM_BENCH_SQL_ROWS`
@@ -100,7 +92,6 @@ rows' ward and stay from both databases and computes the same with pandas; bytes
 moved are what the servers sent, counted by a TCP relay on an untimed repeat of
 the same reads. Rounds alternate, are
 timed inside the flow run, and each checks that the answers agree.
->>>>>>> adapters
 """,
     "gpu": """
 **GPU.** `bench/gpu.py` on a GPU machine (`scripts/gpu_check.sh`): the same
