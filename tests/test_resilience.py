@@ -43,7 +43,7 @@ from tests.support_sites import FlareSites, private_federation, private_flare_fe
 pytestmark = pytest.mark.slow
 
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-OPERATIONS = ["core.echo", "core.sleep", "testing.where", "testing.read", "xarray.subset", "xarray.moments"]
+OPERATIONS = ["core.echo", "core.sleep", "testing.where", "testing.read", "xarray.subset", "xarray.write", "xarray.moments"]
 CLIENT_TIMEOUT = 4.0
 """The FLARE mesh job's client_timeout here: a client that stops exchanging is gone after this long."""
 SITE_TIMEOUT = 6.0
@@ -352,7 +352,8 @@ def test_damaged_results_are_reported_and_never_returned(twins_client):
 
 
 def test_a_damaged_dataset_fails_the_next_operation_in_a_flow(twins_client, twins_runner):
-    box = twins_client.call("alpha", "xarray.subset", {"data": "temperature", "points": {"lat": 2.5}})
+    # A stored copy (xarray.write stores on purpose; a subset would be a view, with no bytes to damage).
+    box = twins_client.call("alpha", "xarray.write", {"data": "temperature"})
     path = _path(box)
     _flip_a_byte_keeping_size_and_mtime(path, path.stat().st_size // 2)
 
