@@ -287,6 +287,17 @@ def federation_status(
     for name, reason in sorted(client.down.items()):
         table.add_row(name, f"[red]down[/red]: {reason}", "", "", "", "", transport.get(name, ""))
     console.print(table)
+    moved = Table(title="Bytes that crossed each site's boundary since it started")
+    for column in ("site", "to clients", "to other sites", "from other sites", "stored"):
+        moved.add_column(column, justify="right" if column != "site" else "left")
+    for name in sorted(client.sites):
+        try:
+            stats = client.stats(name)
+        except FederationError as exc:
+            moved.add_row(name, f"[red]{exc}[/red]", "", "", "")
+            continue
+        moved.add_row(name, f"{stats.bytes_out:,}", f"{stats.bytes_to_sites:,}", f"{stats.bytes_from_sites:,}", f"{stats.bytes_stored:,}")
+    console.print(moved)
     if client.down:
         raise typer.Exit(EXIT_UNREACHABLE)
 

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +24,7 @@ import numpy as np
 import psutil
 import pytest
 import xarray as xr
+import yaml
 from prefect import flow
 
 from adapters.xarray_ops import derive, subset
@@ -47,10 +51,10 @@ def configs(root: Path) -> dict[str, dict[str, Any]]:
         write_zarr(make_region(ClimateSpec(years=2, resolution=1.0, chunk_days=30), 0.0, 90.0), str(data / "big.zarr"))
     to_hub = {"hub": {"kinds": ["dataset"], "max_bytes": 1 << 30}}
     return {
-        "north": site_config("north", root / "store" / "north", [{"name": "field", "url": f"file://{data / 'north.zarr'}"},
+        "north": site_config("north", root / "store" / "north", [{"name": "temperature", "url": f"file://{data / 'north.zarr'}"},
                                                                       {"name": "big", "url": f"file://{data / 'big.zarr'}"}],
                              operations=OPS, operation_modules=[], export={"kinds": ["aggregate", "value"], "sites": to_hub}),
-        "south": site_config("south", root / "store" / "south", [{"name": "field", "url": f"file://{data / 'south.zarr'}"}],
+        "south": site_config("south", root / "store" / "south", [{"name": "temperature", "url": f"file://{data / 'south.zarr'}"}],
                              operations=OPS, operation_modules=[],
                              export={"kinds": ["aggregate", "value"], "sites": {"hub": {"kinds": ["dataset"], "max_bytes": 1000}}}),
         "hub": site_config("hub", root / "store" / "hub", [], operations=OPS, operation_modules=[],
@@ -105,7 +109,7 @@ def test_a_flow_runs_a_step_at_another_site_and_the_data_never_passes_the_client
 
     @flow(task_runner=FederationTaskRunner(fed.federation_file))
     def at_the_hub():
-        box = subset.submit(data="dfm://north/field", ranges=NORTH_BOX)                     # stays at north (a view)
+        box = subset.submit(data="dfm://north/temperature", ranges=NORTH_BOX)                     # stays at north (a view)
         warm = derive.submit(data=box, variables={"celsius": "temperature - 273.15"}, site="hub")  # north → hub
         return moments.submit(data=warm, dims=["lat", "lon"], groupby="time.year").result()  # at hub, the answer leaves
 
@@ -121,7 +125,7 @@ def test_a_flow_runs_a_step_at_another_site_and_the_data_never_passes_the_client
     assert after["hub"].bytes_from_sites - before["hub"].bytes_from_sites == moved
     assert after["north"].bytes_out == before["north"].bytes_out  # nothing from north to any client
     assert sum(client.bytes_in.values()) - client_in < 1 << 20  # the client got only the small aggregate
-    assert agg.lineage().split(" → ")[:3] == ["dfm://north/field", 'xarray.subset(ranges={"lat":{"start":0,"stop":60}})', "dfm.move(from=north)"]
+    assert agg.lineage().split(" → ")[:3] == ["dfm://north/temperature", 'xarray.subset(ranges={"lat":{"start":0,"stop":60}})', "dfm.move(from=north)"]
 
     flow_run_id = str(state.state_details.flow_run_id)
     runs = {run.name: run for run in read_task_runs(flow_run_id)}
@@ -139,10 +143,10 @@ def test_placement_moves_the_fewest_bytes_and_says_why(mesh, prefect_api):
 
     fed, root, client = mesh
 
-    big = client.call("north", "xarray.subset", {"data": "field", "ranges": NORTH_BOX})
-    small = client.call("north", "xarray.subset", {"data": "field", "ranges": {"lat": {"start": 0, "stop": 10}}})
+    big = client.call("north", "xarray.subset", {"data": "temperature", "ranges": NORTH_BOX})
+    small = client.call("north", "xarray.subset", {"data": "temperature", "ranges": {"lat": {"start": 0, "stop": 10}}})
     tiny = {"time": {"start": "2000-01-01", "stop": "2000-01-01"}, "lat": {"start": -2, "stop": 0}, "lon": {"start": 0, "stop": 10}}
-    at_south = client.call("south", "xarray.subset", {"data": "field", "ranges": tiny})  # under south's 1000 bytes for hub
+    at_south = client.call("south", "xarray.subset", {"data": "temperature", "ranges": tiny})  # under south's 1000 bytes for hub
     # Both inputs at north, which offers the operation: nothing moves.
     assert client.place("xarray.derive", data=[big, small]).site == "north"
     # Named by the flow: the inputs move there, and the reason says how much.
@@ -166,7 +170,7 @@ def test_a_move_either_side_refuses_fails_before_any_byte_leaves(mesh, case):
     fed, root, client = mesh
     source, target = {"source refuses the kind": ("north", "hub"), "source refuses the size": ("south", "hub"),
                       "destination accepts nothing": ("north", "closed")}[case]
-    ref = client.call(source, "xarray.subset", {"data": "field", "ranges": {"lat": {"start": -60, "stop": 60}}})
+    ref = client.call(source, "xarray.subset", {"data": "temperature", "ranges": {"lat": {"start": -60, "stop": 60}}})
     if case == "source refuses the kind":
         ref = client.call(source, "xarray.moments", {"data": ref.model_dump(mode="json"), "dims": ["lat", "lon"]})
     before = client.stats(source).bytes_to_sites, stored(root, target)
@@ -190,8 +194,8 @@ def test_a_site_cannot_fetch_without_a_persons_move_request(mesh_local):
 
     fed, root = mesh_local
     client = get_client(fed.federation_file)
-    box = client.call("north", "xarray.subset", {"data": "field", "ranges": NORTH_BOX})
-    other = client.call("north", "xarray.subset", {"data": "field", "ranges": {"lat": {"start": 0, "stop": 30}}})
+    box = client.call("north", "xarray.subset", {"data": "temperature", "ranges": NORTH_BOX})
+    other = client.call("north", "xarray.subset", {"data": "temperature", "ranges": {"lat": {"start": 0, "stop": 30}}})
     spec = LocalSpec.model_validate_json((fed.workdir / "identities" / "site-hub.json").read_text())
     transport = LocalTransport(spec)
     peers = Peers("hub", transport.send, transport.signer())
@@ -338,9 +342,71 @@ def test_a_piece_damaged_on_the_way_is_caught_and_nothing_is_stored(tmp_path):
         fed.start_site("hub")
         client = get_client(fed.federation_file)
         client.refresh()
-        box = client.call("north", "xarray.subset", {"data": "field", "ranges": NORTH_BOX})
+        box = client.call("north", "xarray.subset", {"data": "temperature", "ranges": NORTH_BOX})
         with pytest.raises(ResultIntegrityError, match="arrived damaged from site 'north'.*nothing was stored"):
             client.call("hub", "dfm.move", {"ref": box.model_dump(mode="json")})
         assert flipper.flipped
         assert stored(root, "hub") == {} and incoming(root, "hub") == []
         flipper.close()
+
+
+FENCE = re.compile(r"```(python|yaml)\n(.*?)```", re.S)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fenced(path: Path, language: str) -> list[str]:
+    return [body for lang, body in FENCE.findall(path.read_text()) if lang == language]
+
+
+def test_the_site_rules_the_docs_show_are_valid_configs():
+    from site_workers.config import parse_site_config
+
+    configs = [yaml.safe_load(block) for block in fenced(ROOT / "docs" / "mesh.md", "yaml")]
+    whole = [parse_site_config(c) for c in configs if "name" in c]
+    assert {c.name for c in whole} == {"north", "hub"}
+    north, hub = sorted(whole, key=lambda c: c.name != "north")
+    assert north.export.sites["hub"].kinds == ["dataset"] and hub.imports.sites["north"].kinds == ["dataset"]
+    (partial,) = [c for c in configs if "name" not in c]
+    assert partial["sources"][0]["views"] is False
+
+
+def test_the_docs_pipelines_and_the_example_flow_run_across_sites(mesh, prefect_api, monkeypatch):
+    from flows.cross_site_pipeline import cross_site_pipeline
+
+    fed, root, client = mesh
+    monkeypatch.setenv("DFM_FEDERATION", str(fed.federation_file))
+    moved_before = client.stats("north").bytes_to_sites
+    examples = fenced(ROOT / "docs" / "mesh.md", "python") + [
+        block for block in fenced(ROOT / "README.md", "python") if 'site="hub"' in block
+    ]
+    assert len(examples) == 3
+    for block in examples:
+        namespace: dict[str, Any] = {}
+        exec(compile(block, "docs example", "exec"), namespace)  # noqa: S102 (our own docs, run as a user would)
+        flows = [value for value in namespace.values() if hasattr(value, "fn") and hasattr(value, "flow_run_name")]
+        (example,) = flows
+        result = example()
+        assert result  # a lineage line, or the hub's aggregate
+    assert client.stats("north").bytes_to_sites > moved_before
+    answer = cross_site_pipeline(data="dfm://north/temperature", compute_site="hub", start="2000-01-01", stop="2001-12-31")
+    # The site derives in the data's own precision (float32), then sums in float64.
+    pooled = (xr.open_zarr(root / "data" / "north.zarr")["temperature"] - 273.15).astype("float64")
+    weights = np.cos(np.deg2rad(pooled["lat"])) * pooled.notnull()
+    mean = (pooled * weights).groupby("time.year").sum(dim=["time", "lat", "lon"]) / weights.groupby("time.year").sum(dim=["time", "lat", "lon"])
+    for year in (2000, 2001):
+        assert answer[year]["mean"] == pytest.approx(float(mean.sel(year=year)), rel=1e-9)
+    assert set(answer) == {2000, 2001}
+
+
+def test_federation_status_counts_the_bytes_between_sites(mesh_local):
+    fed, _ = mesh_local
+    shown = subprocess.run(
+        [sys.executable, "-m", "dfm_prefect.cli", "federation", "status", "--federation", str(fed.federation_file)],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"},
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "to other sites" in shown.stdout and "from other sites" in shown.stdout
+    client = get_client(fed.federation_file)
+    counters = shown.stdout.split("Bytes that crossed", 1)[1]
+    row = next(line for line in counters.splitlines() if line.strip("│ ").startswith("north"))
+    assert f"{client.stats('north').bytes_to_sites:,}" in row
