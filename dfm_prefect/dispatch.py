@@ -148,6 +148,7 @@ class Dispatch:
                 lineage=reply.ref.lineage() if reply.ref else "",
                 moved_from=moved_from,
                 moved_bytes=reply.ref.size if moved_from and reply.ref else 0,
+                placement=self.placement.reason,
             )
         )
         ref = unwrap(reply)

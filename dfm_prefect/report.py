@@ -41,6 +41,8 @@ class StepRecord:
     """For a move: the site the result came from (``site`` received it)."""
     moved_bytes: int = 0
     """For a move: the bytes that went from ``moved_from`` to ``site``, never through the client."""
+    placement: str = ""
+    """Why the step ran at ``site`` (for a step whose inputs moved: the candidates and the bytes each would move)."""
 
 
 def bytes_by_site(steps: Iterable[StepRecord], fetched: Counter[str]) -> Counter[str]:

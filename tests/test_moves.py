@@ -136,6 +136,9 @@ def test_a_flow_runs_a_step_at_another_site_and_the_data_never_passes_the_client
         artifacts = api.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
     report = next(a.data for a in artifacts if a.type == "markdown" and "Federation report" in (a.data or ""))
     assert "## Moves between sites" in report and f"| north | hub | {moved:,} |" in report
+    rows = json.loads(next(a.data for a in artifacts if a.type == "table" and a.task_run_id is None))
+    derive_row = next(row for row in rows if row["op"] == "xarray.derive")
+    assert derive_row["site"] == "hub" and "named by the flow; its inputs from north move there" in derive_row["placement"]
 
 
 def test_placement_moves_the_fewest_bytes_and_says_why(mesh, prefect_api):
