@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import threading
 import uuid
 from collections import deque
 from typing import Any
@@ -61,9 +62,15 @@ class Mover:
         self.piece_bytes = piece_bytes
         self.window = window
         self.timeout = timeout
+        self._lock = threading.Lock()
+        self._reserved = 0
+        """Bytes of moves under way, counted against the quota until they are stored or dropped."""
 
-    def refusal(self, ref: DataRef, size: int) -> str | None:
-        """Why this site will not take ``ref`` (``size`` bytes) from its holder, or None."""
+    def refusal(self, ref: DataRef, size: int, reserved: int = 0) -> str | None:
+        """Why this site will not take ``ref`` (``size`` bytes) from its holder, or None.
+
+        ``reserved``: what this move already counts against the quota (its first estimate).
+        """
         source = ref.site
         rule = self.policy.sites.get(source)
         if rule is None:
@@ -73,7 +80,7 @@ class Mover:
             return f"this site accepts only {', '.join(rule.kinds)} results from site {source!r} (imports.sites.{source}.kinds), not {ref.kind!r}"
         if size > rule.max_bytes:
             return f"the result is {size} bytes and this site accepts at most {rule.max_bytes} bytes per result from {source!r} (imports.sites.{source}.max_bytes)"
-        held = self._store.moved_bytes()
+        held = self._store.moved_bytes() + self._reserved - reserved
         if held + size > self.policy.quota_bytes:
             return (
                 f"this site's store holds {held} bytes of results from other sites and takes at most "
@@ -87,15 +94,21 @@ class Mover:
             return ref
         if self.peers is None:
             raise FederationError(f"site {self.site!r} cannot reach other sites: its transport gave it no way to", site=self.site)
-        reason = self.refusal(ref, ref.size)
-        if reason is not None:
-            raise ExportRefusedError(f"{ref!r} cannot move to site {self.site!r}: {reason}", site=self.site)
-        with tempfile.TemporaryDirectory(prefix="dfm-move-", dir=self._store.scratch()) as scratch:
-            path = os.path.join(scratch, uuid.uuid4().hex)
-            held = self._receive(grant, ref, path, ctx)
-            ctx.log.info("moved %s from %s: %d bytes", held.op, ref.site, held.size)
-            recipe = Recipe(op=MOVE_OPERATION, version=MOVE_VERSION, params={"ref": ref.model_dump(mode="json", exclude={"summary"})})
-            return self._store.put_file(path, kind=held.kind, format=held.format, op=MOVE_OPERATION, summary=held.summary, recipe=recipe)
+        with self._lock:
+            reason = self.refusal(ref, ref.size)
+            if reason is not None:
+                raise ExportRefusedError(f"{ref!r} cannot move to site {self.site!r}: {reason}", site=self.site)
+            self._reserved += ref.size  # concurrent moves count against the quota before they are stored
+        try:
+            with tempfile.TemporaryDirectory(prefix="dfm-move-", dir=self._store.scratch()) as scratch:
+                path = os.path.join(scratch, uuid.uuid4().hex)
+                held = self._receive(grant, ref, path, ctx)
+                ctx.log.info("moved %s from %s: %d bytes", held.op, ref.site, held.size)
+                recipe = Recipe(op=MOVE_OPERATION, version=MOVE_VERSION, params={"ref": ref.model_dump(mode="json", exclude={"summary"})})
+                return self._store.put_file(path, kind=held.kind, format=held.format, op=MOVE_OPERATION, summary=held.summary, recipe=recipe)
+        finally:
+            with self._lock:
+                self._reserved -= ref.size
 
     def _ask(self, ref: DataRef, target: DataRef, offset: int, grant: RunRequest) -> Answer:
         assert self.peers is not None
@@ -116,7 +129,7 @@ class Mover:
         total = first.total
         if total != target.size or (target is ref and ref.is_view):
             raise ResultIntegrityError(f"site {ref.site!r} says {target!r} has {total} bytes", site=ref.site)
-        reason = self.refusal(ref, total)
+        reason = self.refusal(ref, total, reserved=ref.size)  # on the size the holder reports
         if reason is not None:
             raise ExportRefusedError(f"{ref!r} cannot move to site {self.site!r}: {reason}", site=self.site)
         salt = bytes.fromhex(first.salt)
