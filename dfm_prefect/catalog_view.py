@@ -78,6 +78,12 @@ def policy_line(info: SiteInfo) -> str:
         f"{info.name}: export kinds {', '.join(export.kinds) or 'none'}, at most {export.max_bytes:,} bytes per result; "
         f"groups of at least {export.min_group_size} and subsets of at least {export.min_subset_size} records or cells; "
         f"log lines {'shared' if export.share_logs else 'kept at the site'}"
+        + "".join(
+            f"; sends {', '.join(rule.kinds)} up to {rule.max_bytes:,} bytes to {site}" for site, rule in sorted(export.sites.items())
+        )
+        + "".join(
+            f"; accepts {', '.join(rule.kinds)} up to {rule.max_bytes:,} bytes from {site}" for site, rule in sorted(export.imports.items())
+        )
     )
 
 

@@ -73,16 +73,15 @@ class Identities:
             raise AuthenticationError(str(exc), site=self.site) from None
 
 
-    def grantor(self, grant: Any, for_site: str) -> str | None:
-        """Who signed ``grant`` (a move request) for site ``for_site``; None if unsigned and this site allows that.
+    def grantor(self, grant: Any, for_site: str) -> str:
+        """Who signed ``grant`` (a move request) for site ``for_site``; `AuthenticationError` if nobody did.
 
-        The grant's signature names the site it was sent to, so a grant for one
-        site is no grant for another.
+        Always signed, whatever ``identities.require`` says: a site may only fetch
+        what a person asked it to move. The grant's signature names the site it was
+        sent to, so a grant for one site is no grant for another.
         """
         if getattr(grant, "auth", None) is None:
-            if self.policy.require:
-                raise AuthenticationError("this site moves results only for signed requests (identities.require)", site=self.site)
-            return None
+            raise AuthenticationError(f"the move request site {for_site!r} presented is not signed by anyone", site=self.site)
         if self._verifier is None:
             raise AuthenticationError("the move was signed but this site trusts no root CA to check it", site=self.site)
         try:

@@ -28,7 +28,13 @@ import uuid
 from collections import deque
 from typing import Any
 
-from dfm_prefect.core.errors import ExportRefusedError, FederationError, ResultIntegrityError
+from dfm_prefect.core.errors import (
+    AuthenticationError,
+    ExportRefusedError,
+    FederationError,
+    InvalidParametersError,
+    ResultIntegrityError,
+)
 from dfm_prefect.core.operations import MOVE, MOVE_OPERATION, OperationContext
 from dfm_prefect.core.refs import DataRef, Recipe
 from dfm_prefect.core.wire import FetchChunk, FetchRequest, RunRequest, b64decode
@@ -91,7 +97,13 @@ class Mover:
     def pull(self, grant: RunRequest, ref: DataRef, ctx: OperationContext) -> DataRef:
         """Bring ``ref`` here under ``grant`` (the signed ``dfm.move`` request); return this site's stored copy."""
         if ref.site == self.site:
-            return ref
+            raise InvalidParametersError(f"{ref!r} is already held by site {self.site!r}: there is nothing to move", site=self.site)
+        if grant.auth is None:
+            raise AuthenticationError(
+                "a move is made only for a signed request (the holding site checks who asked it): connect with your own "
+                "certificate (a FLARE admin kit, or cert/key in a local federation file)",
+                site=self.site,
+            )
         if self.peers is None:
             raise FederationError(f"site {self.site!r} cannot reach other sites: its transport gave it no way to", site=self.site)
         with self._lock:
@@ -103,7 +115,7 @@ class Mover:
             with tempfile.TemporaryDirectory(prefix="dfm-move-", dir=self._store.scratch()) as scratch:
                 path = os.path.join(scratch, uuid.uuid4().hex)
                 held = self._receive(grant, ref, path, ctx)
-                ctx.log.info("moved %s from %s: %d bytes", held.op, ref.site, held.size)
+                ctx.log.info("moved %s from %s: %s bytes", held.op, ref.site, f"{held.size:,}")
                 recipe = Recipe(op=MOVE_OPERATION, version=MOVE_VERSION, params={"ref": ref.model_dump(mode="json", exclude={"summary"})})
                 return self._store.put_file(path, kind=held.kind, format=held.format, op=MOVE_OPERATION, summary=held.summary, recipe=recipe)
         finally:

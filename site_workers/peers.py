@@ -95,6 +95,11 @@ class Peers:
         else:
             entry[1].set_result(message)
 
+    def waiting_for(self, site: str) -> bool:
+        """True while a request to ``site`` waits for its answer (answers nobody waits for are dropped)."""
+        with self._lock:
+            return any(target == site for target, _ in self._pending.values())
+
     def on_lost(self, site: str, reason: str) -> None:
         """The connection to ``site`` is gone: fail what waits for it."""
         with self._lock:

@@ -131,7 +131,10 @@ class ExportGate:
 
         Never for a view: its bytes do not exist until something needs them (a fetch materializes it).
         """
-        if ref.is_view or self.refusal(ref, recipient, ref.contributors) is not None or ref.size > self.policy.inline_bytes:
+        if ref.is_view or ref.size > self.policy.inline_bytes:
+            return None
+        # The count the store bound into the result's name, never the reference's own field.
+        if self.refusal(ref, recipient, store.contributors(ref)) is not None:
             return None
         data = payload if payload is not None else store.read_bytes(ref)
         # A result holding a credential does not come back inline; fetching it says why.

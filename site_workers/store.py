@@ -209,6 +209,16 @@ class ResultStore:
             self._verified[ref.uri] = (sha, self._stamp(target))
         return ref
 
+    def delete(self, ref: DataRef) -> None:
+        """Remove a stored result (a copy made for a request that was then refused)."""
+        path = self.check_owned(ref)
+        with self._lock:
+            self._verified.pop(ref.uri, None)
+        try:
+            self.fs.rm_file(path)
+        except FileNotFoundError:
+            pass
+
     def moved_bytes(self) -> int:
         """Bytes of the results in the store that came from other sites (what ``imports.quota_bytes`` caps)."""
         total = 0

@@ -12,7 +12,8 @@ each needed chunk of the source once.
 What a client cannot do with a view:
 
 - alter it: the reference's ``sha256`` is the site's keyed digest of its site,
-  kind, format, operation and recipe (`ResultStore.keyed_digest`), checked before
+  kind, format, operation, size in memory (what the export policy first
+  decides on) and recipe (`ResultStore.keyed_digest`), checked before
   anything is recomputed;
 - get other numbers than the view stood for: before recomputing, the site
   fingerprints each source again (sizes, modification and change stamps and
@@ -60,7 +61,7 @@ from site_workers.summaries import summarize
 MAX_DEPTH = 16
 """Views nest at most this deep (a view of a view of ...); a deeper step is stored."""
 _KEEP_MATERIALIZED = 4096
-_SIGNED_FIELDS = {"site", "kind", "format", "op", "recipe"}
+_SIGNED_FIELDS = {"site", "kind", "format", "op", "size", "recipe"}
 
 
 def _canonical(value: Any) -> bytes:
@@ -304,6 +305,13 @@ class Views:
                 self._materialized.pop(ref.uri, None)
             return None
         return stored
+
+    def discard(self, ref: DataRef) -> None:
+        """Forget a view's materialized copy and remove it from the store."""
+        with self._lock:
+            stored = self._materialized.pop(ref.uri, None)
+        if stored is not None:
+            self._store.delete(stored)
 
     def materialize(self, ref: DataRef, ctx: OperationContext) -> DataRef:
         """Store a view's bytes (once, however many ask at the same time) and return the stored reference."""

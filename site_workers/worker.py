@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -142,6 +143,10 @@ class SiteWorker:
         self._pool = ThreadPoolExecutor(max_workers=config.limits.concurrency, thread_name_prefix=f"site-{config.name}")
         self._lock = threading.Lock()
         self._jobs: dict[str, _Job] = {}
+        self._materializing: dict[str, tuple[str, threading.Event]] = {}
+        """Views being materialized for a fetch: request id -> (client, its cancel event)."""
+        self._scanned: OrderedDict[tuple[str, str], None] = OrderedDict()
+        """Stored results (uri, sha256) already scanned for credentials: scanned once, not for every piece."""
         self._running = 0
         self._stats = {
             "requests": 0, "completed": 0, "failed": 0, "rejected": 0, "bytes_out": 0, "bytes_stored": 0,
@@ -201,7 +206,7 @@ class SiteWorker:
                         "moves for a flow",
                         site=self.name,
                     )
-                self._fetch_for(message, reply, _Recipient(site=from_site))
+                self._fetch_for(message, reply, _Recipient(site=from_site), peer)
                 return
             if isinstance(message, RunRequest):
                 self._accept_run(message, reply, peer, identity)
@@ -210,7 +215,7 @@ class SiteWorker:
             elif isinstance(message, StatsRequest):
                 self._safe_reply(reply, StatsReply(id=message.id, stats=self.stats()))
             elif isinstance(message, FetchRequest):
-                self._fetch_for(message, reply, _Recipient(identity=identity))
+                self._fetch_for(message, reply, _Recipient(identity=identity), peer)
             elif isinstance(message, CancelRequest):
                 self.cancel(message.target, by=identity)
         except Exception as exc:  # a bad request must never stop the site
@@ -426,6 +431,9 @@ class SiteWorker:
         """Cancel everything a client sent (it disconnected); return how many requests."""
         with self._lock:
             targets = [rid for rid, job in self._jobs.items() if job.peer == peer]
+            for owner, event in self._materializing.values():
+                if owner == peer:
+                    event.set()
         for request_id in targets:
             self.cancel(request_id)
         return len(targets)
@@ -449,11 +457,13 @@ class SiteWorker:
             counters = dict(self._stats)
         return SiteStats(**counters, load=self.load())
 
-    def _fetch_for(self, request: FetchRequest, reply: Reply, recipient: _Recipient) -> None:
+    def _fetch_for(self, request: FetchRequest, reply: Reply, recipient: _Recipient, peer: str = "local") -> None:
         """Answer a fetch: checked for the client or site asking; a view is first materialized (in the pool).
 
         The first piece of a view names the stored copy (``materialized``); the rest is
-        fetched by it. The export policy decides on the view, then on the copy.
+        fetched by it. The export policy decides on the view, then on the copy; a copy
+        made for a fetch the policy then refuses is removed. Materializing counts
+        against the site's limits like a run, and is cancelled with its client.
         """
         ref = request.ref
         if recipient.site is not None:
@@ -467,17 +477,37 @@ class SiteWorker:
         if stored is not None:
             self._safe_reply(reply, self._piece(request, stored, recipient, materialized=True))
             return
+        limits = self.config.limits
+        cancelled = threading.Event()
+        with self._lock:
+            held = len(self._jobs) + len(self._materializing)
+            if held >= limits.queue + limits.concurrency:
+                self._stats["rejected"] += 1
+                raise SiteOverloadedError(
+                    f"{held} requests are queued or running, this site's limit (concurrency {limits.concurrency} + "
+                    f"queue {limits.queue}); fetch again later",
+                    site=self.name,
+                )
+            self._materializing[request.id] = (peer, cancelled)
 
         def materialize() -> None:
+            copy = None
             try:
-                copy = self.views.materialize(ref, self._context(request.id, threading.Event()))
+                if cancelled.is_set():
+                    raise RequestCancelledError("cancelled before the view was materialized", site=self.name)
+                copy = self.views.materialize(ref, self._context(request.id, cancelled))
                 with self._lock:
                     self._stats["bytes_stored"] += copy.size
                 answer: SiteMessage = self._piece(request, copy, recipient, materialized=True)
             except Exception as exc:
+                if copy is not None and isinstance(exc, ExportRefusedError):
+                    self.views.discard(ref)  # made for a fetch the policy refuses: not kept
                 log.info("fetch %s of a view refused: %s", request.id, self.redactor.text(str(exc)))
                 self.audit.record("refused", recipient.audit_name, request.id, kind="fetch", error=self._error(exc).code)
                 answer = ErrorReply(id=request.id, error=self._error(exc))
+            finally:
+                with self._lock:
+                    self._materializing.pop(request.id, None)
             self._safe_reply(reply, answer)
 
         self._pool.submit(materialize)
@@ -520,10 +550,15 @@ class SiteWorker:
                 site=self.name,
             )
         self._check_export(ref, recipient, self.store.contributors(ref))
-        if self.redactor.active:
+        if self.redactor.active and (ref.uri, ref.sha256) not in self._scanned:
             # The whole result, not the piece: a credential may straddle pieces. What may
-            # leave is bounded by the policy's max_bytes, so this read is bounded.
+            # leave is bounded by the policy's max_bytes, so this read is bounded; a result
+            # that passed is not read again (verify() above holds it to the same bytes).
             self.gate.check_content(ref, self.store.read_bytes(ref))
+            with self._lock:
+                self._scanned[(ref.uri, ref.sha256)] = None
+                while len(self._scanned) > 10_000:
+                    self._scanned.popitem(last=False)
         data = self.store.read_bytes(ref, request.offset, request.length)
         with self._lock:
             self._stats["bytes_to_sites" if recipient.site else "bytes_out"] += len(data)

@@ -74,12 +74,13 @@ def test_the_controller_marks_a_site_frame_with_its_real_sender_and_routes_answe
 class Mesh:
     """Site workers in this process, each reaching the others through `Peers` as a transport would."""
 
-    def __init__(self, configs: dict[str, dict[str, Any]]) -> None:
+    def __init__(self, configs: dict[str, dict[str, Any]], ca: LocalCA) -> None:
         self.workers: dict[str, SiteWorker] = {}
         self.peers: dict[str, Peers] = {}
+        self.person = Signer.from_files(*ca.issue("alice"))
         for name, config in configs.items():
             self.peers[name] = Peers(name, self._sender(name))
-            self.workers[name] = SiteWorker(parse_site_config(config), peers=self.peers[name])
+            self.workers[name] = SiteWorker(parse_site_config(config), root_ca=str(ca.root_ca), peers=self.peers[name])
 
     def _sender(self, name: str):
         def send(site: str, messages: list[Any]) -> None:
@@ -88,7 +89,7 @@ class Mesh:
 
         return send
 
-    def run(self, site: str, op: str, params: dict[str, Any], auth: Any = None) -> RunResult:
+    def run(self, site: str, op: str, params: dict[str, Any], signed: bool = True) -> RunResult:
         done, replies = threading.Event(), []
 
         def reply(message: Any) -> None:
@@ -97,7 +98,7 @@ class Mesh:
                 done.set()
 
         request = RunRequest(id=uuid.uuid4().hex, op=op, params=params)
-        self.workers[site].handle_message(request if auth is None else auth(request, site), reply)
+        self.workers[site].handle_message(self.person.sign(request, site) if signed else request, reply)
         assert done.wait(120)
         return replies[0]
 
@@ -125,13 +126,13 @@ def mesh(tmp_path: Path):
             "imports": {"sites": {"north": {"kinds": ["dataset", "aggregate"]}}, "quota_bytes": 1_500_000},
         },
     }  # fmt: skip
-    mesh = Mesh(configs)
+    mesh = Mesh(configs, LocalCA.create(tmp_path / "ca"))
     yield mesh
     mesh.close()
 
 
-def move(mesh: Mesh, ref: Any) -> RunResult:
-    return mesh.run("hub", "dfm.move", {"ref": ref.model_dump(mode="json")})
+def move(mesh: Mesh, ref: Any, site: str = "hub", signed: bool = True) -> RunResult:
+    return mesh.run(site, "dfm.move", {"ref": ref.model_dump(mode="json")}, signed=signed)
 
 
 def test_the_receivers_quota_holds_across_moves(mesh):
@@ -147,8 +148,8 @@ def test_a_moved_aggregate_is_not_released_where_it_cannot_be_counted(mesh):
     moved = move(mesh, agg)
     assert moved.ok and moved.ref.site == "hub" and moved.payload is None
     # hub counted nothing itself, so its disclosure rules keep the aggregate in.
-    fetched = []
-    mesh.workers["hub"].handle_message(FetchRequest(id="f1", ref=moved.ref), fetched.append)
+    fetched: list[Any] = []
+    mesh.workers["hub"].handle_message(mesh.person.sign(FetchRequest(id="f1", ref=moved.ref), "hub"), fetched.append)
     assert isinstance(fetched[0], ErrorReply) and fetched[0].error.code == DisclosureRefusedError.code
 
 
@@ -158,12 +159,16 @@ def test_a_site_must_present_a_grant_for_itself_and_that_result(mesh):
     with pytest.raises(AccessDeniedError, match="without a move request signed for it"):
         hub.request("north", FetchRequest(id="x1", ref=box), 30)
     other = mesh.ref("north", "xarray.subset", data="temperature", ranges={"lat": {"start": 0, "stop": 20}})
-    grant = RunRequest(id="g1", op="dfm.move", params={"ref": other.model_dump(mode="json")})
+    grant = mesh.person.sign(RunRequest(id="g1", op="dfm.move", params={"ref": other.model_dump(mode="json")}), "hub")
     with pytest.raises(AccessDeniedError, match="but its move request names"):
         hub.request("north", FetchRequest(id="x2", ref=box, grant=grant), 30)
+    # A grant nobody signed is no grant, whatever identities.require says.
+    unsigned = RunRequest(id="g0", op="dfm.move", params={"ref": box.model_dump(mode="json")})
+    with pytest.raises(AuthenticationError, match="is not signed by anyone"):
+        hub.request("north", FetchRequest(id="x4", ref=box, grant=unsigned), 30)
     # A site that may receive nothing from north is refused by north's own rules, grant or not.
     stranger = mesh.peers["south"] = Peers("south", mesh._sender("south"))
-    good = RunRequest(id="g2", op="dfm.move", params={"ref": box.model_dump(mode="json")})
+    good = mesh.person.sign(RunRequest(id="g2", op="dfm.move", params={"ref": box.model_dump(mode="json")}), "south")
     with pytest.raises(ExportRefusedError, match="this site sends no results to site 'south'"):
         stranger.request("north", FetchRequest(id="x3", ref=box, grant=good), 30)
 
@@ -194,3 +199,35 @@ def _fake_ref() -> Any:
     from dfm_prefect.core.refs import DataRef
 
     return DataRef(site="north", uri="file:///nowhere/" + "0" * 32 + ".dataset.netcdf", kind="dataset", format="netcdf", size=1, sha256="0" * 64, op="x.y")
+
+
+def test_a_move_needs_a_signed_request_and_another_site(mesh):
+    box = mesh.ref("north", "xarray.subset", data="temperature", ranges={"lat": {"start": 0, "stop": 40}})
+    unsigned = move(mesh, box, signed=False)
+    assert not unsigned.ok and unsigned.error.code == AuthenticationError.code and "signed request" in unsigned.error.message
+    # A "move" to the site that holds the result would hand back the client's own reference: refused.
+    agg = mesh.ref("north", "xarray.moments", data="temperature", dims=["lat", "lon"], groupby="time.dayofyear")
+    forged = agg.model_copy(update={"contributors": 1000})
+    to_itself = move(mesh, forged, site="north")
+    assert not to_itself.ok and "already held by site 'north'" in to_itself.error.message and to_itself.payload is None
+
+
+def test_the_export_gate_decides_on_the_stores_count_not_the_references(tmp_path):
+    from site_workers.config import ExportPolicy
+    from site_workers.policy import ExportGate
+    from site_workers.store import ResultStore
+
+    store = ResultStore("north", parse_site_config({"name": "north", "operations": [], "result_store": {"url": f"file://{tmp_path}"}}).result_store)
+    ref, payload = store.put({"a": 1}, op="x.y", kind="aggregate", summary={}, contributors=1)
+    gate = ExportGate("north", ExportPolicy(kinds=["aggregate"]))
+    assert gate.inline(ref, payload, store) is None
+    assert gate.inline(ref.model_copy(update={"contributors": 1000}), payload, store) is None  # the stored name says 1
+
+
+def test_a_view_whose_size_was_lowered_is_refused_before_anything_is_computed(mesh):
+    box = mesh.ref("north", "xarray.subset", data="temperature", ranges={"lat": {"start": 0, "stop": 40}})
+    lowered = box.model_copy(update={"size": 0})
+    answers: list[Any] = []
+    mesh.workers["north"].handle_message(mesh.person.sign(FetchRequest(id="s0", ref=lowered), "north"), answers.append)
+    assert isinstance(answers[0], ErrorReply) and answers[0].error.code == AccessDeniedError.code
+    assert not any(p.name.endswith(".netcdf") for p in Path(mesh.workers["north"].store.root).iterdir())

@@ -132,7 +132,7 @@ class DataRef(BaseModel):
         pattern=r"^[0-9a-f]{64}$",
         description="sha256 of a per-result secret salt and the bytes; the site sends the salt only with the bytes, "
         "so the digest of a result that stays confirms no guess of its content. For a view: the site's keyed "
-        "digest of its recipe, so a client cannot alter what the view stands for.",
+        "digest of its site, kind, format, operation, size and recipe, so a client cannot alter what the view stands for.",
     )
     op: str = Field(description="The operation that produced it.")
     summary: dict[str, Any] = Field(

@@ -73,6 +73,8 @@ from dfm_prefect.transports.flare.protocol import (
 
 log = logging.getLogger("dfm_prefect.site.flare")
 SERVER_CELL = ("server", "server")
+PEER_ANSWER_BYTES = 64 << 20
+"""Unfinished answers one other site may have buffered here (a move asks for at most four 4 MiB pieces at once)."""
 """The FLARE server's cell (FLARE's FQCN.ROOT_SERVER): dispatches come only from it or its job process."""
 
 
@@ -117,7 +119,8 @@ class MeshExecutor(Executor):
         self._stop = threading.Event()
         self._intake: queue.SimpleQueue[DispatchBatch | None] = queue.SimpleQueue()
         self.peers: Any = None
-        self._answers = Reassembler(max_pending_bytes=256 << 20)
+        self._answers: dict[str, Reassembler] = {}
+        """Other sites' answers being put back together, one buffer per answering site (so one cannot starve the rest)."""
         self._threads: list[threading.Thread] = []
 
     # ------------------------------------------------------------ life cycle
@@ -291,13 +294,24 @@ class MeshExecutor(Executor):
                 self.worker.handle_frame(frame.data, self.sender.reply_for(frame.peer), frame.peer, from_site=frame.from_site)
 
     def _answer_piece(self, site: str, frame: str, index: int, count: int, data: str) -> None:
-        """A piece of another site's answer to this site's own frame; the whole answer goes to `Peers`."""
-        try:
-            whole = self._answers.add((site, frame), index, count, data)
-        except MalformedRequestError as exc:
-            log.warning("site %s dropped an answer from %s: %s", self.site, site, exc)
+        """A piece of another site's answer to this site's own frame; the whole answer goes to `Peers`.
+
+        Pieces from a site this site waits for nothing from are dropped (with that
+        site's unfinished answers), and each answering site has its own bounded buffer.
+        """
+        if self.peers is None:
             return
-        if whole is None or self.peers is None:
+        joiner = self._answers.setdefault(site, Reassembler(max_pending_bytes=PEER_ANSWER_BYTES))
+        if not self.peers.waiting_for(site):
+            joiner.drop()
+            return
+        try:
+            whole = joiner.add(frame, index, count, data)
+        except MalformedRequestError as exc:
+            joiner.drop()
+            log.warning("site %s dropped the answers from %s: %s", self.site, site, exc)
+            return
+        if whole is None:
             return
         try:
             envelope = ReplyEnvelope.model_validate_json(whole)
