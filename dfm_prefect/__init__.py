@@ -16,6 +16,7 @@ from dfm_prefect.core.refs import DataRef
 
 if TYPE_CHECKING:
     from dfm_prefect.client import FederationClient, get_client
+    from dfm_prefect.declared import site_operation
     from dfm_prefect.task_runner import FederationTaskRunner
 
 __version__ = "0.1.0"
@@ -28,12 +29,14 @@ __all__ = [
     "OperationParams",
     "get_client",
     "operation",
+    "site_operation",
 ]
 
 _LAZY = {
     "FederationTaskRunner": "dfm_prefect.task_runner",
     "FederationClient": "dfm_prefect.client",
     "get_client": "dfm_prefect.client",
+    "site_operation": "dfm_prefect.declared",
 }
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -43,13 +44,23 @@ def hospitals():
 def hospital_site(name: str, pg: LocalPostgres, store) -> dict[str, object]:
     return {
         "name": name,
-        "operations": ["sql.aggregate"],
+        "operations": ["sql.aggregate"],  # query.stays_since is offered because the database declares it
         "databases": [
             {
                 "name": "clinic",
                 "url": pg.url(password=False, database=f"{name}_clinic"),
                 "password": "${env:" + PASSWORD_ENV + "}",
                 "tables": [{"name": "visits", "columns": ["ward", "age", "stay_days", "admitted"]}],
+                "queries": [
+                    {
+                        "name": "stays_since",
+                        "description": "Visits and days in hospital per ward since a date.",
+                        "sql": "SELECT ward, count(*) AS n, sum(stay_days) AS stay_sum FROM visits WHERE admitted >= :since GROUP BY ward",
+                        "params": {"since": {"type": "date"}},
+                        "result": "aggregate",
+                        "counts": "n",
+                    }
+                ],
             }
         ],
         "result_store": {"url": f"file://{store}"},
@@ -92,3 +103,25 @@ def test_the_catalog_command_shows_the_database_operations_with_their_schemas(me
     assert operations["sql.aggregate"]["result_kind"] == "aggregate"
     assert schema["properties"]["database"]["const"] == "clinic" and schema["properties"]["table"]["const"] == "visits"
     assert {"by", "aggregations", "where"} <= set(schema["properties"])
+
+
+@pytest.mark.slow
+def test_a_named_query_is_a_task_in_a_flow(mesh, hospitals, prefect_api):
+    from prefect import flow
+
+    from dfm_prefect import FederationTaskRunner, site_operation
+
+    _, rows = hospitals
+
+    @flow(task_runner=FederationTaskRunner(mesh.federation_file))
+    def stays() -> list[Any]:
+        stays_since = site_operation("query.stays_since")
+        futures = [stays_since.submit(since="2024-01-01", site=site) for site in HOSPITALS]
+        return [future.result().fetch() for future in futures]
+
+    parts = stays()
+    got = pd.concat(parts).groupby("ward")[["n", "stay_sum"]].sum().sort_index()
+    pooled = pd.concat(rows.values(), ignore_index=True)
+    recent = pooled[pd.to_datetime(pooled.admitted) >= "2024-01-01"].groupby("ward")
+    want = pd.DataFrame({"n": recent.size(), "stay_sum": recent["stay_days"].sum()}).sort_index()
+    pd.testing.assert_frame_equal(got, want, check_dtype=False, check_names=False)
