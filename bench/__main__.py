@@ -167,6 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md and bench/results.json alone")
     parser.add_argument("--render", action="store_true", help="rewrite BENCHMARKS.md from bench/results.json without running")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="with --only: replace only these benchmarks' rows in bench/results.json and BENCHMARKS.md, keeping the "
+        "others (each benchmark's figures say which run produced them)",
+    )
     args = parser.parse_args(argv)
     if args.render:
         return render(json.loads((ROOT / "bench" / "results.json").read_text()))
@@ -187,22 +193,49 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m bench" + (f" --only {','.join(chosen)}" if args.only else "")
     if args.no_write:
         return 0
-    (ROOT / "bench" / "results.json").write_text(
-        json.dumps(
-            {"command": command, "date": started.isoformat(), "seconds": seconds, "machine": machine(), "rows": [r.as_dict() for r in rows]},
-            indent=2,
-        )
-    )
+    run = {"command": command, "date": started.isoformat(), "seconds": seconds, "machine": machine(), "benchmarks": chosen}
+    results = {**run, "rows": [r.as_dict() for r in rows], "runs": [run]}
+    if args.merge and args.only:
+        earlier = json.loads((ROOT / "bench" / "results.json").read_text())
+        kept = [row for row in earlier["rows"] if row["bench"].split(":")[0] not in chosen]
+        runs = [dict(r, benchmarks=[b for b in r["benchmarks"] if b not in chosen]) for r in _runs(earlier)]
+        results = {**earlier, "rows": kept + results["rows"], "runs": [r for r in runs if r["benchmarks"]] + [run]}
+        (ROOT / "bench" / "results.json").write_text(json.dumps(results, indent=2))
+        return render(results)
+    (ROOT / "bench" / "results.json").write_text(json.dumps(results, indent=2))
     notes = {"Where dfm-prefect stands": SUMMARY} if not args.only else {}
     notes.update({name: NOTES[name] for name in chosen if name in NOTES})
     (ROOT / "BENCHMARKS.md").write_text(markdown(rows, machine=machine(), command=command, notes=notes, started=started, seconds=seconds))
     return 0
 
 
+def _runs(results: dict) -> list[dict]:
+    """The runs whose figures ``results`` holds (one, for results recorded before runs were merged)."""
+    if "runs" in results:
+        return list(results["runs"])
+    benches = list(dict.fromkeys(row["bench"].split(":")[0] for row in results["rows"]))
+    keys = ("command", "date", "seconds", "machine")
+    return [{**{key: results.get(key) for key in keys}, "benchmarks": benches}]
+
+
 def render(results: dict) -> int:
-    """BENCHMARKS.md from recorded results (the run's own command, date and machine)."""
+    """BENCHMARKS.md from recorded results (each run's own command, date and machine)."""
     rows = [Row(**row) for row in results["rows"]]
     ran = list(dict.fromkeys(row.bench.split(":")[0] for row in rows))
+    runs = _runs(results)
+    if len(runs) > 1:
+        text = markdown(rows, machine=results["machine"], command=results["command"], notes={}, started=dt.datetime.now(), seconds=0)
+        header = ["# Benchmarks", "", "Figures from these runs on this machine (each benchmark's rows come from one run):", ""]
+        header += [
+            f"- `{r['command']}` on {dt.datetime.fromisoformat(r['date']):%Y-%m-%d} ({r['seconds'] / 60:.1f} min): {', '.join(r['benchmarks'])}"
+            for r in runs
+        ]
+        body = text.split("\n", 3)[3]  # from the second paragraph on: ratios, machine, table
+        notes = {"Where dfm-prefect stands": SUMMARY}
+        notes.update({name: text for name, text in NOTES.items() if name in ran})
+        extra = "".join(f"\n## {title}\n\n{note.strip()}\n" for title, note in notes.items())
+        (ROOT / "BENCHMARKS.md").write_text("\n".join(header) + "\n\n" + body.rstrip("\n") + "\n" + extra)
+        return 0
     notes = {"Where dfm-prefect stands": SUMMARY} if "--only" not in results["command"] else {}
     notes.update({name: text for name, text in NOTES.items() if name in ran or (name == "peer" and "peer" in ran)})
     (ROOT / "BENCHMARKS.md").write_text(
