@@ -76,6 +76,8 @@ from site_workers.store import ResultStore
 from site_workers.views import Views
 
 log = logging.getLogger("dfm_prefect.site")
+GRANT_IDLE_S = 600.0
+"""A move's grant, checked in full on its first piece, holds for its later pieces while they keep coming this often."""
 
 Reply = Callable[[SiteMessage], None]
 
@@ -145,6 +147,8 @@ class SiteWorker:
         self._jobs: dict[str, _Job] = {}
         self._materializing: dict[str, tuple[str, threading.Event]] = {}
         """Views being materialized for a fetch: request id -> (client, its cancel event)."""
+        self._grants: OrderedDict[tuple[str, str, str], tuple[str, float]] = OrderedDict()
+        """Move grants checked in full: (site, request id, signature) -> (who signed, when a piece last used it)."""
         self._scanned: OrderedDict[tuple[str, str], None] = OrderedDict()
         """Stored results (uri, sha256) already scanned for credentials: scanned once, not for every piece."""
         self._running = 0
@@ -522,7 +526,7 @@ class SiteWorker:
                 "what a flow asked it to move",
                 site=self.name,
             )
-        recipient.grantor = self.identities.grantor(grant, site)
+        recipient.grantor = self._grantor(grant, site)
         try:
             granted = admission.move_params(grant, self.config.limits, self.name).ref
         except FederationError as exc:
@@ -531,6 +535,23 @@ class SiteWorker:
             copy = self.views.materialized(granted) if granted.is_view and granted.site == self.name else None
             if copy is None or copy.uri != request.ref.uri:
                 raise AccessDeniedError(f"site {site!r} fetched {request.ref!r}, but its move request names {granted!r}", site=self.name)
+
+    def _grantor(self, grant: RunRequest, site: str) -> str:
+        """Who signed ``grant`` for ``site``: checked in full on the move's first piece; later pieces of a move
+        that keeps going are taken on that check (a move may take longer than a signature stays fresh)."""
+        key = (site, grant.id, grant.auth.sig if grant.auth is not None else "")
+        now = time.monotonic()
+        with self._lock:
+            known = self._grants.get(key)
+            if known is not None and now - known[1] < GRANT_IDLE_S:
+                self._grants[key] = (known[0], now)
+                return known[0]
+        grantor = self.identities.grantor(grant, site)
+        with self._lock:
+            self._grants[key] = (grantor, now)
+            while len(self._grants) > 10_000:
+                self._grants.popitem(last=False)
+        return grantor
 
     def _check_export(self, ref: DataRef, recipient: _Recipient, contributors: int | None) -> None:
         if recipient.site is not None:

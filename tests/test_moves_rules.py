@@ -231,3 +231,31 @@ def test_a_view_whose_size_was_lowered_is_refused_before_anything_is_computed(me
     mesh.workers["north"].handle_message(mesh.person.sign(FetchRequest(id="s0", ref=lowered), "north"), answers.append)
     assert isinstance(answers[0], ErrorReply) and answers[0].error.code == AccessDeniedError.code
     assert not any(p.name.endswith(".netcdf") for p in Path(mesh.workers["north"].store.root).iterdir())
+
+
+def test_a_move_may_outlast_the_freshness_of_its_grant(tmp_path):
+    """The holder checks a grant in full on the first piece; later pieces of the same move are taken on that check."""
+    import time as clock
+
+    small_climate(seed=4).load().chunk({"time": 50}).to_zarr(tmp_path / "t.zarr", zarr_format=2, consolidated=True)
+    north = {
+        "name": "north", "operations": ["xarray.subset"], "identities": {"max_age_s": 1.0},
+        "sources": [{"name": "temperature", "url": f"file://{tmp_path / 't.zarr'}"}],
+        "result_store": {"url": f"file://{tmp_path / 'north'}"},
+        "export": {"kinds": ["aggregate"], "sites": {"hub": {"kinds": ["dataset"]}}},
+    }  # fmt: skip
+    hub = {"name": "hub", "operations": [], "result_store": {"url": f"file://{tmp_path / 'hub'}"}}
+    mesh = Mesh({"north": north, "hub": hub}, LocalCA.create(tmp_path / "ca"))
+    try:
+        box = mesh.ref("north", "xarray.subset", data="temperature")
+        grant = mesh.person.sign(RunRequest(id="g", op="dfm.move", params={"ref": box.model_dump(mode="json")}), "hub")
+        first = mesh.peers["hub"].request("north", FetchRequest(id="p1", ref=box, grant=grant, length=1 << 16), 60)
+        clock.sleep(1.5)  # the grant's signature is now older than north accepts
+        later = mesh.peers["hub"].request("north", FetchRequest(id="p2", ref=first.materialized, grant=grant, offset=1 << 16, length=1 << 16), 60)
+        assert later.offset == 1 << 16
+        stale = mesh.person.sign(RunRequest(id="g2", op="dfm.move", params={"ref": box.model_dump(mode="json")}), "hub")
+        clock.sleep(1.5)
+        with pytest.raises(AuthenticationError, match="signed"):
+            mesh.peers["hub"].request("north", FetchRequest(id="p3", ref=box, grant=stale), 60)
+    finally:
+        mesh.close()
