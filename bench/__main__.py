@@ -103,7 +103,9 @@ largest growth over the RSS at the move's start. Each size is checked once per
 transport: the mean of hub's copy equals north's. *Reliability*: the 10 MB result
 moved 20 times in a row and 20 times at once (20 client threads; each site runs 4
 operations at a time, the rest queue), each with a 300 s deadline; a failure,
-a hang past the deadline or a copy of another size counts as failed.
+a hang past the deadline or a copy of another size counts as failed. A size whose
+first move fails on a transport is a *failed* row carrying the site's error, and
+its rounds are skipped there.
 *Two-site pipeline*: a lat/lon box of the 24×90×180 grid of the DFM head-to-head
 cut at one site, its mean taken at another, the number to the client. nv-dfm-core
 (local and FLARE POC targets): Load and Subset at `datasite`, Mean at `hubsite`

@@ -285,6 +285,8 @@ class Mesh:
 
 def throughput_rows(size_mb: int, nbytes: int, runs: dict[str, list[dict[str, float]]]) -> list[Row]:
     bench = f"moves: {size_mb} MB"
+    if not runs[TLS]:
+        return []
     tls = median([nbytes / 1e6 / r["seconds"] for r in runs[TLS]])
     rows = [Row(bench, TLS, "throughput", tls, "MB/s", len(runs[TLS]), baseline=TLS, note="loopback, one sender and one receiver process, to a file")]
     for label, measured in runs.items():
