@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import dispatch, gpu, latency, load, locality, peer_dfm, sql_locality, views
+from bench import dispatch, gpu, latency, load, locality, moves, peer_dfm, sql_locality, views
 from bench.env import BenchEnv
 from bench.harness import Row, machine
 from bench.report import markdown, table
@@ -28,6 +28,7 @@ BENCHMARKS = {
     "load": load.run,
     "locality": locality.run,
     "views": views.run,
+    "moves": moves.run,
     "sql": sql_locality.run,
     "gpu": gpu.run,
 }
@@ -81,6 +82,38 @@ subset is written to the result store with its sha256 and read back; *direct*: t
 same statistics computed in the benchmark process on the pooled raw data. One warm
 flow run per variant, then the timed ones; every answer is checked against direct.
 Flow wall time includes Prefect's own per-flow-run cost (about 1 s).
+""",
+    "moves": """
+**Moves between sites.** Two sites on 127.0.0.1 per transport: `north` holds a
+float32 zarr source (1,000,000 bytes per time step, uncompressed), `hub` holds
+nothing and imports datasets from north. *Throughput*: for each size
+(`DFM_BENCH_MOVES_MB`, default 10,100,1000 MB) north stores the first steps with
+`xarray.write` (a stored netCDF result, so no materialization is timed) and hub runs
+`dfm.move` on it, timed at the client from the request until hub has stored its
+checked copy: 4 MiB pieces, at most 4 in flight, sha256 of the whole checked at hub.
+Each figure is the median of `--rounds` moves (at most 3 at 1 GB); MB are 10^6
+bytes. The ceiling, measured in the same run and alternating with the local
+transport's moves: a plain TLS copy of the same stored file over loopback (Python
+`ssl`, a throwaway self-signed EC certificate), one process reading it in 4 MiB
+pieces and sending, one receiving and writing to a file, timed from the receiver's
+accept (handshake included) to the last byte written. Peak RSS: each site's
+processes sampled every 50 ms during each move (local: the site process; FLARE:
+its FLARE client plus its mesh-job process), the highest over the rounds, with the
+largest growth over the RSS at the move's start. Each size is checked once per
+transport: the mean of hub's copy equals north's. *Reliability*: the 10 MB result
+moved 20 times in a row and 20 times at once (20 client threads; each site runs 4
+operations at a time, the rest queue), each with a 300 s deadline; a failure,
+a hang past the deadline or a copy of another size counts as failed. A size whose
+first move fails on a transport is a *failed* row carrying the site's error, and
+its rounds are skipped there.
+*Two-site pipeline*: a lat/lon box of the 24×90×180 grid of the DFM head-to-head
+cut at one site, its mean taken at another, the number to the client. nv-dfm-core
+(local and FLARE POC targets): Load and Subset at `datasite`, Mean at `hubsite`
+(checked in its prepared pipeline), the box sent by DFM as a token; dfm-prefect:
+`xarray.subset` at north (a view), `xarray.reduce` with `site="hub"` (the box is
+materialized at north and moved north→hub by `dfm.move`, its own task run), per
+execution as one Prefect flow run each (which carries Prefect's ~1 s per flow run)
+and inside one running flow.
 """,
     "sql": """
 **Databases.** Count, sum, sum of squares, min and max of `stay_days` per ward for

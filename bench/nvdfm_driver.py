@@ -37,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from nvdfm_templates import ADAPTERS_PY, FED_PKG, FEDERATION_YAML, PROJECT_YAML, USER
+from nvdfm_templates import ADAPTERS_PY, CLIENT_YAML, FED_PKG, FEDERATION_YAML, HUBSITE_YAML, PROJECT_YAML, USER
 
 VENV_BIN = Path(sys.executable).parent
 VAR = "t2m"
@@ -78,14 +78,18 @@ def make_dataset(tmp: Path) -> tuple[str, float, int]:
     return str(path), expected, path.stat().st_size
 
 
-def generate_federation(tmp: Path) -> Path:
+def worker_sites(two_site: bool) -> list[str]:
+    return ["datasite", "hubsite"] if two_site else ["datasite"]
+
+
+def generate_federation(tmp: Path, two_site: bool = False) -> Path:
     """Writes config + adapters and runs DFM ApiGen (== `dfm fed gen code`)."""
     from nv_dfm_core.gen.apigen import ApiGen
 
     pkg_root = tmp / "fedpkg"  # goes on PYTHONPATH
     cfg = tmp / "configs" / "federation.dfm.yaml"
     cfg.parent.mkdir(parents=True, exist_ok=True)
-    cfg.write_text(FEDERATION_YAML)
+    cfg.write_text(FEDERATION_YAML + (HUBSITE_YAML if two_site else ""))
     lib = pkg_root / FED_PKG / "lib"
     lib.mkdir(parents=True, exist_ok=True)
     (lib / "__init__.py").write_text(ADAPTERS_PY)
@@ -99,14 +103,15 @@ def generate_federation(tmp: Path) -> Path:
 # Shared pipeline + measurement (runs inside a phase subprocess)
 # --------------------------------------------------------------------------
 
-def build_pipeline():
+def build_pipeline(two_site: bool = False):
+    """Load, Subset and Mean at datasite; with ``two_site`` the Mean at hubsite (DFM sends it the box)."""
     from nv_dfm_core.api import Pipeline, PlaceParam, Yield
 
     api = __import__(f"{FED_PKG}.fed.api.data", fromlist=["Load", "Subset", "Mean"])
     with Pipeline(name="load_subset_mean") as p:
         ds = api.Load(site="datasite", path=PlaceParam(place="path"))
         sub = api.Subset(site="datasite", data=ds, **BBOX)
-        m = api.Mean(site="datasite", data=sub, variable=VAR)
+        m = api.Mean(site="hubsite" if two_site else "datasite", data=sub, variable=VAR)
         Yield(value=m)
     return p
 
@@ -163,10 +168,15 @@ def run_batched(session, prepared, data_path: str, expected: float, n: int, time
     return dt
 
 
-def measure(session, data_path, expected, n, timeout) -> dict:
+def measure(session, data_path, expected, n, timeout, two_site=False) -> dict:
     t = time.perf_counter()
-    prepared = session.prepare(build_pipeline())
+    prepared = session.prepare(build_pipeline(two_site))
     prepare_s = time.perf_counter() - t
+    # Where DFM placed the work: one net per participating site.
+    nets = {site: repr(ir) for site, ir in prepared._net_irs.items()}  # noqa: SLF001 (no public accessor)
+    mean_at = sorted(site for site, ir in nets.items() if "Mean" in ir)
+    if two_site and mean_at != ["hubsite"]:
+        raise RuntimeError(f"DFM placed the Mean at {mean_at}, not at hubsite (nets: {sorted(nets)})")
     first = run_once(session, prepared, data_path, expected, timeout)
     log(f"  first execution: {first['total_s']:.3f}s")
     runs = []
@@ -181,6 +191,8 @@ def measure(session, data_path, expected, n, timeout) -> dict:
     tot = [r["total_s"] for r in runs]
     res = [r["result_s"] for r in runs if r["result_s"] is not None]
     return {
+        "net_sites": sorted(nets),
+        "mean_at": mean_at,
         "prepare_s": prepare_s,
         "first_s": first["total_s"],
         "first_result_s": first["result_s"],
@@ -212,7 +224,7 @@ def phase_local(args) -> dict:
     session.connect()  # spawns (max_concurrent_jobs=4) x (3 sites) worker processes, returns early
     connect_s = time.perf_counter() - t0
     try:
-        m = measure(session, args.data, args.expected, args.n, timeout=120)
+        m = measure(session, args.data, args.expected, args.n, timeout=120, two_site=args.two_site)
     finally:
         t = time.perf_counter()
         session.close()
@@ -282,7 +294,9 @@ def phase_flare(args) -> dict:
     while admin_port == fl_port:
         admin_port = free_port()
     project = fdir / "project.yaml"  # must live outside the POC workspace
-    project.write_text(PROJECT_YAML.format(name=FED_PKG, user=USER,
+    sites = worker_sites(args.two_site)
+    clients = "".join(CLIENT_YAML.format(site=site) for site in sites)
+    project.write_text(PROJECT_YAML.format(name=FED_PKG, user=USER, clients=clients,
                                            fl_port=fl_port, admin_port=admin_port))
     prod = poc_ws / FED_PKG / "prod_00"
     admin_kit = prod / USER
@@ -305,7 +319,7 @@ def phase_flare(args) -> dict:
                                    env=env, stdout=starter_log, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True)
         sid = starter.pid
-        # 3. wait until the client site is connected (== DFM FlarePoc.wait)
+        # 3. wait until every client site is connected (== DFM FlarePoc.wait)
         from nvflare.fuel.flare_api.flare_api import new_secure_session
         deadline = time.time() + 180
         admin = None
@@ -314,7 +328,7 @@ def phase_flare(args) -> dict:
                 if admin is None:
                     admin = new_secure_session(USER, str(admin_kit), timeout=10.0)
                 clients = admin.get_connected_client_list()
-                if len(clients) >= 1:
+                if len(clients) >= len(sites):
                     break
             except Exception as e:  # server not up yet
                 if admin is not None:
@@ -338,7 +352,7 @@ def phase_flare(args) -> dict:
         session.connect()
         res["connect_s"] = time.perf_counter() - t
         res["setup_before_prepare_s"] = time.perf_counter() - t_setup0
-        m = measure(session, args.data, args.expected, args.n, timeout=300)
+        m = measure(session, args.data, args.expected, args.n, timeout=300, two_site=args.two_site)
         res.update(m)
         res["setup_s"] = res["setup_before_prepare_s"] + m["prepare_s"]
     finally:
@@ -394,7 +408,7 @@ def phase_flare(args) -> dict:
 # --------------------------------------------------------------------------
 
 def run_phase(name: str, tmp: Path, pkg_root: Path, data: str, expected: float, n: int,
-              extra_env: dict, timeout: int, keep_logs: bool = False) -> dict:
+              extra_env: dict, timeout: int, keep_logs: bool = False, two_site: bool = False) -> dict:
     out = tmp / f"result_{name}.json"
     logf = tmp / f"phase_{name}.log"
     env = dict(os.environ)
@@ -402,7 +416,7 @@ def run_phase(name: str, tmp: Path, pkg_root: Path, data: str, expected: float, 
     env.update(extra_env)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--phase", name, "--tmp", str(tmp),
            "--pkg-root", str(pkg_root), "--data", data, "--expected", repr(expected),
-           "--n", str(n), "--out", str(out)] + (["--keep-logs"] if keep_logs else [])
+           "--n", str(n), "--out", str(out)] + (["--keep-logs"] if keep_logs else []) + (["--two-site"] if two_site else [])
     t = time.perf_counter()
     with open(logf, "w") as lf:
         p = subprocess.Popen(cmd, env=env, stdout=lf, stderr=subprocess.STDOUT,
@@ -434,6 +448,7 @@ def main():
     ap.add_argument("--n", type=int, default=20)
     ap.add_argument("--targets", default="local,flare")
     ap.add_argument("--keep", action="store_true", help="keep temp dir")
+    ap.add_argument("--two-site", action="store_true", help="Mean at a second site (hubsite): DFM sends the box there")
     ap.add_argument("--workdir", default=tempfile.gettempdir())
     # internal (phase subprocess) args
     ap.add_argument("--phase")
@@ -462,12 +477,12 @@ def main():
     data, expected, nbytes = make_dataset(tmp)
     data_s = time.perf_counter() - t
     t = time.perf_counter()
-    pkg_root = generate_federation(tmp)
+    pkg_root = generate_federation(tmp, args.two_site)
     codegen_s = time.perf_counter() - t
     out = {"versions": versions(), "cpus": os.cpu_count(),
            "dataset": {"path_in_tmp": True, "bytes": nbytes, "shape": [24, 90, 180],
                        "expected_mean": expected, "gen_s": data_s},
-           "codegen_s": codegen_s}
+           "codegen_s": codegen_s, "two_site": args.two_site}
     targets = [x.strip() for x in args.targets.split(",") if x.strip()]
     failed = False
     dbg_env = {"DFM_SESSION_LOG": "1", "DFM_SESSION_LOG_LEVEL": "DEBUG"} if args.debug else {}
@@ -477,7 +492,8 @@ def main():
         # only frees slots 5 s after a job finished -> >4 back-to-back jobs deadlock
         # for 30 s and raise TimeoutError. Grace 0 avoids that (see NOTES.md).
         out["local"] = run_phase("local", tmp, pkg_root, data, expected, args.n,
-                                 {"DFM_LOCAL_REATTACH_FINISH_GRACE_SECONDS": "0", **dbg_env}, 900)
+                                 {"DFM_LOCAL_REATTACH_FINISH_GRACE_SECONDS": "0", **dbg_env}, 900,
+                                 two_site=args.two_site)
         failed |= "error" in out["local"]
     if "flare" in targets:
         log("FLARE target ...")
@@ -486,7 +502,7 @@ def main():
             fenv["GRPC_ENABLE_FORK_SUPPORT"] = "0"
         out["flare_env"] = fenv
         out["flare"] = run_phase("flare", tmp, pkg_root, data, expected, args.n, fenv, 1500,
-                                 keep_logs=args.keep or args.debug)
+                                 keep_logs=args.keep or args.debug, two_site=args.two_site)
         failed |= "error" in out["flare"]
     # final safety net: nothing from our POC may survive
     poc_ws = tmp / "flare" / "poc"

@@ -66,6 +66,24 @@ sites:
           variable: {{from-param: variable}}
 """
 
+HUBSITE_YAML = f"""\
+  hubsite:
+    info: {{description: "worker site with no data: takes the mean of what another site sends it"}}
+    interface:
+      "#/operations/data.Mean":
+        adapter: {FED_PKG}.lib.Mean
+        args:
+          data: {{from-param: data}}
+          variable: {{from-param: variable}}
+"""
+"""The second worker site of the two-site pipeline (appended to FEDERATION_YAML)."""
+
+CLIENT_YAML = """\
+  - name: {site}
+    type: client
+    org: bench
+"""
+
 ADAPTERS_PY = '''\
 """Minimal DFM adapters. DFM instantiates each class once per site (passing
 site/provider if the constructor accepts them) and awaits body(**args)."""
@@ -111,10 +129,7 @@ participants:
     org: bench
     fed_learn_port: {fl_port}
     admin_port: {admin_port}
-  - name: datasite
-    type: client
-    org: bench
-builders:
+{clients}builders:
   - path: nvflare.lighter.impl.workspace.WorkspaceBuilder
     args:
       template_file: [master_template.yml, aws_template.yml, azure_template.yml]

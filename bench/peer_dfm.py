@@ -44,12 +44,15 @@ def ensure_venv() -> Path:
     return python
 
 
-def run_nvdfm(targets: str = "local,flare", n: int = RUNS) -> dict[str, Any]:
-    """Run the DFM driver in its own environment; returns its JSON report."""
+def run_nvdfm(targets: str = "local,flare", n: int = RUNS, *, two_site: bool = False) -> dict[str, Any]:
+    """Run the DFM driver in its own environment; returns its JSON report.
+
+    ``two_site``: the box is cut at one site and its mean taken at another (DFM sends the box between them).
+    """
     python = ensure_venv()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     result = subprocess.run(
-        [str(python), str(HERE / "nvdfm_driver.py"), "--n", str(n), "--targets", targets],
+        [str(python), str(HERE / "nvdfm_driver.py"), "--n", str(n), "--targets", targets, *(["--two-site"] if two_site else [])],
         capture_output=True,
         text=True,
         env=env,
@@ -87,7 +90,9 @@ def _pipeline(expected: float) -> float:
     return value
 
 
-def run_ours(federation_file: Path, expected: float, label: str) -> list[Row]:
+def run_ours(
+    federation_file: Path, expected: float, label: str, *, pipeline: Any = _pipeline, bench: str = "peer: DFM pipeline"
+) -> list[Row]:
     from prefect import flow
 
     from dfm_prefect.task_runner import FederationTaskRunner
@@ -96,14 +101,14 @@ def run_ours(federation_file: Path, expected: float, label: str) -> list[Row]:
 
     @flow(name="bench-peer-pipeline", task_runner=runner)
     def once() -> float:
-        return _pipeline(expected)
+        return pipeline(expected)
 
     @flow(name="bench-peer-pipeline-loop", task_runner=runner)
     def many(n: int) -> list[float]:
         times = []
         for _ in range(n + 1):
             start = time.perf_counter()
-            _pipeline(expected)
+            pipeline(expected)
             times.append(time.perf_counter() - start)
         return times
 
@@ -111,11 +116,11 @@ def run_ours(federation_file: Path, expected: float, label: str) -> list[Row]:
     flow_runs = [_timed(once)[0] for _ in range(RUNS)]
     inside = many(RUNS)[1:]
     return [
-        Row("peer: DFM pipeline", f"dfm-prefect {label}, one flow run each", "first execution", first, "s", 1),
-        Row("peer: DFM pipeline", f"dfm-prefect {label}, one flow run each", "per execution", median(flow_runs), "s", RUNS),
-        Row("peer: DFM pipeline", f"dfm-prefect {label}, one flow run each", f"{RUNS} executions in a row", sum(flow_runs), "s", 1),
-        Row("peer: DFM pipeline", f"dfm-prefect {label}, inside one flow", "per execution", median(inside), "s", RUNS),
-        Row("peer: DFM pipeline", f"dfm-prefect {label}, inside one flow", f"{RUNS} executions in a row", sum(inside), "s", 1),
+        Row(bench, f"dfm-prefect {label}, one flow run each", "first execution", first, "s", 1),
+        Row(bench, f"dfm-prefect {label}, one flow run each", "per execution", median(flow_runs), "s", RUNS),
+        Row(bench, f"dfm-prefect {label}, one flow run each", f"{RUNS} executions in a row", sum(flow_runs), "s", 1),
+        Row(bench, f"dfm-prefect {label}, inside one flow", "per execution", median(inside), "s", RUNS),
+        Row(bench, f"dfm-prefect {label}, inside one flow", f"{RUNS} executions in a row", sum(inside), "s", 1),
     ]
 
 
@@ -125,7 +130,7 @@ def _timed(fn: Any) -> tuple[float, Any]:
     return time.perf_counter() - start, value
 
 
-def nvdfm_rows(report: dict[str, Any]) -> list[Row]:
+def nvdfm_rows(report: dict[str, Any], bench: str = "peer: DFM pipeline") -> list[Row]:
     rows = []
     names = {"local": "nv-dfm-core local target", "flare": "nv-dfm-core FLARE POC target"}
     for target, name in names.items():
@@ -133,14 +138,14 @@ def nvdfm_rows(report: dict[str, Any]) -> list[Row]:
         if not data:
             continue
         if "error" in data:
-            rows.append(Row("peer: DFM pipeline", name, "failed", float("nan"), "", 0, note=str(data["error"])[:200]))
+            rows.append(Row(bench, name, "failed", float("nan"), "", 0, note=str(data["error"])[:200]))
             continue
         bad = data.get("executions_with_missing_or_wrong_result", 0)
         note = f"{bad} executions with missing or wrong results" if bad else ""
         rows += [
-            Row("peer: DFM pipeline", name, "first execution", data["first_s"], "s", 1, note=note),
-            Row("peer: DFM pipeline", name, "per execution", data["per_exec_median_s"], "s", data["n"]),
-            Row("peer: DFM pipeline", name, f"{RUNS} executions in a row", data["twenty_s"], "s", 1),
+            Row(bench, name, "first execution", data["first_s"], "s", 1, note=note),
+            Row(bench, name, "per execution", data["per_exec_median_s"], "s", data["n"]),
+            Row(bench, name, f"{RUNS} executions in a row", data["twenty_s"], "s", 1),
         ]
     return rows
 

@@ -72,6 +72,48 @@ def test_a_benchmark_round_runs_through_the_runners_and_refuses_lost_results():
     assert "1 of 20 results missing or not their own value" in report["lost"]
 
 
+MOVES_SMOKE = """
+import json, tempfile
+from pathlib import Path
+
+from bench import moves
+from dfm_prefect.client import close_clients
+from dfm_prefect.transports.local.launcher import LocalFederation
+
+root = Path(tempfile.mkdtemp(prefix="dfm-bench-moves-"))
+moves.make_source(root / "source.zarr", 3)
+sources = {"north": [{"name": "moves-source", "url": f"file://{root / 'source.zarr'}"}]}
+with LocalFederation(moves.site_configs(root / "local", sources), workdir=root / "local" / "federation") as fed:
+    mesh = moves.Mesh("local", fed, root / "local")
+    try:
+        ref = mesh.stored(3)
+        before = mesh.client.stats("hub").bytes_from_sites
+        measured = mesh.measured_move(ref)
+        arrived = mesh.client.stats("hub").bytes_from_sites - before
+        mesh.check(ref, mesh.move(ref))
+        held = sorted(p.stat().st_size for p in (root / "local" / "store" / "hub").iterdir() if "-moved." in p.name)
+        cert, key = moves.throwaway_cert(root / "tls")
+        tls = moves.tls_copy(mesh.stored_path(ref), cert, key, root)
+    finally:
+        close_clients()
+print(json.dumps({"size": ref.size, "arrived": arrived, "held": held, "measured": measured, "tls": tls}))
+"""
+
+
+@pytest.mark.slow
+def test_the_moves_benchmark_moves_the_bytes_it_times():
+    result = subprocess.run([sys.executable, "-c", MOVES_SMOKE], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    size = report["size"]
+    assert size > 3_000_000  # three 1,000,000-byte steps, stored as netCDF by xarray.write
+    assert report["arrived"] == size  # hub received the whole stored result from north, site to site
+    assert report["held"] == [size, size]  # two checked copies in hub's store (the timed move and the checked one)
+    measured = report["measured"]
+    assert measured["seconds"] > 0 and measured["peak north"] > 0 and measured["peak hub"] > 0
+    assert report["tls"] > 0  # the TLS copy checks it received as many bytes as the file holds
+
+
 def test_recorded_results_render_as_benchmarks_md():
     from bench.harness import Row
     from bench.report import markdown
