@@ -67,7 +67,7 @@ def vault(request: pytest.FixtureRequest, vault_paths: dict[str, Path], climate_
         "vault",
         root / "store",
         [{"name": "temperature", "url": climate_data["north"]}],
-        operations=["core.echo", "xarray.subset", "xarray.moments", "testing.leak", "testing.read"],
+        operations=["core.echo", "xarray.subset", "xarray.write", "xarray.moments", "testing.leak", "testing.read"],
         data_roots=[{"url": f"file://{data}", "storage_options": {"token": f"${{env:{TOKEN_VAR}}}"}}],
         export={
             "kinds": ["value", "aggregate", "dataset"],
@@ -103,8 +103,12 @@ def vault_client(vault: LocalFederation) -> FederationClient:
 
 @pytest.fixture(scope="module")
 def small_dataset(vault_client: FederationClient) -> DataRef:
-    """A dataset result at the vault (one grid point's time series): small, but raw data."""
-    return vault_client.call("vault", "xarray.subset", {"data": "temperature", "points": {"lat": 2.5, "lon": 2.5}})
+    """A stored dataset result at the vault (one grid point's time series): small, but raw data.
+
+    Stored on purpose with ``xarray.write`` (a subset alone is a view, whose forgeries test_views.py covers).
+    """
+    point = vault_client.call("vault", "xarray.subset", {"data": "temperature", "points": {"lat": 2.5, "lon": 2.5}})
+    return vault_client.call("vault", "xarray.write", {"data": point.model_dump(mode="json")})
 
 
 def refused(
