@@ -196,7 +196,11 @@ class Views:
     def recipe(self, op: Operation, params: OperationParams) -> Recipe:
         """The recipe of a run about to start: taken before it reads, so a change during the run shows later."""
         sources = {}
+        could_be_view = op.view and op.result_kind == "dataset"
         for name in data_sources(op, params):
+            if not could_be_view:
+                sources[name] = ""  # a stored result is never recomputed: no metadata read on its path
+                continue
             try:
                 sources[name] = self.fingerprint(self._resolver.resolve(name))
             except FederationError:

@@ -80,7 +80,8 @@ class Recipe(BaseModel):
     version: str = Field(max_length=64)
     params: dict[str, Any] = Field(default_factory=dict)
     sources: dict[str, str] = Field(
-        default_factory=dict, description="Data source read -> its fingerprint when read ('' where the site has none)."
+        default_factory=dict,
+        description="Data source read -> its fingerprint when read (for a view; '' for a stored result or where the site has none).",
     )
 
     def lineage(self, width: int = 120) -> str:
