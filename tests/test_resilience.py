@@ -324,6 +324,28 @@ def test_a_live_client_keeps_its_long_and_idle_work(twins, twins_client, flare):
     assert expired() == before
 
 
+def test_a_client_whose_admin_session_the_server_ended_logs_in_again(twins, twins_client, twins_runner, flare):
+    """FLARE's server ends an admin session after 30 idle minutes; the next flow must not find the server "unreachable"."""
+    if not flare:
+        pytest.skip("the local transport has no admin session: each request goes to the site directly")
+    session = twins_client.transport._session
+    renewals = session.renewals
+    assert twins_client.call("alpha", "core.echo", {"value": "before"}).fetch(client=twins_client) == "before"
+    # What the server's idle timeout does: it ends the session and sends FLARE's admin client a
+    # SESSION_EXPIRED message, after which every command of that session fails.
+    from nvflare.fuel.f3.message import Message
+
+    session._session.api.server_execute("_logout")
+    session._session.api._handle_session_expired(Message(payload="Your session is closed due to inactivity or cert expiry."))
+
+    @flow(task_runner=twins_runner)
+    def after_the_pause() -> list[Any]:
+        return [f.result().fetch() for f in echo.map(value=["a", "b"], site=["alpha", "beta"])]
+
+    assert after_the_pause() == ["a", "b"]
+    assert session.renewals == renewals + 1
+
+
 # ------------------------------------------------------------------ durability
 
 

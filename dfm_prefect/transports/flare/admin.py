@@ -24,6 +24,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -83,7 +84,12 @@ def open_session(admin_kit: str | os.PathLike[str], username: str, *, command_ti
     FLARE takes the user's identity from the kit's certificate. A kit that the
     server does not trust (from another provisioning) cannot connect: the error
     then says what the TLS handshake found (see :func:`~dfm_prefect.transports.flare.trust.tls_problem`).
+    The session logs in again by itself when the server ends it (see `RenewingSession`).
     """
+    return RenewingSession(lambda: _login(admin_kit, username, command_timeout=command_timeout, connect_timeout=connect_timeout))
+
+
+def _login(admin_kit: str | os.PathLike[str], username: str, *, command_timeout: float, connect_timeout: float) -> Any:
     from nvflare.fuel.flare_api import api_spec
     from nvflare.fuel.flare_api.flare_api import new_secure_session
 
@@ -281,6 +287,63 @@ def close_session(session: Any) -> None:
         session.close()
     except Exception:  # closing is best-effort: the server may be down already
         pass
+
+
+class RenewingSession:
+    """An admin session that logs in again when the FLARE server has ended it.
+
+    The server ends an admin session after 30 minutes without a command (and
+    when the kit's certificate expires); every later command of that session
+    then fails with ``SessionClosed``. A client that waits that long between
+    flows (a notebook, a deployment between runs) would otherwise take the
+    server for unreachable. A command refused that way was not run, so it is
+    sent once more on a fresh session; a session this object closed stays closed.
+    """
+
+    def __init__(self, login: Callable[[], Any]) -> None:
+        self._login = login
+        self._session = login()
+        self._lock = threading.Lock()
+        self._timeout: float | None = None
+        self._closed = False
+        self.renewals = 0
+
+    def set_timeout(self, timeout: float) -> None:
+        self._timeout = timeout
+        self._session.set_timeout(timeout)
+
+    def close(self) -> None:
+        self._closed = True
+        self._session.close()
+
+    def _renew(self, stale: Any, why: BaseException) -> Any:
+        with self._lock:
+            if self._session is stale and not self._closed:
+                logging.getLogger(FLARE_ADMIN_LOGGER).info("the FLARE server ended the admin session (%s); logging in again", why)
+                close_session(stale)
+                self._session = self._login()
+                if self._timeout is not None:
+                    self._session.set_timeout(self._timeout)
+                self.renewals += 1
+            return self._session
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._session, name)
+        if not callable(attribute):
+            return attribute
+
+        def renewing(*args: Any, **kwargs: Any) -> Any:
+            from nvflare.fuel.flare_api import api_spec
+
+            session = self._session
+            try:
+                return getattr(session, name)(*args, **kwargs)
+            except api_spec.SessionClosed as exc:  # SessionExpired included
+                if self._closed:
+                    raise
+                return getattr(self._renew(session, exc), name)(*args, **kwargs)
+
+        return renewing
 
 
 class LockedSession:
