@@ -91,6 +91,25 @@ def test_a_site_speaks_only_as_itself_from_its_current_process_and_only_to_its_c
     assert router.reply(_chunk("north", "n1", _peer("c")), "north").accepted
 
 
+def test_a_client_that_idled_past_its_expiry_gets_answers_to_what_it_sends_next():
+    clock = [0.0]
+    router = Router(["north"], mailboxes=Mailboxes(idle_expiry=600.0, clock=lambda: clock[0]))
+    router.hello(Hello(site="north", incarnation="n1", pid=1), "north")
+    router.exchange(ExchangeRequest(mailbox=_secret("c"), frames=[_frame("north", "first")], awaiting=1))
+    router.next_batch("north", threading.Event())
+    assert router.reply(_chunk("north", "n1", _peer("c"), "one"), "north").accepted
+    assert [p.data for p in router.exchange(ExchangeRequest(mailbox=_secret("c"))).pieces] == ["one"]
+    clock[0] = 601.0  # a notebook left alone for ten minutes: its mailbox is dropped, the site told
+    assert [client for client, _ in router.expire_clients()] == [_peer("c")]
+    back = router.exchange(ExchangeRequest(mailbox=_secret("c"), ack=1, frames=[_frame("north", "second")], awaiting=1))
+    assert back.expired is not None and "idle_expiry" in back.expired
+    batch = router.next_batch("north", threading.Event())
+    assert batch.closed_peers == [_peer("c")] and [f.peer for f in batch.frames] == [_peer("c")]
+    # The site answers the new frame; the answer must reach the client, not be dropped as for a departed one.
+    assert router.reply(_chunk("north", "n1", _peer("c"), "two"), "north").accepted
+    assert [p.data for p in router.exchange(ExchangeRequest(mailbox=_secret("c"), ack=1, awaiting=1)).pieces] == ["two"]
+
+
 def test_reply_quotas_per_site_and_per_client_keep_one_party_from_starving_the_rest():
     router = _ready_router()  # quotas: 10 bytes per site, 30 per client, 100 in all
     assert router.reply(_chunk("north", "n1", _peer("c"), "x" * 8), "north").accepted

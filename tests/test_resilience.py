@@ -346,6 +346,26 @@ def test_a_client_whose_admin_session_the_server_ended_logs_in_again(twins, twin
     assert session.renewals == renewals + 1
 
 
+@pytest.mark.flare
+def test_a_client_back_after_the_mesh_dropped_its_idle_mailbox_gets_its_answers(tmp_path, climate_data, prefect_api):
+    """The mesh job drops an idle client's mailbox (``idle_expiry``, 600 s by default; 3 s here): a notebook
+    that pauses longer than that must find the federation working when it comes back."""
+    configs = {"gamma": site_config("gamma", tmp_path / "store", [{"name": "temperature", "url": climate_data["north"]}])}
+    with private_flare_federation(tmp_path / "fed", configs, job=MeshJobConfig(idle_expiry=3.0)) as fed:
+        client = get_client(fed.federation_file)
+        assert client.call("gamma", "core.echo", {"value": "before"}).fetch(client=client) == "before"
+        expired = fed.fed.mesh_status().counters.get("clients_expired", 0)
+        time.sleep(6)
+        assert fed.fed.mesh_status().counters.get("clients_expired", 0) > expired  # it was dropped
+        assert client.call("gamma", "core.echo", {"value": "after"}, timeout=30).fetch(client=client) == "after"
+
+        @flow(task_runner=FederationTaskRunner(fed.federation_file))
+        def after_the_pause() -> Any:
+            return echo.submit(value="in a flow", site="gamma").result().fetch()
+
+        assert after_the_pause() == "in a flow"
+
+
 # ------------------------------------------------------------------ durability
 
 

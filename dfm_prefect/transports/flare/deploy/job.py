@@ -47,6 +47,12 @@ class MeshJobConfig(BaseModel):
         description="Seconds a client that waits for answers may go without an exchange before it is gone and its "
         "work at the sites is cancelled (clients exchange every fraction of a second while they wait).",
     )
+    idle_expiry: float = Field(
+        default=600.0,
+        gt=0,
+        description="Seconds after which the mailbox of a client that waits for nothing is dropped; "
+        "the client gets a fresh one with its next exchange.",
+    )
     chunk_bytes: int = Field(default=1 << 20, gt=0, description="Largest piece of a reply frame in one message.")
     reply_linger: float = Field(default=0.002, ge=0, le=0.1, description="Seconds a site's reply waits for others to batch with.")
 
@@ -76,6 +82,7 @@ def write_job(folder: str | os.PathLike[str], config: MeshJobConfig = MeshJobCon
                     "max_site_buffer_bytes": config.max_site_buffer_bytes,
                     "max_client_buffer_bytes": config.max_client_buffer_bytes,
                     "client_timeout": config.client_timeout,
+                    "idle_expiry": config.idle_expiry,
                 },
             }
         ],

@@ -82,7 +82,7 @@ def run_mesh(
     if not sites:
         raise ConfigError("name the federation's sites (--sites north,south)")
     out = Path(out).resolve()
-    folder = out.parent / f".{job.name}-job"
+    folder = out.parent / f"{job.name}-job"  # FLARE takes letters, digits, dots, underscores and hyphens, not a leading dot
     session = admin.LockedSession(admin.open_session(admin_kit, username))
     try:
         running = admin.mesh_jobs(session, job.name)

@@ -72,6 +72,8 @@ class MeshController(Controller):
         max_dispatch_frames: most frames in one dispatch message.
         client_timeout: a client that waits for answers and has not exchanged for this
             long is gone: its work at the sites is cancelled (see `Mailboxes`).
+        idle_expiry: the mailbox of a client that waits for nothing is dropped after this long
+            without an exchange (it gets a fresh one when it comes back).
     """
 
     def __init__(
@@ -84,8 +86,10 @@ class MeshController(Controller):
         max_client_buffer_bytes: int = 64 << 20,
         max_dispatch_frames: int = 500,
         client_timeout: float = 10.0,
+        idle_expiry: float = 600.0,
     ) -> None:
         super().__init__()
+        self.idle_expiry = idle_expiry
         self.max_site_buffer_bytes = max_site_buffer_bytes
         self.max_client_buffer_bytes = max_client_buffer_bytes
         self.client_timeout = client_timeout
@@ -113,6 +117,7 @@ class MeshController(Controller):
             max_site_bytes=self.max_site_buffer_bytes,
             max_client_bytes=self.max_client_buffer_bytes,
             client_timeout=self.client_timeout,
+            idle_expiry=self.idle_expiry,
         )
         self.router = Router(
             [client.name for client in clients],

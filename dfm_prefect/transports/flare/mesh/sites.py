@@ -54,6 +54,8 @@ class SiteRecord:
                 self.departed[peer] = None
         while len(self.departed) > REMEMBER_DEPARTED:
             self.departed.popitem(last=False)
+        for peer in peers:  # a client declared gone that came back: its new frames must get answers
+            self.departed.pop(peer, None)
         self.peers.update(peers)
 
     def view(self, now: float) -> SiteState:

@@ -1,0 +1,246 @@
+"""A federation across hosts, for real: one network namespace per host, set up with docs/flare.md's steps.
+
+Hosts: ``hub`` (the FLARE server), ``north`` and ``south`` (sites), ``client``
+(the flow and its Prefect API) and ``cloud`` (an S3 endpoint that only south
+is linked to). Every host reaches the others by name through its own hosts
+file; sites are linked to ``hub`` only. The kits come from ``nvflare provision``
+on docs/flare.md's ``project.yml`` (its server name replaced by ``hub``'s),
+and each step runs the shell lines of "On several machines" on its host, so
+the procedure the docs give is the one tested here.
+
+Needs root (network namespaces): skipped with the reason otherwise. CI runs as root.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from dfm_prefect.testing.netns import Internet, unavailable
+from dfm_prefect.testing.s3 import DEMO_CREDENTIALS
+from tests.conftest import ROOT, climate_site_configs
+
+pytestmark = [pytest.mark.slow, pytest.mark.flare]
+
+HOSTS = ["hub", "north", "south", "client", "cloud"]
+LINKS = [("hub", "north"), ("hub", "south"), ("hub", "client"), ("south", "cloud")]
+DOCS = ROOT / "docs" / "flare.md"
+S3_PORT = 9000
+PREFECT_PORT = 4200
+DOCS_SERVER = "flare.example.org"
+
+
+def docs_blocks(heading: str, language: str) -> list[str]:
+    """The ``language`` code blocks of docs/flare.md's section ``heading`` (up to the next heading)."""
+    text = DOCS.read_text()
+    start = text.index(f"\n{heading}\n")
+    end = text.find("\n#", start + len(heading) + 2)
+    section = text[start : end if end != -1 else len(text)]
+    return re.findall(rf"```{language}\n(.*?)```", section, re.S)
+
+
+def shell_lines(block: str, replace: dict[str, str]) -> list[str]:
+    """A docs shell block's commands, continuation lines joined, placeholders replaced, comments dropped."""
+    joined = block.replace("\\\n", " ")
+    lines = []
+    for line in joined.splitlines():
+        line = line.split("  #", 1)[0].strip()
+        for placeholder, value in replace.items():
+            line = line.replace(placeholder, value)
+        if line:
+            lines.append(line)
+    return lines
+
+
+@pytest.fixture(scope="module")
+def net() -> Iterator[Internet]:
+    why = unavailable()
+    if why is not None:
+        pytest.skip(f"hosts as network namespaces: {why}")
+    with Internet(HOSTS, LINKS) as internet:
+        yield internet
+
+
+def _bash(net: Internet, host: str, line: str, env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen[bytes]:
+    return net.popen(host, ["bash", "-c", line], env=env, cwd=cwd, log=open(log, "ab"))  # noqa: SIM115 - closed with the process
+
+
+@pytest.fixture(scope="module")
+def hosts(net: Internet, tmp_path_factory: pytest.TempPathFactory, climate_data: dict[str, str]) -> Iterator[SimpleNamespace]:
+    root = tmp_path_factory.mktemp("hosts")
+    venv_bin = str(Path(sys.executable).parent)
+    env = {
+        **os.environ,
+        **DEMO_CREDENTIALS,
+        "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}",
+        "PYTHONPATH": str(ROOT),
+        "DFM_TEST_S3_ENDPOINT": f"http://{net.name('cloud')}:{S3_PORT}",
+        "NO_PROXY": "*",
+    }
+    env.pop("DFM_FEDERATION", None)
+    env.pop("PREFECT_API_URL", None)
+    t0 = time.monotonic()
+
+    # cloud: an S3 endpoint holding south's data (put there from cloud itself: only south is linked to it).
+    # Path-style requests to a host name: moto would otherwise take "cloud" in cloud.dfm.test for a bucket.
+    moto_env = {**env, "S3_IGNORE_SUBDOMAIN_BUCKETNAME": "true"}
+    net.popen("cloud", [sys.executable, "-m", "moto.server", "-H", "0.0.0.0", "-p", str(S3_PORT)], env=moto_env, log=open(root / "cloud.log", "ab"))  # noqa: SIM115
+    net.wait_port("cloud", "cloud", S3_PORT)
+    upload = (
+        "import s3fs, sys; fs = s3fs.S3FileSystem(key='{k}', secret='{s}', client_kwargs={{'endpoint_url': 'http://127.0.0.1:{p}'}}); "
+        "fs.mkdir('climate'); fs.put(sys.argv[1], 's3://climate/south/temperature.zarr', recursive=True)"
+    ).format(k=DEMO_CREDENTIALS["AWS_ACCESS_KEY_ID"], s=DEMO_CREDENTIALS["AWS_SECRET_ACCESS_KEY"], p=S3_PORT)
+    put = net.run("cloud", [sys.executable, "-c", upload, climate_data["south_local"].removeprefix("file://")], env=env)
+    assert put.returncode == 0, put.stderr[-2000:]
+
+    # 1. Provision, on a trusted machine: the docs' project.yml, with hub's name for the server.
+    project = yaml.safe_load(docs_blocks("### 1. Provision", "yaml")[0])
+    for participant in project["participants"]:
+        if participant["name"] == DOCS_SERVER:
+            participant["name"] = net.name("hub")
+    (root / "project.yml").write_text(yaml.safe_dump(project, sort_keys=False))
+    replace = {DOCS_SERVER: net.name("hub"), "provision/": str(root / "provision") + "/"}
+    for line in shell_lines(docs_blocks("### 1. Provision", "bash")[0], replace):
+        if line.startswith("ls "):
+            listed = subprocess.run(line, shell=True, cwd=root, capture_output=True, text=True, env=env)
+            assert set(listed.stdout.split()) >= {net.name("hub"), "north", "south", "admin@example.org", "analyst@example.org"}
+            continue
+        done = subprocess.run(line, shell=True, cwd=root, capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, f"{line}: {done.stdout[-1500:]}{done.stderr[-1500:]}"
+    prod = root / "provision" / project["name"] / "prod_00"
+
+    # 2. The server, on hub (its job store under the test's folder, as the docs' storage_root says).
+    replace = {DOCS_SERVER: net.name("hub"), "/path/to/venv/bin": venv_bin, "/var/lib/dfm-flare": str(root / "hub-store")}
+    for line in shell_lines(docs_blocks("### 2. Server", "bash")[0], replace):
+        if line.startswith("pip install"):
+            continue  # this environment is the installed one
+        if line.endswith("start.sh"):  # it leaves the server running in the background
+            _bash(net, "hub", line, env, prod, root / "hub.log")
+            continue
+        done = net.run("hub", ["bash", "-c", line], env=env, cwd=prod)
+        assert done.returncode == 0, f"{line}: {done.stdout[-1500:]}{done.stderr[-1500:]}"
+    net.wait_port("client", "hub", project["participants"][0]["admin_port"], timeout=120)
+
+    # 3. Each site, on its host: the docs' join line with this site's kit and YAML.
+    data = {**climate_data, "south": "s3://climate/south/temperature.zarr"}
+    configs = {path.stem: path for path in climate_site_configs(root, data)}
+    join = next(line for line in shell_lines(docs_blocks("### 3. Each site", "bash")[0], {}) if "federation join" in line)
+    for site in ("north", "south"):
+        line = join.replace("/srv/flare/north", str(prod / site)).replace("north.yaml", str(configs[site]))
+        _bash(net, site, line, env, root, root / f"{site}.log")
+
+    # 4. The mesh job, from the client host with the project admin's kit (stays as the supervisor).
+    mesh = shell_lines(docs_blocks("### 4. The mesh job", "bash")[0], {"/secure/admin@example.org": str(prod / "admin@example.org")})[0]
+    federation_file = root / "federation.json"
+    supervisor = _bash(net, "client", mesh.replace("--out federation.json", f"--out {federation_file}"), env, root, root / "mesh.log")
+    deadline = time.monotonic() + 240
+    while not federation_file.exists():
+        logs = "".join(f"\n--- {name}.log\n" + (root / f"{name}.log").read_text()[-1500:] for name in ("mesh", "north", "south"))
+        assert supervisor.poll() is None, f"`federation mesh` exited with {supervisor.returncode}:{logs}"
+        assert time.monotonic() < deadline, f"no federation file within 240 s:{logs}"
+        time.sleep(0.5)
+    up_seconds = time.monotonic() - t0
+
+    # 5. Flows: the analyst's federation file from the docs, and a Prefect API on the client host.
+    analyst = json.loads(docs_blocks("### 5. Flows", "json")[0])
+    analyst["admin_kit"] = str(prod / "analyst@example.org")
+    analyst_file = root / "analyst.json"
+    analyst_file.write_text(json.dumps(analyst))
+    prefect_home = root / "prefect"
+    prefect_home.mkdir()
+    prefect_env = {**env, "PREFECT_HOME": str(prefect_home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false"}
+    net.popen(
+        "client", [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(PREFECT_PORT)],
+        env=prefect_env, log=open(root / "prefect.log", "ab"),  # noqa: SIM115
+    )  # fmt: skip
+    net.wait_port("client", "127.0.0.1", PREFECT_PORT, timeout=120)
+    flow_env = {**env, "PREFECT_HOME": str(prefect_home), "PREFECT_API_URL": f"http://127.0.0.1:{PREFECT_PORT}/api", "DFM_FEDERATION": str(analyst_file)}
+    print(f"3-host federation up (provision, server, 2 sites, mesh job) in {up_seconds:.1f}s")
+    yield SimpleNamespace(root=root, prod=prod, env=env, flow_env=flow_env, federation_file=federation_file, analyst_file=analyst_file,
+                          configs=configs, up_seconds=up_seconds)  # fmt: skip
+
+
+def run_on_client(net: Internet, hosts: SimpleNamespace, argv: list[str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return net.run("client", [sys.executable, *argv], env=hosts.flow_env, cwd=ROOT, timeout=timeout)
+
+
+def test_the_flagship_flow_across_hosts_equals_the_single_host_run(net, hosts, federation, prefect_api):
+    done = run_on_client(net, hosts, ["-m", "flows.federated_climate_stats", "dfm://north/temperature", "dfm://south/temperature"])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    printed = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    assert printed, done.stdout[-3000:] + done.stderr[-3000:]
+    across = ast.literal_eval(printed[-1])
+
+    from dfm_prefect.task_runner import FederationTaskRunner
+    from flows.federated_climate_stats import federated_climate_stats
+
+    single = federated_climate_stats.with_options(task_runner=FederationTaskRunner(federation.federation_file))(
+        datasets=["dfm://north/temperature", "dfm://south/temperature"]
+    )
+    assert across.keys() == single.keys() and across
+    for year, stats in single.items():
+        assert across[year]["n"] == stats["n"]
+        assert across[year]["mean"] == pytest.approx(stats["mean"], rel=1e-12)
+        assert across[year]["std"] == pytest.approx(stats["std"], rel=1e-12)
+
+
+def test_a_site_reaches_the_server_and_nothing_else(net, hosts):
+    net.popen("client", [sys.executable, "-m", "http.server", "8080", "--bind", "0.0.0.0"])
+    net.popen("south", [sys.executable, "-m", "http.server", "8080", "--bind", "0.0.0.0"])
+    net.wait_port("client", "client", 8080)
+    net.wait_port("south", "south", 8080)
+    admin_port = yaml.safe_load((hosts.root / "project.yml").read_text())["participants"][0]["admin_port"]
+    assert net.reachable("north", "hub", admin_port)
+    for target in ("south", "client", "cloud"):
+        assert "unreachable" in net.probe("north", target, 8080 if target != "cloud" else S3_PORT)
+    assert "unreachable" in net.probe("client", "south", 8080)
+    assert net.reachable("south", "cloud", S3_PORT)  # south's own storage link
+
+
+def test_a_site_kit_used_under_another_name_is_refused(net, hosts):
+    line = f"dfm-prefect federation join {shlex.quote(str(hosts.prod / 'south'))} {shlex.quote(str(hosts.configs['north']))}"
+    done = net.run("north", ["bash", "-c", line], env=hosts.env, timeout=120)
+    said = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode != 0
+    assert "configures site 'north' but the kit" in said and "is FLARE client 'south'" in said, said
+
+
+def test_a_cut_link_fails_runs_naming_the_site_then_retries_complete_on_the_same_mesh_job(net, hosts):
+    job_id = json.loads(hosts.federation_file.read_text())["job_id"]
+    flow = net.popen(
+        "client", [sys.executable, "-m", "tests.multihost_flows", "cut-link", "12"], env=hosts.flow_env, cwd=ROOT, stdout=subprocess.PIPE
+    )
+    lines: list[str] = []
+    assert flow.stdout is not None
+    for raw in flow.stdout:
+        lines.append(raw.decode(errors="replace"))
+        if raw.startswith(b"SUBMITTED"):
+            break
+    time.sleep(4)  # the task runs at north
+    net.cut("hub", "north")
+    cut_at = time.monotonic()
+    time.sleep(8)
+    net.restore("hub", "north")
+    out, _ = flow.communicate(timeout=300)
+    lines += out.decode(errors="replace").splitlines()
+    result = json.loads(next(line for line in lines if line.startswith("RESULT ")).removeprefix("RESULT "))
+    assert flow.returncode == 0, "".join(lines)[-3000:]
+    assert result["value"] == 12.0
+    assert result["failures"] and all("north" in message for message in result["failures"]), result["failures"]
+    print(f"link cut for 8 s; the flow completed {time.monotonic() - cut_at:.1f}s after the cut, failures: {result['failures']}")
+    assert json.loads(hosts.federation_file.read_text())["job_id"] == job_id  # no new mesh job: the same one recovered
+    status = net.run("client", ["dfm-prefect", "federation", "status", "--federation", str(hosts.federation_file)], env=hosts.env)
+    assert status.returncode == 0, status.stderr[-2000:]
+    assert status.stdout.count(f"ready: mesh job {job_id[:8]}") == 2, status.stdout
