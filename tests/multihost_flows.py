@@ -13,7 +13,7 @@ import time
 
 from prefect import flow
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from prefect.context import get_run_context
 
 from adapters.core import sleep
@@ -24,22 +24,23 @@ from dfm_prefect import FederationTaskRunner
 def through_a_cut_link(seconds: float) -> dict[str, object]:
     """One long task at north, with retries: the test cuts north's link while it runs, then restores it."""
     flow_run_id = str(get_run_context().flow_run.id)  # type: ignore[union-attr]
-    task = sleep.with_options(retries=3, retry_delay_seconds=5)
+    task = sleep.with_options(retries=6, retry_delay_seconds=5)
     future = task.submit(seconds=seconds, site="north")
     print("SUBMITTED", flush=True)
-    value = future.result()
+    value = future.result().fetch()
     return {"value": value, "flow_run_id": flow_run_id}
 
 
-def _failures(flow_run_id: str) -> list[str]:
-    """The messages of every Failed or AwaitingRetry state the flow's task runs went through."""
-    messages: list[str] = []
-    with get_client(sync_client=True) as api:
-        for run in api.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))):
-            for state in api.read_task_run_states(run.id):
-                if state.type.value == "FAILED" or state.name == "AwaitingRetry":
-                    messages.append(state.message or "")
-    return messages
+def _failures(flow_run_id: str, timeout: float = 20.0) -> list[str]:
+    """The task runs' failure messages that the flow run's logs hold (logs reach the API shortly after)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with get_client(sync_client=True) as api:
+            logs = api.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+        failures = [log.message for log in logs if "Task run failed with exception" in log.message]
+        if failures or time.monotonic() > deadline:
+            return failures
+        time.sleep(0.5)
 
 
 def main(argv: list[str]) -> None:

@@ -235,8 +235,9 @@ def test_a_cut_link_fails_runs_naming_the_site_then_retries_complete_on_the_same
     net.restore("hub", "north")
     out, _ = flow.communicate(timeout=300)
     lines += out.decode(errors="replace").splitlines()
-    result = json.loads(next(line for line in lines if line.startswith("RESULT ")).removeprefix("RESULT "))
-    assert flow.returncode == 0, "".join(lines)[-3000:]
+    said = [line for line in lines if line.startswith("RESULT ")]
+    assert flow.returncode == 0 and said, "\n".join(lines)[-4000:]
+    result = json.loads(said[0].removeprefix("RESULT "))
     assert result["value"] == 12.0
     assert result["failures"] and all("north" in message for message in result["failures"]), result["failures"]
     print(f"link cut for 8 s; the flow completed {time.monotonic() - cut_at:.1f}s after the cut, failures: {result['failures']}")

@@ -24,6 +24,10 @@ class FederationError(Exception):
             return f"site {self.site!r}: {message}"
         return message
 
+    def __repr__(self) -> str:
+        # Prefect logs a failed task run's exception with repr(): it must name the site as str() does.
+        return f"{type(self).__name__}({str(self)!r})"
+
 
 class ConfigError(FederationError):
     """A site config, federation file or runner setting is invalid."""

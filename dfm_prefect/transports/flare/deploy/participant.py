@@ -17,10 +17,11 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from dfm_prefect.core.errors import ConfigError
+from dfm_prefect.core.errors import ConfigError, SiteUnavailableError
 from dfm_prefect.transports.base import write_spec
 from dfm_prefect.transports.flare import admin
 from dfm_prefect.transports.flare.client import FlareSpec
@@ -90,6 +91,9 @@ def run_mesh(
             job_id = running[0].id
             log(f"mesh job {job.name!r} is already running: {job_id}")
         else:
+            # FLARE deploys a job to the clients connected when it is submitted: a site that joins later
+            # would never be part of it. So wait for every named site first.
+            _wait_connected(session, sites, ready_timeout, log)
             job_id = admin.submit_mesh_job(session, write_job(folder, job))
             log(f"submitted mesh job {job_id}")
         admin.wait_ready(session, job_id, sites, ready_timeout)
@@ -101,6 +105,24 @@ def run_mesh(
         return spec
     finally:
         admin.close_session(session)
+
+
+def _wait_connected(session: admin.LockedSession, sites: list[str], timeout: float, log: Log) -> None:
+    deadline = time.monotonic() + timeout
+    said = False
+    while True:
+        missing = sorted(set(sites) - set(admin.connected_sites(session)))
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            raise SiteUnavailableError(
+                f"sites {', '.join(missing)} did not connect to the FLARE server within {timeout:.0f}s; "
+                "start each with `dfm-prefect federation join KIT site.yaml` on its host"
+            )
+        if not said:
+            log(f"waiting for {', '.join(missing)} to connect to the FLARE server")
+            said = True
+        time.sleep(0.5)  # the admin API has no "client connected" event
 
 
 def _supervise(session: admin.LockedSession, folder: Path, spec: FlareSpec, out: Path, log: Log) -> None:
