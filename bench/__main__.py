@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import dispatch, gpu, latency, load, locality, moves, peer_dfm, sql_locality, views
+from bench import dispatch, gpu, latency, load, locality, locality_hosts, moves, peer_dfm, sql_locality, views
 from bench.env import BenchEnv
 from bench.harness import Row, machine
 from bench.report import markdown, table
@@ -27,6 +27,7 @@ BENCHMARKS = {
     "peer": peer_dfm.run,
     "load": load.run,
     "locality": locality.run,
+    "locality-hosts": locality_hosts.run,
     "views": views.run,
     "moves": moves.run,
     "sql": sql_locality.run,
@@ -125,6 +126,20 @@ rows' ward and stay from both databases and computes the same with pandas; bytes
 moved are what the servers sent, counted by a TCP relay on an untimed repeat of
 the same reads. Rounds alternate, are
 timed inside the flow run, and each checks that the answers agree.
+""",
+    "locality-hosts": """
+**Locality across hosts.** The locality question over real links: hosts made of
+network namespaces (`dfm_prefect.testing.netns`), `hub` running the FLARE server
+and routing, `north` and `south` each holding one hemisphere (float32, daily,
+`DFM_BENCH_HOSTS_GB`, default 0.5 GB in all) and serving it over HTTP, `client`
+running the flow and a Prefect API. The federation is brought up with
+docs/flare.md's provisioned procedure. Each site's link to `hub` is shaped with a
+`tc` token bucket to the rate named in the row, both directions; the client's link
+is not shaped. Federated: one FLARE flow run of `xarray.moments` and
+`xarray.histogram` at both sites, merged on the client, timed inside the flow run;
+bytes moved are what left the sites. Download: the client reads both zarr stores
+over HTTP (through `hub`, over the same links) and computes the same with Dask;
+bytes moved are the stored bytes. Each round checks that the answers agree.
 """,
     "gpu": """
 **GPU.** `bench/gpu.py` on a GPU machine (`scripts/gpu_check.sh`): the same

@@ -15,14 +15,11 @@ from __future__ import annotations
 
 import ast
 import json
-import os
-import re
 import shlex
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -31,37 +28,13 @@ import yaml
 from dfm_prefect.testing.netns import Internet, unavailable
 from dfm_prefect.testing.s3 import DEMO_CREDENTIALS
 from tests.conftest import ROOT, climate_site_configs
+from tests.multihost_setup import bring_up, host_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.flare]
 
 HOSTS = ["hub", "north", "south", "client", "cloud"]
 LINKS = [("hub", "north"), ("hub", "south"), ("hub", "client"), ("south", "cloud")]
-DOCS = ROOT / "docs" / "flare.md"
 S3_PORT = 9000
-PREFECT_PORT = 4200
-DOCS_SERVER = "flare.example.org"
-
-
-def docs_blocks(heading: str, language: str) -> list[str]:
-    """The ``language`` code blocks of docs/flare.md's section ``heading`` (up to the next heading)."""
-    text = DOCS.read_text()
-    start = text.index(f"\n{heading}\n")
-    end = text.find("\n#", start + len(heading) + 2)
-    section = text[start : end if end != -1 else len(text)]
-    return re.findall(rf"```{language}\n(.*?)```", section, re.S)
-
-
-def shell_lines(block: str, replace: dict[str, str]) -> list[str]:
-    """A docs shell block's commands, continuation lines joined, placeholders replaced, comments dropped."""
-    joined = block.replace("\\\n", " ")
-    lines = []
-    for line in joined.splitlines():
-        line = line.split("  #", 1)[0].strip()
-        for placeholder, value in replace.items():
-            line = line.replace(placeholder, value)
-        if line:
-            lines.append(line)
-    return lines
 
 
 @pytest.fixture(scope="module")
@@ -73,25 +46,10 @@ def net() -> Iterator[Internet]:
         yield internet
 
 
-def _bash(net: Internet, host: str, line: str, env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen[bytes]:
-    return net.popen(host, ["bash", "-c", line], env=env, cwd=cwd, log=open(log, "ab"))  # noqa: SIM115 - closed with the process
-
-
 @pytest.fixture(scope="module")
 def hosts(net: Internet, tmp_path_factory: pytest.TempPathFactory, climate_data: dict[str, str]) -> Iterator[SimpleNamespace]:
     root = tmp_path_factory.mktemp("hosts")
-    venv_bin = str(Path(sys.executable).parent)
-    env = {
-        **os.environ,
-        **DEMO_CREDENTIALS,
-        "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}",
-        "PYTHONPATH": str(ROOT),
-        "DFM_TEST_S3_ENDPOINT": f"http://{net.name('cloud')}:{S3_PORT}",
-        "NO_PROXY": "*",
-    }
-    env.pop("DFM_FEDERATION", None)
-    env.pop("PREFECT_API_URL", None)
-    t0 = time.monotonic()
+    env = host_env({**DEMO_CREDENTIALS, "DFM_TEST_S3_ENDPOINT": f"http://{net.name('cloud')}:{S3_PORT}"})
 
     # cloud: an S3 endpoint holding south's data (put there from cloud itself: only south is linked to it).
     # Path-style requests to a host name: moto would otherwise take "cloud" in cloud.dfm.test for a bucket.
@@ -105,71 +63,11 @@ def hosts(net: Internet, tmp_path_factory: pytest.TempPathFactory, climate_data:
     put = net.run("cloud", [sys.executable, "-c", upload, climate_data["south_local"].removeprefix("file://")], env=env)
     assert put.returncode == 0, put.stderr[-2000:]
 
-    # 1. Provision, on a trusted machine: the docs' project.yml, with hub's name for the server.
-    project = yaml.safe_load(docs_blocks("### 1. Provision", "yaml")[0])
-    for participant in project["participants"]:
-        if participant["name"] == DOCS_SERVER:
-            participant["name"] = net.name("hub")
-    (root / "project.yml").write_text(yaml.safe_dump(project, sort_keys=False))
-    replace = {DOCS_SERVER: net.name("hub"), "provision/": str(root / "provision") + "/"}
-    for line in shell_lines(docs_blocks("### 1. Provision", "bash")[0], replace):
-        if line.startswith("ls "):
-            listed = subprocess.run(line, shell=True, cwd=root, capture_output=True, text=True, env=env)
-            assert set(listed.stdout.split()) >= {net.name("hub"), "north", "south", "admin@example.org", "analyst@example.org"}
-            continue
-        done = subprocess.run(line, shell=True, cwd=root, capture_output=True, text=True, env=env, timeout=300)
-        assert done.returncode == 0, f"{line}: {done.stdout[-1500:]}{done.stderr[-1500:]}"
-    prod = root / "provision" / project["name"] / "prod_00"
-
-    # 2. The server, on hub (its job store under the test's folder, as the docs' storage_root says).
-    replace = {DOCS_SERVER: net.name("hub"), "/path/to/venv/bin": venv_bin, "/var/lib/dfm-flare": str(root / "hub-store")}
-    for line in shell_lines(docs_blocks("### 2. Server", "bash")[0], replace):
-        if line.startswith("pip install"):
-            continue  # this environment is the installed one
-        if line.endswith("start.sh"):  # it leaves the server running in the background
-            _bash(net, "hub", line, env, prod, root / "hub.log")
-            continue
-        done = net.run("hub", ["bash", "-c", line], env=env, cwd=prod)
-        assert done.returncode == 0, f"{line}: {done.stdout[-1500:]}{done.stderr[-1500:]}"
-    net.wait_port("client", "hub", project["participants"][0]["admin_port"], timeout=120)
-
-    # 3. Each site, on its host: the docs' join line with this site's kit and YAML.
     data = {**climate_data, "south": "s3://climate/south/temperature.zarr"}
     configs = {path.stem: path for path in climate_site_configs(root, data)}
-    join = next(line for line in shell_lines(docs_blocks("### 3. Each site", "bash")[0], {}) if "federation join" in line)
-    for site in ("north", "south"):
-        line = join.replace("/srv/flare/north", str(prod / site)).replace("north.yaml", str(configs[site]))
-        _bash(net, site, line, env, root, root / f"{site}.log")
-
-    # 4. The mesh job, from the client host with the project admin's kit (stays as the supervisor).
-    mesh = shell_lines(docs_blocks("### 4. The mesh job", "bash")[0], {"/secure/admin@example.org": str(prod / "admin@example.org")})[0]
-    federation_file = root / "federation.json"
-    supervisor = _bash(net, "client", mesh.replace("--out federation.json", f"--out {federation_file}"), env, root, root / "mesh.log")
-    deadline = time.monotonic() + 240
-    while not federation_file.exists():
-        logs = "".join(f"\n--- {name}.log\n" + (root / f"{name}.log").read_text()[-1500:] for name in ("mesh", "north", "south"))
-        assert supervisor.poll() is None, f"`federation mesh` exited with {supervisor.returncode}:{logs}"
-        assert time.monotonic() < deadline, f"no federation file within 240 s:{logs}"
-        time.sleep(0.5)
-    up_seconds = time.monotonic() - t0
-
-    # 5. Flows: the analyst's federation file from the docs, and a Prefect API on the client host.
-    analyst = json.loads(docs_blocks("### 5. Flows", "json")[0])
-    analyst["admin_kit"] = str(prod / "analyst@example.org")
-    analyst_file = root / "analyst.json"
-    analyst_file.write_text(json.dumps(analyst))
-    prefect_home = root / "prefect"
-    prefect_home.mkdir()
-    prefect_env = {**env, "PREFECT_HOME": str(prefect_home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false"}
-    net.popen(
-        "client", [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(PREFECT_PORT)],
-        env=prefect_env, log=open(root / "prefect.log", "ab"),  # noqa: SIM115
-    )  # fmt: skip
-    net.wait_port("client", "127.0.0.1", PREFECT_PORT, timeout=120)
-    flow_env = {**env, "PREFECT_HOME": str(prefect_home), "PREFECT_API_URL": f"http://127.0.0.1:{PREFECT_PORT}/api", "DFM_FEDERATION": str(analyst_file)}
-    print(f"3-host federation up (provision, server, 2 sites, mesh job) in {up_seconds:.1f}s")
-    yield SimpleNamespace(root=root, prod=prod, env=env, flow_env=flow_env, federation_file=federation_file, analyst_file=analyst_file,
-                          configs=configs, up_seconds=up_seconds)  # fmt: skip
+    deployed = bring_up(net, root, configs, env)
+    print(f"3-host federation up (provision, server, 2 sites, mesh job) in {deployed.up_seconds:.1f}s")
+    yield deployed
 
 
 def run_on_client(net: Internet, hosts: SimpleNamespace, argv: list[str], timeout: float = 300) -> subprocess.CompletedProcess[str]:

@@ -95,9 +95,17 @@ class Link:
 
 
 class Internet:
-    """Hosts (network namespaces) joined by the given links; ``rate`` shapes every link (``"100mbit"``)."""
+    """Hosts (network namespaces) joined by the given links; ``rate`` shapes every link (``"100mbit"``).
 
-    def __init__(self, hosts: Sequence[str], links: Sequence[tuple[str, str]], *, domain: str = "dfm.test", rate: str | None = None) -> None:
+    ``router``: a host that forwards packets between its links, and that every
+    host linked to it uses as its default route (a benchmark's "internet");
+    without one, no host forwards and each reaches only its direct neighbours.
+    """
+
+    def __init__(
+        self, hosts: Sequence[str], links: Sequence[tuple[str, str]], *, domain: str = "dfm.test", rate: str | None = None,
+        router: str | None = None,
+    ) -> None:  # fmt: skip
         unknown = {h for pair in links for h in pair} - set(hosts)
         if unknown:
             raise ValueError(f"links name hosts that are not listed: {sorted(unknown)}")
@@ -108,6 +116,9 @@ class Internet:
             Link(a, b, f"v{self.tag}-{i}a", f"v{self.tag}-{i}b", f"10.250.{i}.1", f"10.250.{i}.2") for i, (a, b) in enumerate(links)
         ]
         self.rate = rate
+        if router is not None and router not in hosts:
+            raise ValueError(f"router {router!r} is not one of the hosts")
+        self.router = router
         self.processes: list[subprocess.Popen[Any]] = []
         self._made: list[str] = []
 
@@ -163,6 +174,12 @@ class Internet:
                 _ip("-n", self.ns(host), "link", "set", interface, "up")
             if self.rate:
                 self.shape(link.a, link.b, self.rate)
+        if self.router is not None:
+            _ip("netns", "exec", self.ns(self.router), "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
+            for link in self.links:
+                if self.router in (link.a, link.b):
+                    host = link.other(self.router)
+                    _ip("-n", self.ns(host), "route", "add", "default", "via", link.end(self.router)[1])
         for host in self.hosts:
             etc = NETNS_ETC / self.ns(host)
             etc.mkdir(parents=True, exist_ok=True)
