@@ -140,7 +140,7 @@ def bring_up(net: Internet, root: Path, configs: Mapping[str, Path], env: Mappin
 def host_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """This process's environment for the hosts' processes: the venv first on PATH, the repository importable."""
     venv_bin = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}", "PYTHONPATH": str(ROOT), "NO_PROXY": "*", **(extra or {})}
+    env = {**os.environ, "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}", "PYTHONPATH": str(ROOT), "NO_PROXY": "*", "COLUMNS": "250", **(extra or {})}
     env.pop("DFM_FEDERATION", None)
     env.pop("PREFECT_API_URL", None)
     return env
