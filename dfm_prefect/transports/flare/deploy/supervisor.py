@@ -40,7 +40,8 @@ UNANSWERED_S = 10.0
 RECONNECT_S = 20.0
 """How long a replacement waits for the federation's sites to be connected (after a server restart)."""
 HEAL_S = 8.0
-"""A dead site silent for less than this may just have stalled; it is given time to say hello again."""
+"""A dead site whose FLARE client is heard again gets this long to say hello to the same mesh job
+(a stall or a cut link heals by itself) before a new job is submitted for it."""
 ALIVE_S = 15.0
 """A FLARE client heard from within this many seconds counts as connected (clients beat every 5 s)."""
 
@@ -79,6 +80,8 @@ class MeshSupervisor:
         self.replacements: list[tuple[str, str]] = []
         self._stop = threading.Event()
         self._backoff: dict[str, tuple[float, float]] = {}
+        self._back_since: dict[str, float] = {}
+        """When each site that fell out of the job was first seen connected again."""
         self._silent_since: float | None = None
         self._server_down: str | None = None
         self._drains: list[threading.Thread] = []
@@ -142,14 +145,16 @@ class MeshSupervisor:
             state = sites.get(site)
             if state is not None and state.state != "dead":
                 self._backoff.pop(site, None)
+                self._back_since.pop(site, None)
                 continue
             # Worth a new job only if the site's FLARE client has been heard from since it fell out of
             # the mesh (it restarted, or only its job process died), and its config loads.
             fell_out = time.time() - (state.seen_s or 0.0) if state is not None else 0.0
             if heard.get(site, 0.0) <= fell_out or (state is not None and (state.reason or "").startswith("could not start")):
                 continue
-            if state is not None and (state.seen_s or 0.0) < HEAL_S:
-                continue  # a short stall heals by itself: the site says hello again
+            back = self._back_since.setdefault(site, now)
+            if state is not None and now - back < HEAL_S:
+                continue  # a stall or a cut link heals by itself: the site says hello to this job again
             retry_at, _ = self._backoff.get(site, (0.0, 0.0))
             if now >= retry_at:
                 lacking.append(site)
