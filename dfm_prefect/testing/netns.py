@@ -190,24 +190,17 @@ class Internet:
     def close(self) -> None:
         """Stop every process in the namespaces, then remove the namespaces, their links and hosts files."""
         for host in self._made:
-            self._kill_all(host)
-        for process in self.processes:
+            _remove_namespace(self.ns(host))
+        for process in self.processes:  # killed with their namespace: reap them
             try:
                 process.wait(5)
             except subprocess.TimeoutExpired:
                 process.kill()
-        for host in self._made:
-            subprocess.run(["ip", "netns", "del", self.ns(host)], capture_output=True)
-            shutil.rmtree(NETNS_ETC / self.ns(host), ignore_errors=True)
-            (OWNERS / self.ns(host)).unlink(missing_ok=True)
         self._made = []
         try:
             NETNS_ETC.rmdir()  # only if nothing else uses it
         except OSError:
             pass
-
-    def _kill_all(self, host: str) -> None:
-        _kill_namespace(self.ns(host))
 
     # -------------------------------------------------------------- processes
 
@@ -282,6 +275,14 @@ def _kill_namespace(ns: str, grace: float = 5.0) -> None:
             time.sleep(0.1)
 
 
+def _remove_namespace(ns: str) -> None:
+    """Stop every process in ``ns``, then delete it (its links go with it), its hosts file and owner record."""
+    _kill_namespace(ns)
+    subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    shutil.rmtree(NETNS_ETC / ns, ignore_errors=True)
+    (OWNERS / ns).unlink(missing_ok=True)
+
+
 def sweep_stale() -> list[str]:
     """Remove the namespaces (and their processes) of an `Internet` whose process died without closing it."""
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
@@ -293,10 +294,7 @@ def sweep_stale() -> list[str]:
             continue  # its owner still runs
         except (OSError, ValueError):
             pass
-        _kill_namespace(ns)
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-        shutil.rmtree(NETNS_ETC / ns, ignore_errors=True)
-        (OWNERS / ns).unlink(missing_ok=True)
+        _remove_namespace(ns)
         removed.append(ns)
     return removed
 
