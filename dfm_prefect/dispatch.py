@@ -133,6 +133,8 @@ class Dispatch:
         moved_from = str(params["ref"].site) if self.op.name == MOVE_OPERATION and isinstance(params.get("ref"), DataRef) else None
         for line in reply.logs:
             logger.log(line.level, "[site %s] %s", site, line.message)
+        if reply.cached:
+            logger.info("%s: site %s answered from its result cache (the same request on the same inputs ran before)", self.op.name, site)
         self.runner.record(
             StepRecord(
                 task_run_id=str(task_run.id) if task_run else request_id,
@@ -142,13 +144,14 @@ class Dispatch:
                 ok=reply.ok,
                 duration_s=reply.duration_s if reply.duration_s else time.monotonic() - started,
                 bytes_out=b64size(reply.payload) if reply.payload else 0,
-                stored_bytes=reply.ref.size if reply.ref and not reply.ref.is_view else 0,
+                stored_bytes=reply.ref.size if reply.ref and not reply.ref.is_view and not reply.cached else 0,
                 error=reply.error.message if reply.error else None,
                 view=bool(reply.ref and reply.ref.is_view),
                 lineage=reply.ref.lineage() if reply.ref else "",
                 moved_from=moved_from,
                 moved_bytes=reply.ref.size if moved_from and reply.ref else 0,
                 placement=self.placement.reason,
+                cached=reply.cached,
             )
         )
         ref = unwrap(reply)

@@ -43,6 +43,8 @@ class StepRecord:
     """For a move: the bytes that went from ``moved_from`` to ``site``, never through the client."""
     placement: str = ""
     """Why the step ran at ``site`` (for a step whose inputs moved: the candidates and the bytes each would move)."""
+    cached: bool = False
+    """The site answered from its result cache: the same request on the same inputs ran before."""
 
 
 def bytes_by_site(steps: Iterable[StepRecord], fetched: Counter[str]) -> Counter[str]:
@@ -69,7 +71,8 @@ def summary_markdown(steps: list[StepRecord], fetched: Counter[str]) -> str:
     lines = [
         "# Federation report",
         "",
-        f"{len(steps)} operations on {len(sites)} site(s); {sum(not s.ok for s in steps)} failed attempts.",
+        f"{len(steps)} operations on {len(sites)} site(s); {sum(not s.ok for s in steps)} failed attempts"
+        f"{f'; {cached} answered from a site result cache' if (cached := sum(s.cached for s in steps)) else ''}.",
         "",
         "| site | operations | seconds at the site | bytes stored at the site | bytes to the client | bytes to other sites | bytes from other sites |",
         "|---|---|---|---|---|---|---|",
@@ -99,7 +102,7 @@ def summary_markdown(steps: list[StepRecord], fetched: Counter[str]) -> str:
         ]
         for step in done:
             lineage = step.lineage.replace("|", "\\|")
-            lines.append(f"| {step.task_run_name} | {step.site} | {'view' if step.view else 'stored'} | {lineage} |")
+            lines.append(f"| {step.task_run_name} | {step.site} | {'view' if step.view else 'cached' if step.cached else 'stored'} | {lineage} |")
     return "\n".join(lines)
 
 

@@ -232,6 +232,27 @@ class Limits(_Model):
     max_unauthenticated: int = Field(default=64, ge=1, le=4096, description="Local transport: connections waiting to authenticate.")
 
 
+class CachePolicy(_Model):
+    """Which operations' results the site keeps and hands out again for the same request (off by default).
+
+    A request for one of ``operations`` with the same parameters and the same
+    inputs (each stored input's sha256, each data source's fingerprint now) gets
+    the result the site stored the first time, at once, instead of a
+    recomputation. The export policy still decides, for whoever asks, what of it
+    may leave. Entries are kept in the site process's memory, at most
+    ``max_entries`` (least recently used go first); a result the store no longer
+    holds is computed again.
+
+    Example::
+
+        cache:
+          operations: [xarray.moments, xarray.histogram]
+    """
+
+    operations: list[str] = Field(default_factory=list, description="Operations whose results are reused for identical requests.")
+    max_entries: int = Field(default=4096, ge=1, le=1_000_000)
+
+
 USER_CODE_OPERATION = "code.python"
 """The one operation that runs code sent by clients; offered only with ``user_code.enabled``."""
 
@@ -297,6 +318,7 @@ class SiteConfig(_Model):
     user_code: UserCodePolicy = UserCodePolicy()
     identities: IdentityPolicy = IdentityPolicy()
     imports: ImportPolicy = ImportPolicy()
+    cache: CachePolicy = CachePolicy()
     databases: list[DatabaseConfig] = Field(default_factory=list, description="Databases the site reads (site_workers.adapter_config).")
     programs: list[ProgramConfig] = Field(default_factory=list, description="Command-line programs offered as program.<name>.")
     services: list[ServiceConfig] = Field(default_factory=list, description="HTTP services offered as service.<name>.<operation>.")

@@ -178,9 +178,12 @@ class Views:
 
     # -- recipes and fingerprints ---------------------------------------------------
 
-    def fingerprint(self, location: Location) -> str:
-        """A keyed digest of the source's metadata now ('' where changes could not be told: no view then)."""
-        if not location.views:
+    def fingerprint(self, location: Location, *, always: bool = False) -> str:
+        """A keyed digest of the source's metadata now ('' where changes could not be told: no view then).
+
+        A source marked ``views: false`` has none unless ``always`` (the result cache tells changes by it too).
+        """
+        if not location.views and not always:
             return ""
         try:
             stamps: list[list[Any]] | None = []

@@ -71,6 +71,7 @@ from site_workers.moves import Mover
 from site_workers.peers import SITE_IDENTITY_PREFIX, Peers
 from site_workers.policy import ExportGate
 from site_workers.redaction import Redactor
+from site_workers.result_cache import ResultCache
 from site_workers.sources import SourceResolver
 from site_workers.store import ResultStore
 from site_workers.views import Views
@@ -133,6 +134,10 @@ class SiteWorker:
         self.resolver = SourceResolver(config)
         self.store = ResultStore(config.name, config.result_store)
         self.views = Views(config.name, self.store, self.resolver, self.operations)
+        unknown = sorted(set(config.cache.operations) - set(self.operations))
+        if unknown:
+            raise ConfigError(f"site {config.name!r}: cache.operations names operations the site does not offer: {unknown}")
+        self.cache = ResultCache(config.cache, self.store, self.views, self.resolver)
         self.mover = Mover(config.name, config.imports, self.store, peers)
         self.site_certificates = site_certificates
         self.compute = make_backend(config.compute)
@@ -295,6 +300,7 @@ class SiteWorker:
                 job.reply, ProgressUpdate(id=request.id, fraction=fraction, message=message)
             ),
         )
+        cached = False
         try:
             ctx.check_cancelled()
             if op is MOVE:
@@ -304,13 +310,22 @@ class SiteWorker:
                 with self._lock:
                     self._stats["bytes_from_sites"] += ref.size if ref.site == self.name and ref is not params.ref else 0
             else:
-                recipe = self.views.recipe(op, params)
-                with ctx.capturing_logs():
-                    value = op.run(params, ctx)
-                    ctx.log.info("%s ran at site %s in %.2f s", op.name, self.name, time.monotonic() - started)
-                ctx.check_cancelled()
-                counted = ctx.contributors if op.result_kind == "aggregate" else None
-                ref, payload = self.views.keep(value, op, recipe, contributors=counted)
+                key = self.cache.key(op, params)
+                hit = self.cache.get(key, params) if key is not None else None
+                if hit is not None:
+                    ref, payload, cached = hit, None, True
+                    with ctx.capturing_logs():
+                        ctx.log.info("%s answered from site %s's cache: the same request on the same inputs ran before", op.name, self.name)
+                else:
+                    recipe = self.views.recipe(op, params)
+                    with ctx.capturing_logs():
+                        value = op.run(params, ctx)
+                        ctx.log.info("%s ran at site %s in %.2f s", op.name, self.name, time.monotonic() - started)
+                    ctx.check_cancelled()
+                    counted = ctx.contributors if op.result_kind == "aggregate" else None
+                    ref, payload = self.views.keep(value, op, recipe, contributors=counted)
+                    if key is not None:
+                        self.cache.put(key, ref)
             inline = self.gate.inline(ref, payload, self.store, job.identity)
             message = RunResult(
                 id=request.id,
@@ -322,14 +337,17 @@ class SiteWorker:
                 logs=ctx.logs if self.config.export.share_logs else [],
                 duration_s=time.monotonic() - started,
                 load=self.load(),
+                cached=cached,
             )
             with self._lock:
                 self._stats["completed"] += 1
-                self._stats["bytes_stored"] += 0 if ref.is_view else ref.size
+                self._stats["bytes_stored"] += 0 if ref.is_view or cached else ref.size
                 self._stats["bytes_out"] += len(inline or b"")
             outcome: dict[str, Any] = {"kind": ref.kind, "size": ref.size, "sha256": ref.sha256, "bytes_out": len(inline or b"")}
             if ref.is_view:
                 outcome["view"] = True
+            if cached:
+                outcome["cached"] = True
         except Exception as exc:
             if not isinstance(exc, FederationError):
                 log.warning(

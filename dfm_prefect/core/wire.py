@@ -204,6 +204,7 @@ class RunResult(_Message):
     logs: list[LogLine] = Field(default_factory=list)
     duration_s: float = 0.0
     load: SiteLoad = SiteLoad()
+    cached: bool = Field(default=False, description="The site answered with the result it stored for the same request before.")
 
 
 class Described(_Message):
