@@ -21,6 +21,7 @@ counts = combine_histograms([h.result().fetch() for h in hists])
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import numpy as np
@@ -64,9 +65,12 @@ def moments(params: MomentsParams, ctx: OperationContext) -> Any:
     Area weights depend on latitude alone, so the data is first summed over the
     other dimensions (float64 accumulators, one pass per term) and weighted after.
     """
+    return _moments(numeric(select_variables(ctx.open_dataset(params.data), params.variables)), params, ctx)
+
+
+def _moments(ds: Any, params: MomentsParams, ctx: OperationContext) -> Any:
     import xarray as xr
 
-    ds = numeric(select_variables(ctx.open_dataset(params.data), params.variables))
     check_dims(ds, params.dims)
     weighted = params.weights == "area"
     area = area_weights(ds, params.lat) if weighted else None
@@ -109,6 +113,30 @@ def moments(params: MomentsParams, ctx: OperationContext) -> Any:
     result = without_point_data(result.drop_vars([f"{name}__nz" for name in ds.data_vars]))
     result.attrs["dfm_moments"] = ",".join(ds.data_vars)
     return result
+
+
+class MomentsStreamParams(MomentsParams):
+    along: str = Field(default="time", pattern=NAME, description="The dimension whose blocks make the items.")
+    step: int | None = Field(default=None, ge=1, description="Indexes of ``along`` per item (default: the data's chunk size along it).")
+
+
+@operation("xarray.moments_stream", version="1", result="aggregate", stream=True)
+def moments_stream(params: MomentsStreamParams, ctx: OperationContext) -> Iterator[Any]:
+    """`moments` of each block along a dimension (each time chunk, say), one item per block, sent as each is computed.
+
+    Adding the items (`adapters.combine.combine_moments`) gives the moments of the
+    whole; reading them as they come shows a running answer long before the last
+    block is read. Each item is a result of its own: its smallest group is counted
+    and checked against the site's disclosure rules on its own.
+    """
+    ds = numeric(select_variables(ctx.open_dataset(params.data), params.variables))
+    if params.along not in ds.dims:
+        raise InvalidParametersError(f"cannot stream along {params.along!r}: the data's dimensions are {sorted(map(str, ds.dims))}")
+    size = int(ds.sizes[params.along])
+    chunks = ds.chunks.get(params.along) if ds.chunks else None
+    step = params.step or (int(chunks[0]) if chunks else size)
+    for start in range(0, size, step):
+        yield _moments(ds.isel({params.along: slice(start, start + step)}), params, ctx)
 
 
 class WeightedMeanParams(OperationParams):

@@ -44,12 +44,15 @@ from dfm_prefect.core.wire import (
     SiteStats,
     StatsReply,
     StatsRequest,
+    StreamCredit,
+    StreamItem,
     b64decode,
     b64size,
     unwrap,
 )
 from dfm_prefect.placement import Placement, place
 from dfm_prefect.spec import load_spec, spec_key
+from dfm_prefect.streams import DEFAULT_WINDOW, ResultStream
 from dfm_prefect.transports import Transport, transport_class
 
 log = logging.getLogger("dfm_prefect.client")
@@ -69,6 +72,7 @@ class FederationClient:
         self._lock = threading.Lock()
         self._pending: dict[str, tuple[str, Future[SiteMessage]]] = {}
         self._progress: dict[str, Callable[[ProgressUpdate], None]] = {}
+        self._streams: dict[str, ResultStream] = {}
         self._infos: dict[str, SiteInfo] = {}
         self._down: dict[str, str] = {}
         self._inflight: Counter[str] = Counter()
@@ -178,6 +182,43 @@ class FederationClient:
         self._writer.put((site, self._sign(message, site)))
         return future
 
+    def stream(
+        self,
+        site: str,
+        op: str,
+        params: dict[str, Any],
+        *,
+        version: str | None = None,
+        window: int = DEFAULT_WINDOW,
+        timeout_s: float | None = None,
+        flow_run_id: str | None = None,
+        task_run_id: str | None = None,
+    ) -> ResultStream:
+        """Run a streaming operation at ``site``; iterate the returned stream for its items as the site makes them.
+
+        The site makes at most ``window`` items ahead of what the caller has taken.
+        Close the stream (or use it as a context manager) to stop the operation early.
+        """
+        request = RunRequest(
+            id=new_id(), op=op, version=version, params=params, flow_run_id=flow_run_id, task_run_id=task_run_id,
+            timeout_s=timeout_s, window=window,
+        )
+        done: Future[SiteMessage] = Future()
+        stream = ResultStream(
+            site, request.id, done, window=window,
+            allow=lambda upto: self._send_control(site, StreamCredit(id=new_id(), target=request.id, upto=upto)),
+            cancel=lambda: self.cancel(site, request.id),
+        )
+        with self._lock:
+            self._streams[request.id] = stream
+        forwarded = self.request(site, request)
+        forwarded.add_done_callback(lambda f: _settle(done, f))
+        return stream
+
+    def _send_control(self, site: str, message: ClientMessage) -> None:
+        if self._writer is not None:
+            self._writer.put((site, self._sign(message, site)))
+
     def _sign(self, message: ClientMessage, site: str) -> ClientMessage:
         return self.signer.sign(message, site) if self.signer is not None else message
 
@@ -283,6 +324,14 @@ class FederationClient:
             if callback is not None:
                 callback(message)
             return
+        if isinstance(message, StreamItem):
+            if message.payload:
+                self.bytes_in[site] += b64size(message.payload)
+            with self._lock:
+                stream = self._streams.get(message.id)
+            if stream is not None and stream.site == site:
+                stream.deliver(message)
+            return
         if isinstance(message, ErrorReply):
             error = error_class(message.error.code)(message.error.message, site=site)
             if message.id is None:
@@ -296,6 +345,7 @@ class FederationClient:
         with self._lock:
             entry = self._pending.pop(request_id, None)
             self._progress.pop(request_id, None)
+            self._streams.pop(request_id, None)
             if entry is None:
                 return
             site, future = entry
@@ -322,6 +372,14 @@ class FederationClient:
             ids = [rid for rid, (s, _) in self._pending.items() if site is None or s == site]
         for request_id in ids:
             self._resolve(request_id, error=error)
+
+
+def _settle(target: Future[SiteMessage], source: Future[SiteMessage]) -> None:
+    error = source.exception()
+    if error is not None:
+        target.set_exception(error)
+    else:
+        target.set_result(source.result())
 
 
 # ------------------------------------------------------------ process-wide clients

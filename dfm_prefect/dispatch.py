@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -61,41 +62,8 @@ class Dispatch:
 
     def execute(self, params: dict[str, Any]) -> DataRef:
         """Send the call to its site, wait for the result, return its `DataRef`."""
-        explicit = params.pop("site", None)
-        if self.error is not None:
-            raise self.error
-        assert self.client is not None and self.placement is not None
+        site, payload, task_run, flow_ctx = self._call(params)
         logger = get_run_logger()
-        try:
-            payload = to_jsonable_python(params)
-        except PydanticSerializationError as exc:
-            raise InvalidParametersError(
-                f"parameters of {self.op.name!r} must be JSON values or DataRefs: {exc}"
-            ) from None
-
-        site, moves = self.placement.site, self.placement.moves
-        if site in self.failed_sites:
-            moved = self.client.place(
-                self.op.name,
-                data=[params.get(name) for name in self.op.data_fields],
-                explicit=explicit,
-                exclude=self.failed_sites,
-            )
-            if moved.site != site:
-                logger.info("site %s failed earlier; this attempt runs at %s (%s)", site, moved.site, moved.reason)
-            site, moves = moved.site, moved.moves
-        if moves:
-            logger.info("%s runs at %s: %s", self.op.name, site, self.placement.reason)
-            payload = _replace_refs(payload, {ref.uri: self._move(ref, site) for ref in moves})
-
-        task_ctx = TaskRunContext.get()
-        flow_ctx = FlowRunContext.get()
-        task_run = task_ctx.task_run if task_ctx else None
-        if task_run is not None:
-            # Tags added here reach the API with the run's next state event. Tags set
-            # before the run starts would make Prefect check tag concurrency limits
-            # through the API for every run, which costs more than the remote call.
-            task_run.tags = sorted({*task_run.tags, f"op:{self.op.name}", f"site:{site}"})
         progress = _ProgressSlot()
         request_id, future = self.client.run(
             site,
@@ -157,6 +125,101 @@ class Dispatch:
         ref = unwrap(reply)
         reporter.finish()
         return ref
+
+    def stream(self, params: dict[str, Any]) -> Iterator[DataRef]:
+        """Send a streaming call to its site and yield each item as it arrives (closing the stream stops the site)."""
+        site, payload, task_run, flow_ctx = self._call(params)
+        logger = get_run_logger()
+        stream = self.client.stream(
+            site,
+            self.op.name,
+            payload,
+            version=self.op.version,
+            timeout_s=self.timeout_s,
+            flow_run_id=str(flow_ctx.flow_run.id) if flow_ctx and flow_ctx.flow_run else None,
+            task_run_id=str(task_run.id) if task_run else None,
+        )
+        self.runner.track(site, stream.request_id, stream.done)
+        started, bytes_out, error = time.monotonic(), 0, None
+        try:
+            deadline = None if self.timeout_s is None else started + self.timeout_s
+            while True:
+                try:
+                    item = stream.next(None if deadline is None else max(0.0, deadline - time.monotonic()))
+                except StopIteration:
+                    break
+                except TimeoutError:
+                    raise OperationTimeoutError(
+                        f"{self.op.name} at site {site!r} did not finish within its timeout of {self.timeout_s:g} s; "
+                        "the site was asked to stop it"
+                    ) from None
+                bytes_out += item.size if item.is_local else 0
+                yield item
+        except FederationError as exc:
+            error = str(exc)
+            raise
+        finally:
+            stream.close()
+            self.runner.untrack(stream.request_id)
+            reply = stream.result
+            if reply is not None:
+                for line in reply.logs:
+                    logger.log(line.level, "[site %s] %s", site, line.message)
+            logger.info("%s at site %s: %d item(s) taken", self.op.name, site, stream.taken)
+            self.runner.record(
+                StepRecord(
+                    task_run_id=str(task_run.id) if task_run else stream.request_id,
+                    task_run_name=task_run.name if task_run else self.run_name,
+                    op=self.op.name,
+                    site=site,
+                    ok=error is None,
+                    duration_s=time.monotonic() - started,
+                    bytes_out=bytes_out,
+                    stored_bytes=0,
+                    error=error,
+                    placement=self.placement.reason if self.placement else "",
+                    items=stream.taken,
+                )
+            )
+
+    def _call(self, params: dict[str, Any]) -> tuple[str, dict[str, Any], Any, Any]:
+        """Where the call goes and what it carries: (site, JSON parameters with moved inputs replaced, task run, flow context)."""
+        explicit = params.pop("site", None)
+        if self.error is not None:
+            raise self.error
+        assert self.client is not None and self.placement is not None
+        logger = get_run_logger()
+        try:
+            payload = to_jsonable_python(params)
+        except PydanticSerializationError as exc:
+            raise InvalidParametersError(
+                f"parameters of {self.op.name!r} must be JSON values or DataRefs: {exc}"
+            ) from None
+
+        site, moves = self.placement.site, self.placement.moves
+        if site in self.failed_sites:
+            moved = self.client.place(
+                self.op.name,
+                data=[params.get(name) for name in self.op.data_fields],
+                explicit=explicit,
+                exclude=self.failed_sites,
+            )
+            if moved.site != site:
+                logger.info("site %s failed earlier; this attempt runs at %s (%s)", site, moved.site, moved.reason)
+            site, moves = moved.site, moved.moves
+        if moves:
+            logger.info("%s runs at %s: %s", self.op.name, site, self.placement.reason)
+            payload = _replace_refs(payload, {ref.uri: self._move(ref, site) for ref in moves})
+
+        task_ctx = TaskRunContext.get()
+        flow_ctx = FlowRunContext.get()
+        task_run = task_ctx.task_run if task_ctx else None
+        if task_run is not None:
+            # Tags added here reach the API with the run's next state event. Tags set
+            # before the run starts would make Prefect check tag concurrency limits
+            # through the API for every run, which costs more than the remote call.
+            task_run.tags = sorted({*task_run.tags, f"op:{self.op.name}", f"site:{site}"})
+        return site, payload, task_run, flow_ctx
 
     def _move(self, ref: DataRef, site: str) -> DataRef:
         """Bring ``ref`` to ``site`` as a task run of its own (``move@north→gpu-hub``), with this task run's retries."""

@@ -45,6 +45,8 @@ class StepRecord:
     """Why the step ran at ``site`` (for a step whose inputs moved: the candidates and the bytes each would move)."""
     cached: bool = False
     """The site answered from its result cache: the same request on the same inputs ran before."""
+    items: int | None = None
+    """For a streaming operation: the items the flow took."""
 
 
 def bytes_by_site(steps: Iterable[StepRecord], fetched: Counter[str]) -> Counter[str]:

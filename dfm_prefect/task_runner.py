@@ -42,7 +42,7 @@ import os
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
 from contextvars import copy_context
 from typing import Any
@@ -51,7 +51,7 @@ from prefect import Task
 from prefect.client.schemas.objects import RunInput
 from prefect.context import FlowRunContext
 from prefect.futures import PrefectConcurrentFuture, PrefectFuture
-from prefect.task_engine import run_task_sync
+from prefect.task_engine import run_generator_task_sync, run_task_sync
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.engine import resolve_inputs_sync
 from typing_extensions import Self
@@ -168,6 +168,11 @@ class FederationTaskRunner(ThreadPoolTaskRunner):
         op: Operation | None = getattr(task.fn, "__dfm_operation__", None)
         if op is None:
             return super().submit(task, parameters, wait_for, dependencies)
+        if op.stream:
+            raise FederationError(
+                f"{op.name} streams its results: call it in the flow and iterate the items as they arrive "
+                f"(for item in {op.name.split('.')[-1]}(...)), not with .submit or .map"
+            )
         if not self._started or self._executor is None:
             raise RuntimeError("Task runner is not started")
         if self._flow_run_id is None:
@@ -211,6 +216,19 @@ class FederationTaskRunner(ThreadPoolTaskRunner):
             dependencies=dependencies,
             context=dict(cancel_event=cancel_event),
         )
+
+    def stream(self, task: Task[Any, Any], parameters: dict[str, Any], wait_for: Any = None) -> Iterator[Any]:
+        """Run a streaming operation as a generator task run in the calling thread; yield its items as they arrive."""
+        op: Operation = task.fn.__dfm_operation__
+        if self._flow_run_id is None:
+            flow_ctx = FlowRunContext.get()
+            if flow_ctx is not None and flow_ctx.flow_run is not None:
+                self._flow_run_id = flow_ctx.flow_run.id
+        token = CURRENT_DISPATCH.set(self._prepare(op, task, parameters))
+        try:
+            yield from run_generator_task_sync(task=self._engine_task(task), parameters=parameters, wait_for=wait_for, return_type="result")
+        finally:
+            CURRENT_DISPATCH.reset(token)
 
     def _prepare(self, op: Operation, task: Task[Any, Any], parameters: dict[str, Any]) -> Dispatch:
         """Place the task run before the engine names and tags it."""

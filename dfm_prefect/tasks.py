@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import contextvars
 import inspect
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Optional
 
 from prefect import Task
 from prefect.context import FlowRunContext
+from prefect.utilities.callables import get_call_parameters
 
 from dfm_prefect.core.errors import FederationError
 from dfm_prefect.core.operations import set_task_factory
@@ -52,6 +54,11 @@ class OperationTask(Task):  # type: ignore[type-arg]
         # the site in the run name are the same as for `.submit`.
         ctx = FlowRunContext.get()
         runner = getattr(ctx, "task_runner", None) if ctx else None
+        if self.operation.stream and getattr(runner, "dispatches_operations", False):
+            if return_state:
+                raise FederationError(f"{self.operation.name} streams its results: iterate what the call returns (no return_state)")
+            # A generator task: Prefect's engine runs in the flow's thread and yields each item as it arrives.
+            return runner.stream(self, get_call_parameters(self.fn, args, kwargs), wait_for)  # type: ignore[union-attr]
         if getattr(runner, "dispatches_operations", False):
             future = self.submit(*args, wait_for=wait_for, **kwargs)
             if return_state:
@@ -64,16 +71,27 @@ class OperationTask(Task):  # type: ignore[type-arg]
 def operation_task(op: Operation) -> OperationTask:
     """Build the Prefect task for an operation."""
 
-    def body(*args: Any, **kwargs: Any) -> DataRef:
+    def current() -> Dispatch:
         dispatch = CURRENT_DISPATCH.get()
         if dispatch is None:
             raise FederationError(
                 f"operation {op.name!r} runs at a federation site: use it in a flow with "
                 "task_runner=FederationTaskRunner(...)"
             )
+        return dispatch
+
+    def arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
-        return dispatch.execute(dict(bound.arguments))
+        return dict(bound.arguments)
+
+    def call(*args: Any, **kwargs: Any) -> DataRef:
+        return current().execute(arguments(args, kwargs))
+
+    def stream(*args: Any, **kwargs: Any) -> Iterator[DataRef]:
+        yield from current().stream(arguments(args, kwargs))
+
+    body: Any = stream if op.stream else call
 
     parameters = [
         inspect.Parameter(
@@ -88,7 +106,7 @@ def operation_task(op: Operation) -> OperationTask:
     parameters.append(
         inspect.Parameter("site", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=Optional[str])
     )
-    signature = inspect.Signature(parameters, return_annotation=DataRef)
+    signature = inspect.Signature(parameters, return_annotation=Iterator[DataRef] if op.stream else DataRef)
     body.__signature__ = signature  # type: ignore[attr-defined]
     body.__name__ = op.name.replace(".", "_")
     body.__qualname__ = op.name

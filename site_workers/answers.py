@@ -127,6 +127,7 @@ def site_info(
                 result_kind=op.result_kind,
                 description=op.description.split("\n\n")[0],
                 params_schema=op.params.model_json_schema(),
+                stream=op.stream,
             )
             for op_name, op in operations.items()
         },

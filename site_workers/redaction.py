@@ -41,6 +41,7 @@ from dfm_prefect.core.wire import (
     RunResult,
     SiteMessage,
     SourceInfo,
+    StreamItem,
 )
 from site_workers.answers import wire_text
 from site_workers.config import SiteConfig
@@ -164,6 +165,8 @@ class Redactor:
             if message.ref is not None:
                 update["ref"] = message.ref.model_copy(update={"summary": self.value(message.ref.summary)})
             return message.model_copy(update=update)
+        if isinstance(message, StreamItem):
+            return message.model_copy(update={"ref": message.ref.model_copy(update={"summary": self.value(message.ref.summary)})})
         if isinstance(message, ErrorReply):
             return message.model_copy(update={"error": self._error(message.error)})
         if isinstance(message, ProgressUpdate):

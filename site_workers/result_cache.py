@@ -70,7 +70,7 @@ class ResultCache:
 
     def key(self, op: Operation, params: OperationParams) -> str | None:
         """The request's cache key, taken before the operation reads anything; None when it is not cached."""
-        if op.name not in self._operations:
+        if op.name not in self._operations or op.stream:
             return None
         try:
             inputs = [self._input(ref) for value in params.__dict__.values() for ref in refs_in(value)]

@@ -56,6 +56,7 @@ from dfm_prefect.core.wire import (
     SiteStats,
     StatsReply,
     StatsRequest,
+    StreamCredit,
     b64encode,
 )
 from site_workers import admission
@@ -74,9 +75,12 @@ from site_workers.redaction import Redactor
 from site_workers.result_cache import ResultCache
 from site_workers.sources import SourceResolver
 from site_workers.store import ResultStore
+from site_workers.streams import Credits, StreamRun
 from site_workers.views import Views
 
 log = logging.getLogger("dfm_prefect.site")
+DEFAULT_WINDOW = 8
+"""Items of a stream the site sends ahead when the request names no window."""
 GRANT_IDLE_S = 600.0
 """A move's grant, checked in full on its first piece, holds for its later pieces while they keep coming this often."""
 
@@ -109,6 +113,8 @@ class _Job:
     """Why the site stopped it (a timeout); None while it may run or when the client cancelled it."""
     deadline: int | None = None
     accepted: float = field(default_factory=time.monotonic)
+    credits: Credits | None = None
+    """For a streaming operation: how many items the client allows."""
 
 
 class SiteWorker:
@@ -137,6 +143,9 @@ class SiteWorker:
         unknown = sorted(set(config.cache.operations) - set(self.operations))
         if unknown:
             raise ConfigError(f"site {config.name!r}: cache.operations names operations the site does not offer: {unknown}")
+        streams = sorted(name for name in config.cache.operations if self.operations[name].stream)
+        if streams:
+            raise ConfigError(f"site {config.name!r}: cache.operations names streaming operations, which are not cached: {streams}")
         self.cache = ResultCache(config.cache, self.store, self.views, self.resolver)
         self.mover = Mover(config.name, config.imports, self.store, peers)
         self.site_certificates = site_certificates
@@ -227,6 +236,8 @@ class SiteWorker:
                 self._fetch_for(message, reply, _Recipient(identity=identity), peer)
             elif isinstance(message, CancelRequest):
                 self.cancel(message.target, by=identity)
+            elif isinstance(message, StreamCredit):
+                self._credit(message, identity)
         except Exception as exc:  # a bad request must never stop the site
             log.warning("request %s refused: %s", getattr(message, "id", "?"), self.redactor.text(str(exc)))
             error, request_id = self._error(exc), wire_safe_id(getattr(message, "id", None))
@@ -261,6 +272,8 @@ class SiteWorker:
             self._safe_reply(reply, self._failure(request, exc, 0.0))
             return
         job = _Job(request=request, peer=peer, identity=identity, reply=reply)
+        if op.stream:
+            job.credits = Credits(request.window or DEFAULT_WINDOW)
         limits = self.config.limits
         with self._lock:
             if self._closed:
@@ -300,54 +313,12 @@ class SiteWorker:
                 job.reply, ProgressUpdate(id=request.id, fraction=fraction, message=message)
             ),
         )
-        cached = False
         try:
             ctx.check_cancelled()
-            if op is MOVE:
-                with ctx.capturing_logs():
-                    ref, payload = self.mover.pull(request, params.ref, ctx), None
-                    ctx.log.info("dfm.move brought %s from site %s in %.2f s", params.ref.op, params.ref.site, time.monotonic() - started)
-                with self._lock:
-                    self._stats["bytes_from_sites"] += ref.size if ref.site == self.name and ref is not params.ref else 0
+            if op.stream:
+                message, outcome = self._stream(job, op, params, ctx, started)
             else:
-                key = self.cache.key(op, params)
-                hit = self.cache.get(key, params) if key is not None else None
-                if hit is not None:
-                    ref, payload, cached = hit, None, True
-                    with ctx.capturing_logs():
-                        ctx.log.info("%s answered from site %s's cache: the same request on the same inputs ran before", op.name, self.name)
-                else:
-                    recipe = self.views.recipe(op, params)
-                    with ctx.capturing_logs():
-                        value = op.run(params, ctx)
-                        ctx.log.info("%s ran at site %s in %.2f s", op.name, self.name, time.monotonic() - started)
-                    ctx.check_cancelled()
-                    counted = ctx.contributors if op.result_kind == "aggregate" else None
-                    ref, payload = self.views.keep(value, op, recipe, contributors=counted)
-                    if key is not None:
-                        self.cache.put(key, ref)
-            inline = self.gate.inline(ref, payload, self.store, job.identity)
-            message = RunResult(
-                id=request.id,
-                site=self.name,
-                ok=True,
-                ref=self.gate.outgoing(ref, job.identity),
-                payload=b64encode(inline) if inline is not None else None,
-                salt=self.store.salt(ref) if inline is not None else "",
-                logs=ctx.logs if self.config.export.share_logs else [],
-                duration_s=time.monotonic() - started,
-                load=self.load(),
-                cached=cached,
-            )
-            with self._lock:
-                self._stats["completed"] += 1
-                self._stats["bytes_stored"] += 0 if ref.is_view or cached else ref.size
-                self._stats["bytes_out"] += len(inline or b"")
-            outcome: dict[str, Any] = {"kind": ref.kind, "size": ref.size, "sha256": ref.sha256, "bytes_out": len(inline or b"")}
-            if ref.is_view:
-                outcome["view"] = True
-            if cached:
-                outcome["cached"] = True
+                message, outcome = self._result(job, op, params, ctx, started)
         except Exception as exc:
             if not isinstance(exc, FederationError):
                 log.warning(
@@ -365,6 +336,81 @@ class SiteWorker:
                 self._deadlines.discard(job.deadline)
         self.audit.record("run", job.identity, request.id, op=op.name, inputs=data_inputs(params), **outcome)
         self._answer(job, message)
+
+    def _result(self, job: _Job, op: Operation, params: Any, ctx: SiteContext, started: float) -> tuple[RunResult, dict[str, Any]]:
+        """Run an operation (or answer it from the cache) and keep its result; the answer and what the audit log records."""
+        request, cached = job.request, False
+        if op is MOVE:
+            with ctx.capturing_logs():
+                ref, payload = self.mover.pull(request, params.ref, ctx), None
+                ctx.log.info("dfm.move brought %s from site %s in %.2f s", params.ref.op, params.ref.site, time.monotonic() - started)
+            with self._lock:
+                self._stats["bytes_from_sites"] += ref.size if ref.site == self.name and ref is not params.ref else 0
+        else:
+            key = self.cache.key(op, params)
+            hit = self.cache.get(key, params) if key is not None else None
+            if hit is not None:
+                ref, payload, cached = hit, None, True
+                with ctx.capturing_logs():
+                    ctx.log.info("%s answered from site %s's cache: the same request on the same inputs ran before", op.name, self.name)
+            else:
+                recipe = self.views.recipe(op, params)
+                with ctx.capturing_logs():
+                    value = op.run(params, ctx)
+                    ctx.log.info("%s ran at site %s in %.2f s", op.name, self.name, time.monotonic() - started)
+                ctx.check_cancelled()
+                counted = ctx.contributors if op.result_kind == "aggregate" else None
+                ref, payload = self.views.keep(value, op, recipe, contributors=counted)
+                if key is not None:
+                    self.cache.put(key, ref)
+        inline = self.gate.inline(ref, payload, self.store, job.identity)
+        message = RunResult(
+            id=request.id,
+            site=self.name,
+            ok=True,
+            ref=self.gate.outgoing(ref, job.identity),
+            payload=b64encode(inline) if inline is not None else None,
+            salt=self.store.salt(ref) if inline is not None else "",
+            logs=ctx.logs if self.config.export.share_logs else [],
+            duration_s=time.monotonic() - started,
+            load=self.load(),
+            cached=cached,
+        )
+        with self._lock:
+            self._stats["completed"] += 1
+            self._stats["bytes_stored"] += 0 if ref.is_view or cached else ref.size
+            self._stats["bytes_out"] += len(inline or b"")
+        outcome: dict[str, Any] = {"kind": ref.kind, "size": ref.size, "sha256": ref.sha256, "bytes_out": len(inline or b"")}
+        if ref.is_view:
+            outcome["view"] = True
+        if cached:
+            outcome["cached"] = True
+        return message, outcome
+
+    def _stream(self, job: _Job, op: Operation, params: Any, ctx: SiteContext, started: float) -> tuple[RunResult, dict[str, Any]]:
+        """Run a streaming operation: each item sent as it is made, then an answer that says how many there were."""
+        request = job.request
+        assert job.credits is not None
+        stream = StreamRun(
+            request_id=request.id, op=op, params=params, ctx=ctx, credits=job.credits, store=self.store, gate=self.gate,
+            identity=job.identity, send=lambda item: self._safe_reply(job.reply, item), stall_s=self.config.limits.reply_stall_s,
+            recipe=self.views.recipe(op, params),
+        )
+        with ctx.capturing_logs():
+            try:
+                stream.run()
+            finally:
+                with self._lock:
+                    self._stats["bytes_stored"] += stream.bytes_stored
+                    self._stats["bytes_out"] += stream.bytes_out
+            ctx.log.info("%s sent %d item(s) from site %s in %.2f s", op.name, stream.items, self.name, time.monotonic() - started)
+        message = RunResult(
+            id=request.id, site=self.name, ok=True, items=stream.items, logs=ctx.logs if self.config.export.share_logs else [],
+            duration_s=time.monotonic() - started, load=self.load(),
+        )
+        with self._lock:
+            self._stats["completed"] += 1
+        return message, {"kind": op.result_kind, "items": stream.items, "bytes_out": stream.bytes_out}
 
     def _context(
         self,
@@ -410,6 +456,8 @@ class SiteWorker:
             site=self.name,
         )
         job.cancelled.set()
+        if job.credits is not None:
+            job.credits.stop()
         if job.future is not None and job.future.cancel():
             with self._lock:
                 self._jobs.pop(job.request.id, None)
@@ -441,6 +489,8 @@ class SiteWorker:
         if by is not False and job.identity is not None and by != job.identity:
             raise AccessDeniedError(f"request {request_id!r} was sent by another identity; only its sender may cancel it", site=self.name)
         job.cancelled.set()
+        if job.credits is not None:
+            job.credits.stop()
         if job.future is not None and job.future.cancel():
             with self._lock:
                 self._jobs.pop(request_id, None)
@@ -448,6 +498,16 @@ class SiteWorker:
                 self._deadlines.discard(job.deadline)
             self._answer(job, self._failure(job.request, RequestCancelledError("cancelled before it started", site=self.name), 0.0))
         return True
+
+    def _credit(self, message: StreamCredit, identity: str | None) -> None:
+        """Let a stream send more items; only the identity that asked for the stream may."""
+        with self._lock:
+            job = self._jobs.get(message.target)
+        if job is None or job.credits is None:
+            return  # the stream ended (or never was): nothing to allow
+        if job.identity is not None and identity != job.identity:
+            raise AccessDeniedError(f"request {message.target!r} was sent by another identity; only its sender may take its items", site=self.name)
+        job.credits.grant(message.upto)
 
     def cancel_peer(self, peer: str) -> int:
         """Cancel everything a client sent (it disconnected); return how many requests."""

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any, Literal
 
 from pydantic import Field
@@ -76,3 +78,22 @@ def read(params: ReadParams, ctx: Any) -> Any:
     if isinstance(value, (dict, list, str, int, float)) or value is None:
         return value
     return {"type": type(value).__name__, "variables": sorted(map(str, getattr(value, "data_vars", {})))}
+
+
+class TicksParams(OperationParams):
+    count: int = Field(ge=0, le=100_000)
+    pause_s: float = Field(default=0.0, ge=0.0, le=5.0, description="Seconds of work before each item after the first.")
+    size: int = Field(default=0, ge=0, le=4 << 20, description="Characters of padding per item.")
+    tally: str | None = Field(default=None, pattern=r"^/[\w/.\-]+$", description="A file where the site writes how many items it made.")
+
+
+@operation("testing.ticks", version="1", result="value", stream=True)
+def ticks(params: TicksParams, ctx: Any) -> Iterator[dict[str, Any]]:
+    """Yield ``count`` items, each after ``pause_s`` of pretend work, each saying when the site made it."""
+    for seq in range(params.count):
+        if seq and params.pause_s:
+            time.sleep(params.pause_s)
+        if params.tally:
+            with open(params.tally, "w") as handle:
+                handle.write(str(seq + 1))
+        yield {"seq": seq, "made_at": time.time(), "pad": "x" * params.size}

@@ -113,6 +113,12 @@ class RequestTimeoutError(FederationError, TimeoutError):
     code = "timeout"
 
 
+class StreamStalledError(FederationError):
+    """A streaming operation's client took no item for too long; the site stopped the stream."""
+
+    code = "stream_stalled"
+
+
 class MalformedRequestError(FederationError):
     """A message could not be decoded or does not follow the wire schema."""
 
@@ -143,6 +149,7 @@ ERROR_CODES: dict[str, type[FederationError]] = {
         SourceChangedError,
         RequestCancelledError,
         RequestTimeoutError,
+        StreamStalledError,
         MalformedRequestError,
         PlacementError,
     )

@@ -144,6 +144,7 @@ class Operation:
         result: ResultKind,
         params: type[OperationParams],
         view: bool = True,
+        stream: bool = False,
     ) -> None:
         if not _NAME.match(name):
             raise ConfigError(f"operation name {name!r} must look like 'package.verb' (lowercase, dotted)")
@@ -157,6 +158,10 @@ class Operation:
         self.params = params
         self.view = view
         """Whether a lazy gridded result may stay a view (recomputed where it is used); False: always stored."""
+        self.stream = stream
+        """Whether the implementation is a generator whose every item is a result sent as soon as it is made."""
+        if stream and not inspect.isgeneratorfunction(fn):
+            raise ConfigError(f"operation {name!r} is declared stream=True: its function must be a generator (yield each item)")
         self.description = inspect.getdoc(fn) or ""
 
     def __repr__(self) -> str:
@@ -230,6 +235,7 @@ def operation(
     result: ResultKind,
     params: type[OperationParams] | None = None,
     view: bool = True,
+    stream: bool = False,
 ) -> Callable[[Callable[..., Any]], Operation]:
     """Declare an operation; the parameter model defaults to the first argument's annotation.
 
@@ -238,11 +244,17 @@ def operation(
     pure function of its parameters and the data it reads. ``view=False`` makes
     the site store every result (for operations whose point is the stored copy,
     or whose result depends on more than their inputs).
+
+    ``stream=True`` declares a generator: each item it yields is a result of
+    kind ``result`` (stored, checked by the export policy and sent to the client
+    as soon as it is made); the client takes them in order as they arrive, and
+    the generator is not resumed while the client has as many untaken items as
+    it allowed (back-pressure).
     """
 
     def register(fn: Callable[..., Any]) -> Operation:
         model = params or _params_model(fn, name)
-        op = Operation(fn, name=name, version=version, result=result, params=model, view=view)
+        op = Operation(fn, name=name, version=version, result=result, params=model, view=view, stream=stream)
         existing = _REGISTRY.get(name)
         if existing is not None and existing.fn.__module__ != fn.__module__:
             raise ConfigError(f"operation {name!r} is declared twice: in {existing.fn.__module__} and {fn.__module__}")

@@ -20,6 +20,8 @@ from dfm_prefect.core.refs import DataRef, ResultKind, check_integrity
 WIRE_VERSION: Literal[1] = 1
 MAX_BATCH = 10_000
 """Most messages one envelope may carry."""
+MAX_WINDOW = 1024
+"""Most items of a stream a client may let a site send ahead of what it has taken."""
 
 
 class _Message(BaseModel):
@@ -41,6 +43,10 @@ class RunRequest(_Message):
     task_run_id: str | None = Field(default=None, max_length=64)
     attempt: int = Field(default=1, ge=1)
     timeout_s: float | None = Field(default=None, gt=0)
+    window: int | None = Field(
+        default=None, ge=1, le=MAX_WINDOW,
+        description="For a streaming operation: how many items the site may send before the client grants more (StreamCredit).",
+    )
     auth: RequestSignature | None = None
 
 
@@ -50,6 +56,19 @@ class CancelRequest(_Message):
     kind: Literal["cancel"] = "cancel"
     id: str = Field(min_length=1, max_length=64)
     target: str = Field(min_length=1, max_length=64)
+    auth: RequestSignature | None = None
+
+
+class StreamCredit(_Message):
+    """Let the site send the items of a stream up to (not including) number ``upto``: the client took the others.
+
+    Credits only grow; the site sends item ``n`` once some credit says ``upto > n``.
+    """
+
+    kind: Literal["credit"] = "credit"
+    id: str = Field(min_length=1, max_length=64)
+    target: str = Field(min_length=1, max_length=64)
+    upto: int = Field(ge=0)
     auth: RequestSignature | None = None
 
 
@@ -86,7 +105,7 @@ class StatsRequest(_Message):
 
 
 ClientMessage = Annotated[
-    Union[RunRequest, CancelRequest, DescribeRequest, FetchRequest, StatsRequest],
+    Union[RunRequest, CancelRequest, StreamCredit, DescribeRequest, FetchRequest, StatsRequest],
     Field(discriminator="kind"),
 ]
 
@@ -132,6 +151,7 @@ class OperationInfo(_Message):
     result_kind: ResultKind
     description: str = ""
     params_schema: dict[str, Any] = Field(default_factory=dict)
+    stream: bool = Field(default=False, description="The operation sends many results, each as soon as it is made.")
 
 
 class SourceInfo(_Message):
@@ -205,6 +225,18 @@ class RunResult(_Message):
     duration_s: float = 0.0
     load: SiteLoad = SiteLoad()
     cached: bool = Field(default=False, description="The site answered with the result it stored for the same request before.")
+    items: int | None = Field(default=None, ge=0, description="For a streaming operation: how many items it sent (each a StreamItem).")
+
+
+class StreamItem(_Message):
+    """One result of a streaming operation, sent as soon as the site has it (number ``seq``, from 0, in order)."""
+
+    kind: Literal["item"] = "item"
+    id: str
+    seq: int = Field(ge=0)
+    ref: DataRef
+    payload: str | None = Field(default=None, description="base64 of the encoded value, when exported inline.")
+    salt: str = Field(default="", max_length=128, pattern=r"^([0-9a-f]{2})*$")
 
 
 class Described(_Message):
@@ -252,7 +284,7 @@ class ErrorReply(_Message):
 
 
 SiteMessage = Annotated[
-    Union[RunResult, Described, FetchChunk, StatsReply, ProgressUpdate, ErrorReply],
+    Union[RunResult, StreamItem, Described, FetchChunk, StatsReply, ProgressUpdate, ErrorReply],
     Field(discriminator="kind"),
 ]
 
@@ -275,6 +307,13 @@ def b64size(text: str) -> int:
 
 def b64decode(text: str) -> bytes:
     return base64.b64decode(text.encode("ascii"), validate=True)
+
+
+def unwrap_item(item: StreamItem) -> DataRef:
+    """The `DataRef` of a stream's item, with its inline value attached (checked against its sha256)."""
+    if item.payload:
+        item.ref.attach_payload(check_integrity(item.ref, b64decode(item.payload), item.salt), item.salt)
+    return item.ref
 
 
 def unwrap(reply: RunResult) -> DataRef:

@@ -28,7 +28,7 @@ REMEMBER_ROUTES = 100_000
 """How many recent request ids are remembered with the site they went to (cancels get no answer when accepted)."""
 ANSWERED = ("run", "describe", "fetch", "stats")
 """Message kinds a site answers exactly once (a cancel gets no answer)."""
-INTERIM = ("progress",)
+INTERIM = ("progress", "item")
 """Site message kinds that come before the answer, not as it."""
 
 
