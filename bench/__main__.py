@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import dispatch, gpu, latency, load, locality, locality_hosts, moves, peer_dfm, sql_locality, views
+from bench import dispatch, gpu, latency, load, locality, locality_hosts, moves, peer_dfm, sql_locality, streams, views
 from bench.env import BenchEnv
 from bench.harness import Row, machine
 from bench.report import markdown, table
@@ -31,6 +31,7 @@ BENCHMARKS = {
     "views": views.run,
     "moves": moves.run,
     "sql": sql_locality.run,
+    "streams": streams.run,
     "gpu": gpu.run,
 }
 NOTES = {
@@ -43,6 +44,15 @@ runs the engine in worker processes that each talk to the Prefect API. On FLARE
 the same requests go through the long-lived mesh job: batched into admin app
 commands (`dfm.exchange`, which also long-polls for replies) and pushed to the
 sites with aux messages.
+""",
+    "streams": """
+**Streaming and the site cache.** One local site whose Dask work runs on one
+worker held to 1 GiB, over a field larger than that. `xarray.moments_stream`
+sends the moments of each 92-day chunk as it is computed (time to the first item
+in the client's hands, and to the last), against `xarray.moments` over the whole
+field (one answer at the end); the items add up to it. The cache rows: the same
+`xarray.moments` request after the source's modification stamp changed (a miss:
+recomputed) and then again (a hit: the stored result, checked intact).
 """,
     "latency": """
 **Latency per transport.** First result on a warm mesh: after a 0.5 s pause (an
