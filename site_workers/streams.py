@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from dfm_prefect.core.errors import StreamStalledError
 from dfm_prefect.core.operations import Operation, OperationParams
 from dfm_prefect.core.refs import Recipe
-from dfm_prefect.core.wire import StreamItem, b64encode
+from dfm_prefect.core.wire import MAX_WINDOW, StreamItem, b64encode
 from site_workers.context import SiteContext
 from site_workers.policy import ExportGate
 from site_workers.store import ResultStore
@@ -36,11 +36,14 @@ class Credits:
 
     def __init__(self, window: int) -> None:
         self._upto = window
+        self.sent = 0
+        """Items sent so far (the stream counts them)."""
         self._cond = threading.Condition()
         self._stopped = False
 
-    def grant(self, upto: int) -> None:
-        """Allow items up to (not including) ``upto``; credits never shrink."""
+    def grant(self, upto: int, sent: int) -> None:
+        """Allow items up to (not including) ``upto``, at most `MAX_WINDOW` past the ``sent`` ones; credits never shrink."""
+        upto = min(upto, sent + MAX_WINDOW)
         with self._cond:
             if upto > self._upto:
                 self._upto = upto
@@ -120,5 +123,6 @@ class StreamRun:
             )
         )
         self.items += 1
+        self.credits.sent = self.items
         self.bytes_out += len(inline or b"")
         self.bytes_stored += ref.size
