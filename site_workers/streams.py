@@ -41,10 +41,10 @@ class Credits:
         self._cond = threading.Condition()
         self._stopped = False
 
-    def grant(self, upto: int, sent: int) -> None:
-        """Allow items up to (not including) ``upto``, at most `MAX_WINDOW` past the ``sent`` ones; credits never shrink."""
-        upto = min(upto, sent + MAX_WINDOW)
+    def grant(self, upto: int) -> None:
+        """Allow items up to (not including) ``upto``, at most `MAX_WINDOW` past those sent; credits never shrink."""
         with self._cond:
+            upto = min(upto, self.sent + MAX_WINDOW)
             if upto > self._upto:
                 self._upto = upto
                 self._cond.notify_all()

@@ -507,7 +507,7 @@ class SiteWorker:
             return  # the stream ended (or never was): nothing to allow
         if job.identity is not None and identity != job.identity:
             raise AccessDeniedError(f"request {message.target!r} was sent by another identity; only its sender may take its items", site=self.name)
-        job.credits.grant(message.upto, job.credits.sent)
+        job.credits.grant(message.upto)
 
     def cancel_peer(self, peer: str) -> int:
         """Cancel everything a client sent (it disconnected); return how many requests."""
