@@ -17,7 +17,7 @@ import base64
 import io
 import uuid
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 MAX_PNG_BYTES = 200 << 10
 """Pictures stay small enough to embed in an artifact (the UI loads the whole artifact at once)."""
@@ -92,4 +92,5 @@ def publish_png(png: bytes, *, title: str, key: str | None = None, text: str = "
     from prefect.artifacts import create_markdown_artifact
 
     markdown = "\n\n".join(part for part in (f"# {title}", markdown_image(png, title), text) if part)
-    return create_markdown_artifact(markdown=markdown, key=key, description=title)
+    # Prefect picks the sync or async implementation from the calling context; ask for the sync one explicitly.
+    return cast(uuid.UUID, create_markdown_artifact(markdown=markdown, key=key, description=title, _sync=True))  # type: ignore[call-arg]
