@@ -43,7 +43,7 @@ def kernelspec(root: Path) -> Path:
     return root
 
 
-def execute(federation_file: Path, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+def execute(federation_file: Path, prefect_api: str, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     """Run every cell of the notebook against ``federation_file``; return the executed notebook."""
     import nbformat
     from nbclient import NotebookClient
@@ -58,9 +58,13 @@ def execute(federation_file: Path, workdir: Path, monkeypatch: pytest.MonkeyPatc
             'VARIABLE = "temperature"',
         ]
     )
+    # Jupyter and IPython keep their files under the test's directory, not the user's home.
     monkeypatch.setenv("JUPYTER_PATH", str(kernelspec(workdir / "jupyter")))
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(workdir / "jupyter" / "runtime"))
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("DFM_", "PYTEST"))},
+        "IPYTHONDIR": str(workdir / "ipython"),
+        "PREFECT_API_URL": prefect_api,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "MPLBACKEND": "module://matplotlib_inline.backend_inline",
     }
@@ -84,7 +88,7 @@ def outputs(notebook: Any) -> tuple[str, list[dict[str, Any]]]:
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_the_notebook_runs_against_a_live_federation(transport, request, prefect_api, tmp_path, monkeypatch):
     federation = request.getfixturevalue("federation" if transport == "local" else "flare_federation")
-    notebook = execute(Path(federation.federation_file), tmp_path, monkeypatch)
+    notebook = execute(Path(federation.federation_file), prefect_api, tmp_path, monkeypatch)
     printed, rich = outputs(notebook)
 
     # Every site answered for every year, each arrival timed, in the order they came.
