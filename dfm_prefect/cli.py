@@ -150,6 +150,8 @@ def demo(
         written = ", ".join(f"{n:,} bytes of {kind}" for kind, n in kinds.items()) or "nothing"
         console.print(f"{site}'s result store: {written} written by this run (intermediates stay views)")
     console.print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in report.seconds.items()))
+    if report.picture:
+        console.print(f"picture of the federated answer: {report.picture}")
     if report.ok:
         console.print(f"[green]OK[/green]: the federated answer equals direct computation on the pooled data (max relative difference {report.max_rel_diff:.1e} <= {RTOL:.0e})")
     else:

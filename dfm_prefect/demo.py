@@ -4,7 +4,9 @@ Two sites hold one hemisphere each of a synthetic daily temperature field:
 ``north`` reads local zarr, ``south`` reads zarr from S3 (moto's server on
 127.0.0.1). The flow `flows.federated_climate_stats` computes global yearly
 statistics with only partial sums leaving the sites; the demo then computes the
-same statistics directly on the pooled raw data and says whether they agree.
+same statistics directly on the pooled raw data and says whether they agree,
+and draws the federated answer to ``<workdir>/federated-climate-stats.png``
+(the flow run shows the same picture as an artifact).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dfm_prefect.transports import launcher_class
 BUCKET = "dfm-south"
 S3_KEY = "climate/temperature.zarr"
 RTOL = 1e-9
+PICTURE = "federated-climate-stats.png"
 
 
 @dataclass
@@ -53,6 +56,8 @@ class DemoReport:
     transport: str = "flare"
     stored: dict[str, dict[str, int]] = field(default_factory=dict)
     """Bytes each site's result store gained during the flow run, by result kind (views write nothing)."""
+    picture: str | None = None
+    """The PNG of the federated answer (pooled yearly mean and spread, values per year)."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, default=str)
@@ -185,6 +190,14 @@ def _steps(flow_run_id: str) -> list[StepRow]:
     return rows
 
 
+def draw_answer(answer: dict[int, dict[str, float]], path: Path) -> Path:
+    """Draw the federated yearly statistics to ``path`` (PNG)."""
+    from dfm_prefect.pictures import yearly_statistics_png
+
+    path.write_bytes(yearly_statistics_png(answer))
+    return path
+
+
 DEMO_FLOW = "flows.federated_climate_stats:federated_climate_stats"
 """The example flow the demo runs, by entrypoint (as a Prefect deployment names it)."""
 
@@ -265,6 +278,8 @@ def run_demo(
     # S3 server is gone by then.
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
 
+    picture = draw_answer(answer, workdir / PICTURE)
+    log(f"picture of the federated answer: {picture}")
     worst = _max_rel_diff(answer, direct)
     return DemoReport(
         answer=answer,
@@ -278,4 +293,5 @@ def run_demo(
         flow_run_id=flow_run_id,
         transport=transport,
         stored=stored,
+        picture=str(picture),
     )

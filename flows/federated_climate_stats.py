@@ -3,7 +3,9 @@
 Each site cuts its own regional temperature field to the requested years and
 reduces it to area-weighted partial sums per year; only those sums leave the
 sites. The client adds them up into the global yearly mean and standard
-deviation, exactly as if the data had been pooled.
+deviation, exactly as if the data had been pooled, and draws them: the flow
+run's artifacts show the picture (matplotlib, the ``demo`` extra; pass
+``picture=False`` to leave it out).
 
 Run it against a running federation::
 
@@ -21,6 +23,7 @@ from prefect import flow, task
 from adapters.combine import combine_moments
 from adapters.xarray_ops import moments, subset
 from dfm_prefect import DataRef, FederationTaskRunner
+from dfm_prefect.pictures import publish_png, yearly_statistics_png
 
 
 @task(name="combine-yearly-statistics")
@@ -37,19 +40,34 @@ def combine_yearly(parts: list[DataRef], variable: str) -> dict[int, dict[str, f
     }
 
 
+@task(name="draw-yearly-statistics")
+def draw_yearly(stats: dict[int, dict[str, float]], variable: str) -> None:
+    """Attach a picture of the pooled statistics to the flow run, with the numbers as a table under it."""
+    rows = [f"| {year} | {s['mean']:.4f} | {s['std']:.4f} | {s['n']:,} |" for year, s in sorted(stats.items())]
+    table = "\n".join(["| year | mean | std | values |", "|---|---|---|---|", *rows])
+    publish_png(yearly_statistics_png(stats, variable=variable), title=f"Pooled yearly {variable}", key="federated-climate-stats", text=table)
+
+
 @flow(name="federated-climate-stats", task_runner=FederationTaskRunner(), persist_result=True)
 def federated_climate_stats(
     datasets: list[str],
     start: str = "2001-01-01",
     stop: str = "2003-12-31",
     variable: str = "temperature",
+    picture: bool = True,
 ) -> dict[int, dict[str, float]]:
-    """Global area-weighted yearly mean and standard deviation over datasets held by different sites."""
+    """Global area-weighted yearly mean and standard deviation over datasets held by different sites.
+
+    With ``picture``, the flow run also gets a markdown artifact that shows them as a PNG.
+    """
     parts = []
     for data in datasets:
         box = subset.submit(data=data, variables=[variable], ranges={"time": {"start": start, "stop": stop}})
         parts.append(moments.submit(data=box, dims=["lat", "lon"], groupby="time.year", weights="area"))
-    return combine_yearly(parts, variable)
+    stats = combine_yearly(parts, variable)
+    if picture:
+        draw_yearly(stats, variable)
+    return stats
 
 
 def main(argv: list[str]) -> Any:
