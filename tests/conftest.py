@@ -53,7 +53,7 @@ def climate_data(tmp_path_factory: pytest.TempPathFactory, s3: LocalS3) -> dict[
 def site_config(name: str, store: Path, sources: list[dict[str, object]], **overrides: object) -> dict[str, object]:
     config: dict[str, object] = {
         "name": name,
-        "operations": ["core.echo", "core.sleep", "xarray.subset", "xarray.moments", "xarray.reduce", "testing.flaky"],
+        "operations": ["core.echo", "core.sleep", "xarray.subset", "xarray.moments", "xarray.moments_stream", "xarray.reduce", "testing.flaky"],
         "operation_modules": ["tests.site_ops"],
         "sources": sources,
         "result_store": {"url": f"file://{store}"},

@@ -24,6 +24,7 @@ NOTEBOOK = ROOT / "examples" / "federation.ipynb"
 KERNEL = "dfm-prefect-tests"
 CELL_TIMEOUT_S = 300
 ARRIVAL = re.compile(r"^arrived after\s+([0-9.]+) s: (\S+) (\d{4}), its mean ([0-9.]+)$", re.M)
+STREAMED = re.compile(r"^item (\d+) after\s+([0-9.]+) s: running mean [0-9.]+$", re.M)
 SAME = re.compile(r"^flow equals direct calls: (True|False) \(largest relative difference ([0-9.e+-]+)\)$", re.M)
 
 
@@ -97,10 +98,16 @@ def test_the_notebook_runs_against_a_live_federation(transport, request, prefect
     times = [seconds for seconds, _, _ in arrivals]
     assert times == sorted(times) and times[0] > 0, arrivals
 
-    # The live plot ends as a picture in the saved notebook.
+    # The live plots end as pictures in the saved notebook: one per plot, not one per arrival
+    # (each redraw replaced the previous one).
     pictures = [output for output in rich if "image/png" in output.get("data", {})]
-    # One picture, not one per arrival: each redraw replaced the previous one.
-    assert len(pictures) == 1, [output.get("data", {}).keys() for output in rich]
+    assert len(pictures) == 2, [output.get("data", {}).keys() for output in rich]
+
+    # The stream's items came one by one, in order, and add up to the whole.
+    items = [(int(n), float(seconds)) for n, seconds in STREAMED.findall(printed)]
+    assert [n for n, _ in items] == list(range(1, len(items) + 1)) and len(items) > 1, printed
+    assert [s for _, s in items] == sorted(s for _, s in items)
+    assert f"stream of {len(items)} items equals the whole: True" in printed
 
     # The flow made the same calls and got the same answer.
     (same,) = SAME.findall(printed)
