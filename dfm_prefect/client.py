@@ -320,7 +320,7 @@ class FederationClient:
             self.bytes_in[site] += b64size(message.data)
         if isinstance(message, ProgressUpdate):
             with self._lock:
-                callback = self._progress.get(message.id)
+                callback = self._progress.get(message.id) if self._pending.get(message.id, (site,))[0] == site else None
             if callback is not None:
                 callback(message)
             return
@@ -332,6 +332,10 @@ class FederationClient:
             if stream is not None and stream.site == site:
                 stream.deliver(message)
             return
+        if message.id is not None and not self._sent_to(message.id, site):
+            # Only the site a request went to may answer it (a site may learn other requests' ids).
+            log.warning("dropped a %s from site %s about a request it was not sent", message.kind, site)
+            return
         if isinstance(message, ErrorReply):
             error = error_class(message.error.code)(message.error.message, site=site)
             if message.id is None:
@@ -340,6 +344,12 @@ class FederationClient:
             self._resolve(message.id, error=error)
             return
         self._resolve(message.id, value=message)
+
+    def _sent_to(self, request_id: str, site: str) -> bool:
+        """True unless ``request_id`` is pending at another site (an unknown id is answered by no one: harmless)."""
+        with self._lock:
+            entry = self._pending.get(request_id)
+        return entry is None or entry[0] == site
 
     def _resolve(self, request_id: str, *, value: SiteMessage | None = None, error: BaseException | None = None) -> None:
         with self._lock:

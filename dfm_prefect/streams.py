@@ -57,6 +57,7 @@ class ResultStream(Iterator[DataRef]):
         self._items: deque[StreamItem] = deque()
         self._cond = threading.Condition()
         self._closed = False
+        self._broken: str | None = None
         done.add_done_callback(lambda _: self._wake())
 
     def _wake(self) -> None:
@@ -64,9 +65,17 @@ class ResultStream(Iterator[DataRef]):
             self._cond.notify_all()
 
     def deliver(self, item: StreamItem) -> None:
-        """Called by the client (from a transport thread) with each item the site sent."""
+        """Called by the client (from a transport thread) with each item the site sent.
+
+        An item past what the client allowed breaks the site's side of the protocol:
+        it is not kept (the client's memory stays bounded) and the stream fails.
+        """
         with self._cond:
-            self._items.append(item)
+            if item.seq >= self._allowed:
+                self._broken = f"site {self.site!r} sent item {item.seq} of the stream, past the {self._allowed} it was allowed"
+                self._items.clear()
+            elif self._broken is None:
+                self._items.append(item)
             self._cond.notify_all()
 
     def __iter__(self) -> ResultStream:
@@ -78,23 +87,29 @@ class ResultStream(Iterator[DataRef]):
     def next(self, timeout: float | None = None) -> DataRef:
         """The next item (waiting at most ``timeout`` seconds: `TimeoutError`); `StopIteration` after the last."""
         with self._cond:
-            if not self._cond.wait_for(lambda: self._items or self._done.done() or self._closed, timeout):
+            if not self._cond.wait_for(lambda: self._items or self._done.done() or self._closed or self._broken, timeout):
                 raise TimeoutError(f"no item of the stream from site {self.site!r} within {timeout:g} s")
-            if self._items:
-                item = self._items.popleft()
-            elif self._closed:
-                raise StopIteration
-            else:
-                item = None
+            broken, item = self._broken, self._items.popleft() if self._items and not self._broken else None
+            if item is not None:
+                if item.seq != self.taken:
+                    broken = f"site {self.site!r} sent item {item.seq} of the stream where item {self.taken} was due"
+                else:
+                    self.taken += 1
+                    grant = self.taken + self.window
+                    if grant - self._allowed >= max(1, self.window // 2):
+                        self._allowed = grant
+                    else:
+                        grant = 0
+        if broken is not None:
+            self.close()
+            raise FederationError(broken, site=self.site)
         if item is None:
+            if self._closed:
+                raise StopIteration
             self._finish()
             raise StopIteration
-        if item.seq != self.taken:
-            raise FederationError(f"site {self.site!r} sent item {item.seq} of the stream where item {self.taken} was due", site=self.site)
-        self.taken += 1
-        if self.taken + self.window - self._allowed >= max(1, self.window // 2):
-            self._allowed = self.taken + self.window
-            self._allow(self._allowed)
+        if grant:
+            self._allow(grant)
         return unwrap_item(item)
 
     def _finish(self) -> None:

@@ -23,6 +23,7 @@ from site_workers.store import ResultStore
 from site_workers.summaries import summarize
 
 if TYPE_CHECKING:
+    from site_workers.fusion import FusedMember
     from site_workers.views import Views
 
 OPS_LOGGER = "dfm_prefect.site.ops"
@@ -79,8 +80,10 @@ class SiteContext:
         user_code: UserCodePolicy | None = None,
         redact: Callable[[str], str] | None = None,
         disclosure: DisclosureRules | None = None,
+        fusion: FusedMember | None = None,
     ) -> None:
         self.site = site
+        self._fusion = fusion
         self.request_id = request_id
         self._resolver = resolver
         self._store = store
@@ -138,10 +141,22 @@ class SiteContext:
     # -- compute ------------------------------------------------------------------
 
     def compute(self, *collections: Any) -> tuple[Any, ...]:
-        """Compute Dask collections on the site's compute backend, reporting progress."""
+        """Compute Dask collections on the site's compute backend, reporting progress.
+
+        The first computation of a request that came with others in one frame runs
+        together with theirs (`site_workers.fusion`): chunks they share are read once.
+        """
         self.check_cancelled()
+        member, self._fusion = self._fusion, None
+        if member is not None:
+            shared = member.compute(collections, self._compute_now)
+            if shared is not None:
+                return shared
+        return self._compute_now(collections)
+
+    def _compute_now(self, collections: tuple[Any, ...]) -> tuple[Any, ...]:
         with _DaskProgress(self):
-            return self._compute.compute(*collections)
+            return tuple(self._compute.compute(*collections))
 
     def to_device(self, value: Any) -> Any:
         """``value`` with its chunks on the site's compute device (CuPy on GPU sites, unchanged elsewhere)."""

@@ -22,6 +22,9 @@ from collections.abc import Callable
 log = logging.getLogger("dfm_prefect.site")
 
 
+_LONGEST_WAIT_S = 3600.0
+
+
 class Deadlines:
     """Calls each callback once, at (or soon after) its monotonic deadline, unless discarded first."""
 
@@ -66,7 +69,8 @@ class Deadlines:
                         due.append(callback)
                 if due:
                     return due
-                self._cond.wait(self._heap[0][0] - now if self._heap else None)
+                # A far deadline is waited for in steps: Condition.wait refuses waits past TIMEOUT_MAX.
+                self._cond.wait(min(self._heap[0][0] - now, _LONGEST_WAIT_S) if self._heap else None)
             return None
 
     def _loop(self) -> None:

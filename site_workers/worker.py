@@ -67,6 +67,7 @@ from site_workers.compute import make_backend
 from site_workers.config import SiteConfig
 from site_workers.context import SiteContext
 from site_workers.deadlines import Deadlines
+from site_workers.fusion import FusedGroup, FusedMember
 from site_workers.identities import AuditLog, Identities, data_inputs
 from site_workers.moves import Mover
 from site_workers.peers import SITE_IDENTITY_PREFIX, Peers
@@ -115,6 +116,8 @@ class _Job:
     accepted: float = field(default_factory=time.monotonic)
     credits: Credits | None = None
     """For a streaming operation: how many items the client allows."""
+    fusion: FusedMember | None = None
+    """Its place in the group of requests of its frame that compute together."""
 
 
 class SiteWorker:
@@ -193,11 +196,30 @@ class SiteWorker:
             message = f"the frame does not follow the dfm-prefect wire schema v1: {validation_message(exc)}"
             self._safe_reply(reply, ErrorReply(id=guess_id(frame), error=ErrorInfo(code=MalformedRequestError.code, message=self.redactor.text(message, 8192))))
             return
+        runs = sum(isinstance(message, RunRequest) for message in envelope.messages)
+        fusion = self._fusion_group(runs)
         for message in envelope.messages:
-            self.handle_message(message, reply, peer, identity, from_site)
+            self.handle_message(message, reply, peer, identity, from_site, fusion=fusion)
+        if fusion is not None:
+            fusion.settle(fusion.joined, runs)
+
+    def _fusion_group(self, runs: int) -> FusedGroup | None:
+        """A group for the runs of one frame, if the site can start them all at once (else they would wait for slots)."""
+        if runs < 2:
+            return None
+        with self._lock:
+            free = self.config.limits.concurrency - len(self._jobs)
+        return FusedGroup(runs) if free >= runs else None
 
     def handle_message(
-        self, message: Any, reply: Reply, peer: str = "local", identity: str | None = None, from_site: str | None = None
+        self,
+        message: Any,
+        reply: Reply,
+        peer: str = "local",
+        identity: str | None = None,
+        from_site: str | None = None,
+        *,
+        fusion: FusedGroup | None = None,
     ) -> None:
         """Answer one decoded message, acting for the identity that signed it (or the transport's).
 
@@ -227,7 +249,7 @@ class SiteWorker:
                 self._fetch_for(message, reply, _Recipient(site=from_site), peer)
                 return
             if isinstance(message, RunRequest):
-                self._accept_run(message, reply, peer, identity)
+                self._accept_run(message, reply, peer, identity, fusion)
             elif isinstance(message, DescribeRequest):
                 self._safe_reply(reply, Described(id=message.id, info=self.describe()))
             elif isinstance(message, StatsRequest):
@@ -257,7 +279,7 @@ class SiteWorker:
 
     # ------------------------------------------------------------------- runs
 
-    def _accept_run(self, request: RunRequest, reply: Reply, peer: str, identity: str | None) -> None:
+    def _accept_run(self, request: RunRequest, reply: Reply, peer: str, identity: str | None, fusion: FusedGroup | None = None) -> None:
         with self._lock:
             self._stats["requests"] += 1
         try:
@@ -274,6 +296,8 @@ class SiteWorker:
         job = _Job(request=request, peer=peer, identity=identity, reply=reply)
         if op.stream:
             job.credits = Credits(request.window or DEFAULT_WINDOW)
+        elif fusion is not None and op is not MOVE:
+            job.fusion = fusion.member()
         limits = self.config.limits
         with self._lock:
             if self._closed:
@@ -308,6 +332,7 @@ class SiteWorker:
         ctx = self._context(
             request.id,
             job.cancelled,
+            fusion=job.fusion,
             stopped=lambda: job.stop,
             on_progress=lambda fraction, message: self._safe_reply(
                 job.reply, ProgressUpdate(id=request.id, fraction=fraction, message=message)
@@ -329,6 +354,8 @@ class SiteWorker:
             message = self._failure(request, exc, time.monotonic() - started, ctx.logs)
             outcome = {"error": message.error.code if message.error else "?"}
         finally:
+            if job.fusion is not None:
+                job.fusion.leave()
             with self._lock:
                 self._running -= 1
                 self._jobs.pop(request.id, None)
@@ -419,6 +446,7 @@ class SiteWorker:
         *,
         stopped: Callable[[], FederationError | None] | None = None,
         on_progress: Callable[[float, str], None] | None = None,
+        fusion: FusedMember | None = None,
     ) -> SiteContext:
         return SiteContext(
             site=self.name,
@@ -433,6 +461,7 @@ class SiteWorker:
             redact=self.redactor.text if self.redactor.active else None,
             disclosure=self.gate.disclosure,
             on_progress=on_progress,
+            fusion=fusion,
         )
 
     def _answer(self, job: _Job, message: RunResult) -> None:
@@ -459,6 +488,8 @@ class SiteWorker:
         if job.credits is not None:
             job.credits.stop()
         if job.future is not None and job.future.cancel():
+            if job.fusion is not None:
+                job.fusion.leave()
             with self._lock:
                 self._jobs.pop(job.request.id, None)
         self._answer(job, self._failure(job.request, job.stop, time.monotonic() - job.accepted))
@@ -492,6 +523,8 @@ class SiteWorker:
         if job.credits is not None:
             job.credits.stop()
         if job.future is not None and job.future.cancel():
+            if job.fusion is not None:
+                job.fusion.leave()
             with self._lock:
                 self._jobs.pop(request_id, None)
             if job.deadline is not None:

@@ -20,6 +20,8 @@ from dfm_prefect.core.refs import DataRef, ResultKind, check_integrity
 WIRE_VERSION: Literal[1] = 1
 MAX_BATCH = 10_000
 """Most messages one envelope may carry."""
+MAX_TIMEOUT_S = 366 * 86400.0
+"""The longest ``timeout_s`` a request may give (a year and a day)."""
 MAX_WINDOW = 1024
 """Most items of a stream a client may let a site send ahead of what it has taken."""
 
@@ -42,7 +44,7 @@ class RunRequest(_Message):
     flow_run_id: str | None = Field(default=None, max_length=64)
     task_run_id: str | None = Field(default=None, max_length=64)
     attempt: int = Field(default=1, ge=1)
-    timeout_s: float | None = Field(default=None, gt=0)
+    timeout_s: float | None = Field(default=None, gt=0, le=MAX_TIMEOUT_S)
     window: int | None = Field(
         default=None, ge=1, le=MAX_WINDOW,
         description="For a streaming operation: how many items the site may send before the client grants more (StreamCredit).",
