@@ -201,12 +201,13 @@ class Collector:
     def _full_message(self, client: str, size: int) -> str:
         policy, ledger = self.policy, self.ledger
         if policy.max_bytes_per_client is not None and ledger.per_owner.get(client, 0) + size > policy.max_bytes_per_client:
-            held, limit, whose = ledger.per_owner.get(client, 0), policy.max_bytes_per_client, f"client {client!r}'s share of the result store"
+            held, limit, key = ledger.per_owner.get(client, 0), policy.max_bytes_per_client, "max_bytes_per_client"
+            whose = f"client {client!r}'s share of the result store"
         else:
-            held, limit, whose = ledger.total, policy.max_bytes or 0, "the result store"
+            held, limit, key, whose = ledger.total, policy.max_bytes or 0, "max_bytes", "the result store"
         return (
             f"{whose} is full: a new result of {size:,} bytes does not fit next to the {held:,} bytes held "
-            f"(limit {limit:,} bytes), and nothing more may be removed (results younger than min_age_s = "
+            f"(result_store.retention.{key}: {limit:,} bytes), and nothing more may be removed (results younger than min_age_s = "
             f"{policy.min_age_s:g} s stay); nothing was stored. Make the result smaller, wait for older results "
             "to expire, or ask the site's administrator to raise result_store.retention"
         )

@@ -38,6 +38,7 @@ import fsspec
 from dfm_prefect.core.codecs import codec_for, decode
 from dfm_prefect.core.errors import AccessDeniedError, ConfigError, ResultExpiredError, ResultIntegrityError
 from dfm_prefect.core.refs import DataRef, Recipe, ResultKind
+from dfm_prefect.core.wire import StoreUsage
 from site_workers.config import StoreConfig
 from site_workers.retention import Collector
 from site_workers.sources import canonical
@@ -175,6 +176,7 @@ class ResultStore:
                     _write_private(target, payload)
                 else:
                     self.fs.pipe_file(target, payload)
+                stamp = self._stamp(target)  # inside: once the lock goes, retention may take it
         else:
             # Lazy values stream to a local file chunk by chunk, then move to the store.
             with tempfile.TemporaryDirectory(prefix="dfm-result-") as scratch:
@@ -187,7 +189,7 @@ class ResultStore:
                         _move_private(local, target)
                     else:
                         self.fs.put_file(local, target)
-        stamp = self._stamp(target)
+                    stamp = self._stamp(target)
         ref = DataRef(
             site=self.site,
             uri=f"{self.protocol}://{target}",
@@ -232,12 +234,13 @@ class ResultStore:
                 _move_private(local, target)
             else:
                 self.fs.put_file(local, target)
+            stamp = self._stamp(target)
         ref = DataRef(
             site=self.site, uri=f"{self.protocol}://{target}", kind=kind, format=format, size=size, sha256=sha, op=op,
             summary=summary, recipe=recipe,
         )
         with self._lock:
-            self._verified[ref.uri] = (sha, self._stamp(target))
+            self._verified[ref.uri] = (sha, stamp)
         return ref
 
     def delete(self, ref: DataRef) -> None:
@@ -255,6 +258,16 @@ class ResultStore:
     def _admitted(self, name: str, owner: str | None, size: int) -> contextlib.AbstractContextManager[None]:
         """Room for a new result under the retention limits, recorded in the ledger (a local store only)."""
         return self.retention.admit(name, owner, size) if self.retention is not None else contextlib.nullcontext()
+
+    def usage(self) -> StoreUsage | None:
+        """What the store holds and its retention limits (None for a store that keeps no ledger)."""
+        if self.retention is None:
+            return None
+        held, policy = self.retention.usage(), self.retention.policy
+        return StoreUsage(
+            bytes=held.bytes, results=held.results, max_bytes=policy.max_bytes,
+            max_bytes_per_client=policy.max_bytes_per_client, max_age_s=policy.max_age_s,
+        )
 
     def result_names(self) -> list[str]:
         """The names of the result files in the store (never its key, ledger or scratch)."""
