@@ -223,12 +223,13 @@ def site_gc(
         raise _fail(exc) from None
     now, verb = store.retention.clock(), "would remove" if dry_run else "removed"
     for removal in report.removed:
-        console.print(f"{verb} {removal.name} ({removal.size:,} bytes, stored by {removal.owner}, {now - removal.at:.0f} s old): {removal.why}", soft_wrap=True)
+        console.print(f"{verb} {removal.name} ({removal.size:,} bytes, stored by {removal.owner}, {now - removal.at:.0f} s old): result_store.retention.{removal.why}", soft_wrap=True)
     policy = site_config.result_store.retention
     console.print(
         f"site {site_config.name}: {verb} {len(report.removed)} result(s), {sum(r.size for r in report.removed):,} bytes; "
         f"the store {'would hold' if dry_run else 'holds'} {report.usage.results} result(s), {report.usage.bytes:,} bytes "
-        f"(limit {_bound(policy.max_bytes)})"
+        f"(limit {_bound(policy.max_bytes)})",
+        soft_wrap=True,
     )
     for owner, held in sorted(report.usage.per_client.items()):
         console.print(f"  {owner}: {held:,} bytes (limit {_bound(policy.max_bytes_per_client)})")
