@@ -7,10 +7,13 @@ on demand (:meth:`Collector.collect`, which ``dfm-prefect site gc`` runs). Every
 step holds the store's lock, so the processes of a site that share a store never
 remove the same result twice or let two new results past one free slot.
 
-Example::
+Example (what ``dfm-prefect site gc north.yaml --dry-run`` does)::
 
-    collector = Collector("north", "/srv/dfm/north/results", policy, names=result_names)
-    report = collector.collect(dry_run=True)
+    from site_workers.config import load_site_config
+    from site_workers.store import ResultStore
+
+    config = load_site_config("north.yaml")
+    report = ResultStore(config.name, config.result_store).retention.collect(dry_run=True)
     print([(r.name, r.why) for r in report.removed], report.usage.bytes)
 """
 
