@@ -21,12 +21,15 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
+log = logging.getLogger("dfm_prefect.site.retention")
 _PRIVATE_DIR = 0o700
 _PRIVATE_FILE = 0o600
 KEEP_GONE = 100_000
@@ -97,14 +100,24 @@ class Ledger:
             complete = data.rfind(b"\n") + 1  # a line still being written is read next time
             for line in data[:complete].splitlines():
                 if line.strip():
-                    self._apply(json.loads(line))
+                    try:
+                        record = json.loads(line)
+                    except ValueError:
+                        # What a process that died mid-write left; the result it named is found again
+                        # by the next `site gc` (as unrecorded) rather than blocking every later record.
+                        log.warning("%s: skipped a damaged record: %r", self.path, line[:200])
+                        continue
+                    self._apply(record)
             self._offset += complete
 
-    def append(self, *records: dict[str, object]) -> None:
+    def append(self, *records: dict[str, Any]) -> None:
         """Record ``records`` (only while holding :meth:`locked`), and apply them here."""
         data = b"".join(json.dumps(record, separators=(",", ":")).encode() + b"\n" for record in records)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, _PRIVATE_FILE)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, _PRIVATE_FILE)
         try:
+            end = os.lseek(fd, 0, os.SEEK_END)
+            if end and os.pread(fd, 1, end - 1) != b"\n":
+                data = b"\n" + data  # a record cut short by a crash stays a line of its own
             os.write(fd, data)
         finally:
             os.close(fd)
@@ -120,7 +133,7 @@ class Ledger:
         """Rewrite the ledger with only what it still needs (while holding :meth:`locked`), once it is mostly history."""
         if self._lines <= 4 * (len(self.live) + len(self.gone)) + 10_000:
             return
-        records: list[dict[str, object]] = [{"gone": name, "why": g.why, "at": g.at} for name, g in self.gone.items()]
+        records: list[dict[str, Any]] = [{"gone": name, "why": g.why, "at": g.at} for name, g in self.gone.items()]
         records += [{"put": e.name, "owner": e.owner, "at": e.at, "size": e.size} for e in self.live.values()]
         fresh = f"{self.path}.new"
         fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _PRIVATE_FILE)
@@ -135,21 +148,21 @@ class Ledger:
         self.per_owner.clear()
         self.total, self._offset, self._inode, self._lines = 0, 0, inode, 0
 
-    def _apply(self, record: dict[str, object]) -> None:
+    def _apply(self, record: dict[str, Any]) -> None:
         self._lines += 1
         if "put" in record:
             name = str(record["put"])
             if name not in self.live:
-                entry = Entry(name, str(record["owner"]), float(record["at"]), int(record["size"]))  # type: ignore[arg-type]
+                entry = Entry(name, str(record["owner"]), float(record["at"]), int(record["size"]))
                 self.live[name] = entry
                 self._count(entry, +1)
             return
         name = str(record.get("gone") or record.get("drop"))
-        entry = self.live.pop(name, None)
-        if entry is not None:
-            self._count(entry, -1)
+        gone = self.live.pop(name, None)
+        if gone is not None:
+            self._count(gone, -1)
         if "gone" in record:
-            self.gone[name] = Gone(str(record["why"]), float(record["at"]))  # type: ignore[arg-type]
+            self.gone[name] = Gone(str(record["why"]), float(record["at"]))
             while len(self.gone) > KEEP_GONE:
                 self.gone.popitem(last=False)
 

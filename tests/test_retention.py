@@ -238,3 +238,14 @@ def test_a_view_whose_copy_was_collected_is_materialized_again(tmp_path):
 def test_the_clock_is_wall_time_by_default(tmp_path):
     store = make_store(tmp_path / "s", max_age_s=1)
     assert abs(store.retention.clock() - time.time()) < 5
+
+
+def test_a_record_cut_short_by_a_crash_does_not_stop_the_ledger(tmp_path):
+    store = make_store(tmp_path / "s", max_bytes=1000, min_age_s=0)
+    put(store, 100)
+    with open(tmp_path / "s" / ".retention" / "ledger.jsonl", "ab") as ledger:
+        ledger.write(b'{"put":"0123abc')  # a process died mid-write
+    other = make_store(tmp_path / "s", max_bytes=1000, min_age_s=0)
+    later = put(other, 100)
+    assert other.usage().bytes == 200 and make_store(tmp_path / "s").usage().results == 2
+    other.verify(later)
