@@ -249,3 +249,10 @@ def test_a_record_cut_short_by_a_crash_does_not_stop_the_ledger(tmp_path):
     later = put(other, 100)
     assert other.usage().bytes == 200 and make_store(tmp_path / "s").usage().results == 2
     other.verify(later)
+
+
+def test_stats_of_a_site_without_a_ledger_still_validate():
+    from dfm_prefect.core.wire import SiteStats
+
+    old = SiteStats.model_validate_json('{"requests": 3, "completed": 3, "load": {"running": 0, "queued": 0, "capacity": 4}}')
+    assert old.store is None and old.requests == 3

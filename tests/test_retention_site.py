@@ -24,7 +24,7 @@ from dfm_prefect.transports.base import write_spec
 from site_workers.config import parse_site_config
 from site_workers.store import ResultStore
 from tests.conftest import ROOT, site_config
-from tests.support_sites import private_federation
+from tests.support_sites import private_federation, private_flare_federation
 
 pytestmark = pytest.mark.slow
 
@@ -148,3 +148,14 @@ def test_site_gc_says_what_would_go_and_removes_it(tmp_path):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
     bad = cli("site", "gc", str(tmp_path / "bad.yaml"))
     assert bad.returncode == 2 and "result_store.retention.max_bytes" in bad.stderr
+
+
+@pytest.mark.flare
+def test_a_full_store_refuses_over_flare_and_the_site_keeps_serving(tmp_path):
+    with private_flare_federation(tmp_path, {"tight": site("tight", tmp_path, {"max_bytes": 300})}) as fed:
+        client = get_client(fed.federation_file)
+        echo(client, "tight", 200)
+        with pytest.raises(StoreFullError, match=r"site 'tight': the result store is full.*retention.max_bytes: 300 bytes"):
+            echo(client, "tight", 200)
+        assert echo(client, "tight", 50).fetch(client=client) == "x" * 48
+        assert client.stats("tight").store.bytes == 250
