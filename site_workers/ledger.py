@@ -34,6 +34,8 @@ _PRIVATE_DIR = 0o700
 _PRIVATE_FILE = 0o600
 KEEP_GONE = 100_000
 """How many removals the ledger remembers (to say why a result is missing)."""
+COMPACT_SLACK = 10_000
+"""Records of history (beyond four per result held or remembered) the ledger carries before it is rewritten."""
 
 
 @dataclass(frozen=True)
@@ -131,7 +133,7 @@ class Ledger:
 
     def compact(self) -> None:
         """Rewrite the ledger with only what it still needs (while holding :meth:`locked`), once it is mostly history."""
-        if self._lines <= 4 * (len(self.live) + len(self.gone)) + 10_000:
+        if self._lines <= 4 * (len(self.live) + len(self.gone)) + COMPACT_SLACK:
             return
         records: list[dict[str, Any]] = [{"gone": name, "why": g.why, "at": g.at} for name, g in self.gone.items()]
         records += [{"put": e.name, "owner": e.owner, "at": e.at, "size": e.size} for e in self.live.values()]

@@ -148,7 +148,6 @@ class Collector:
             removals, _ = plan(self.ledger.live.values(), self.policy, self.clock())
             if not dry_run:
                 self._remove(removals)
-                self.ledger.compact()
             live = self.ledger.live
             gone = {r.name for r in removals}
             kept = [e for e in live.values() if e.name not in gone]
@@ -224,6 +223,7 @@ class Collector:
         for removal in removals:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(self.root, removal.name))
+        self.ledger.compact()
 
     def _adopt(self, *, full: bool = False) -> None:
         """Take results the ledger does not know into it (stamped with their file's modification time);

@@ -256,3 +256,24 @@ def test_stats_of_a_site_without_a_ledger_still_validate():
 
     old = SiteStats.model_validate_json('{"requests": 3, "completed": 3, "load": {"running": 0, "queued": 0, "capacity": 4}}')
     assert old.store is None and old.requests == 3
+
+
+def test_the_ledger_is_rewritten_once_it_is_mostly_history_and_other_processes_follow(tmp_path, monkeypatch):
+    import site_workers.ledger
+
+    clock = Clock()
+    store = make_store(tmp_path / "s", clock, max_age_s=10)
+    other = make_store(tmp_path / "s")  # another process of the site, which has read the ledger before
+    refs = [put(store, 10) for _ in range(5)]
+    assert other.usage().results == 5
+    ledger = tmp_path / "s" / ".retention" / "ledger.jsonl"
+    before = ledger.stat().st_ino
+    monkeypatch.setattr(site_workers.ledger, "COMPACT_SLACK", -15)  # 10 records > 4 * (0 held + 5 removed) - 15
+    clock.now += 11
+    refs.append(put(store, 10))  # the five expire; the ledger is rewritten
+    assert ledger.stat().st_ino != before
+    assert len(ledger.read_text().splitlines()) == 6  # five removals remembered, one result held
+    assert (other.usage().bytes, other.usage().results) == (10, 1)
+    with pytest.raises(ResultExpiredError):
+        other.verify(refs[0])
+    other.verify(refs[-1])
