@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,7 @@ def site(name: str, root: Path, retention: dict[str, Any]) -> dict[str, Any]:
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("retention")
     configs = {
-        "brief": site("brief", root, {"max_age_s": 1, "min_age_s": 0}),
+        "brief": {**site("brief", root, {"max_age_s": 1, "min_age_s": 0}), "cache": {"operations": ["core.echo"]}},
         "tight": site("tight", root, {"max_bytes": 600, "max_bytes_per_client": 400}),
     }
     with private_federation(root, configs) as fed:
@@ -73,6 +74,11 @@ def echo(client: Any, site: str, chars: int) -> Any:
     return ref
 
 
+def poke(client: Any) -> None:
+    """Store a new 20-byte result at ``brief`` (storing runs the collector); never the same, so never a cache hit."""
+    assert client.call("brief", "core.echo", {"value": uuid.uuid4().hex[:18]}).size == 20
+
+
 def test_an_expired_result_fails_clearly_in_a_later_operation_and_when_fetched(mesh):
     admin = mesh["admin"]
     old = echo(admin, "brief", 50)
@@ -82,7 +88,7 @@ def test_an_expired_result_fails_clearly_in_a_later_operation_and_when_fetched(m
     assert stored.exists()
 
     def collected() -> bool:
-        echo(admin, "brief", 20)  # storing runs the collector
+        poke(admin)
         return not stored.exists()
 
     wait_until(collected)
@@ -93,6 +99,27 @@ def test_an_expired_result_fails_clearly_in_a_later_operation_and_when_fetched(m
         admin.call("brief", "testing.read", {"data": old.model_dump(mode="json")})
     with pytest.raises(ResultExpiredError, match=expected):
         old.fetch(client=admin)
+
+
+def test_a_cached_answer_whose_result_was_collected_is_computed_again(mesh):
+    admin = mesh["admin"]
+
+    def ask() -> Any:
+        _, future = admin.run("brief", "core.echo", {"value": "again"})
+        return future.result(timeout=60)
+
+    first = ask()
+    assert first.ok and not first.cached and ask().cached
+    stored = Path(first.ref.uri.removeprefix("file://"))
+
+    def collected() -> bool:
+        poke(admin)
+        return not stored.exists()
+
+    wait_until(collected)
+    fresh = ask()
+    assert fresh.ok and not fresh.cached and fresh.ref.uri != first.ref.uri
+    assert fresh.ref.fetch(client=admin) == "again"
 
 
 def test_a_full_store_refuses_per_client_and_in_all_then_keeps_serving(mesh):
