@@ -201,6 +201,44 @@ def site_check(config: Path) -> None:
     _print_site(info)
 
 
+@site_app.command("gc")
+def site_gc(
+    config: Path,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what would be removed.")] = False,
+) -> None:
+    """Remove the results the site's retention limits (result_store.retention) let go, oldest first; print what went.
+
+    Safe while the site runs: its processes and this command share the store's lock.
+    """
+    from site_workers.config import load_site_config
+    from site_workers.store import ResultStore
+
+    try:
+        site_config = load_site_config(config)
+        store = ResultStore(site_config.name, site_config.result_store)
+        if store.retention is None:
+            raise ConfigError(f"site {site_config.name!r}: its result store {site_config.result_store.url} is not on local disk; it keeps no ledger to collect by")
+        report = store.retention.collect(dry_run=dry_run)
+    except FederationError as exc:
+        raise _fail(exc) from None
+    now, verb = store.retention.clock(), "would remove" if dry_run else "removed"
+    for removal in report.removed:
+        console.print(f"{verb} {removal.name} ({removal.size:,} bytes, stored by {removal.owner}, {now - removal.at:.0f} s old): result_store.retention.{removal.why}", soft_wrap=True)
+    policy = site_config.result_store.retention
+    console.print(
+        f"site {site_config.name}: {verb} {len(report.removed)} result(s), {sum(r.size for r in report.removed):,} bytes; "
+        f"the store {'would hold' if dry_run else 'holds'} {report.usage.results} result(s), {report.usage.bytes:,} bytes "
+        f"(limit {_bound(policy.max_bytes)})",
+        soft_wrap=True,
+    )
+    for owner, held in sorted(report.usage.per_client.items()):
+        console.print(f"  {owner}: {held:,} bytes (limit {_bound(policy.max_bytes_per_client)})")
+
+
+def _bound(limit: float | None, unit: str = " bytes") -> str:
+    return "unbounded" if limit is None else f"{limit:,g}{unit}" if isinstance(limit, float) else f"{limit:,}{unit}"
+
+
 @site_app.command("start")
 def site_start(
     config: Path,
@@ -292,6 +330,9 @@ def federation_status(
     moved = Table(title="Bytes that crossed each site's boundary since it started")
     for column in ("site", "to clients", "to other sites", "from other sites", "stored"):
         moved.add_column(column, justify="right" if column != "site" else "left")
+    stores = Table(title="Result stores (retention limits; unbounded where not set)")
+    for column in ("site", "bytes", "results", "limit", "per client", "max age"):
+        stores.add_column(column, justify="right" if column != "site" else "left")
     for name in sorted(client.sites):
         try:
             stats = client.stats(name)
@@ -299,7 +340,13 @@ def federation_status(
             moved.add_row(name, f"[red]{exc}[/red]", "", "", "")
             continue
         moved.add_row(name, f"{stats.bytes_out:,}", f"{stats.bytes_to_sites:,}", f"{stats.bytes_from_sites:,}", f"{stats.bytes_stored:,}")
+        usage = stats.store
+        if usage is None:
+            stores.add_row(name, "not tracked", "", "", "", "")
+        else:
+            stores.add_row(name, f"{usage.bytes:,}", f"{usage.results:,}", _bound(usage.max_bytes), _bound(usage.max_bytes_per_client), _bound(usage.max_age_s, " s"))
     console.print(moved)
+    console.print(stores)
     if client.down:
         raise typer.Exit(EXIT_UNREACHABLE)
 

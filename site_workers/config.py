@@ -43,6 +43,7 @@ from dfm_prefect.core.errors import ConfigError
 from dfm_prefect.core.refs import ResultKind
 from site_workers.adapter_config import DatabaseConfig, ProgramConfig, ServiceConfig
 from site_workers.compute_config import ComputeConfig
+from site_workers.retention_config import RetentionPolicy
 
 _ENV_REF = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)\}")
 _SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -50,7 +51,6 @@ _SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
-
 
 
 def _no_password_in_url(url: str) -> str:
@@ -105,10 +105,11 @@ class RootConfig(_Model):
 
 
 class StoreConfig(_Model):
-    """Where results are written (any fsspec URL the site can write to)."""
+    """Where results are written (any fsspec URL the site can write to), and how long they stay (``retention``)."""
 
     url: str = Field(min_length=1)
     storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
+    retention: RetentionPolicy = RetentionPolicy()
 
     _url = field_validator("url")(_no_password_in_url)
 

@@ -94,8 +94,11 @@ class Mover:
             )
         return None
 
-    def pull(self, grant: RunRequest, ref: DataRef, ctx: OperationContext) -> DataRef:
-        """Bring ``ref`` here under ``grant`` (the signed ``dfm.move`` request); return this site's stored copy."""
+    def pull(self, grant: RunRequest, ref: DataRef, ctx: OperationContext, *, owner: str | None = None) -> DataRef:
+        """Bring ``ref`` here under ``grant`` (the signed ``dfm.move`` request); return this site's stored copy.
+
+        ``owner``: the client the copy is stored for (its share of the store's retention limits).
+        """
         if ref.site == self.site:
             raise InvalidParametersError(f"{ref!r} is already held by site {self.site!r}: there is nothing to move", site=self.site)
         if grant.auth is None:
@@ -117,7 +120,7 @@ class Mover:
                 held = self._receive(grant, ref, path, ctx)
                 ctx.log.info("moved %s from %s: %s bytes", held.op, ref.site, f"{held.size:,}")
                 recipe = Recipe(op=MOVE_OPERATION, version=MOVE_VERSION, params={"ref": ref.model_dump(mode="json", exclude={"summary"})})
-                return self._store.put_file(path, kind=held.kind, format=held.format, op=MOVE_OPERATION, summary=held.summary, recipe=recipe)
+                return self._store.put_file(path, kind=held.kind, format=held.format, op=MOVE_OPERATION, summary=held.summary, recipe=recipe, owner=owner)
         finally:
             with self._lock:
                 self._reserved -= ref.size

@@ -7,6 +7,11 @@ client sends, is what the site believes. An aggregate's name also binds the
 size of its smallest group as the operation counted it
 (``<uuid>.aggregate-n<count>.<format>``), which the disclosure rules decide on.
 
+On local disk the store keeps a ledger of who stored each result and when
+(`site_workers.ledger`), which the site's retention limits act on
+(`site_workers.retention`): a result they removed fails with `ResultExpiredError`,
+and one that would not fit is refused with `StoreFullError` before it enters.
+
 On local disk results are private to the site's OS user: the store directory
 is mode 0700 and every result file 0600 (created so, never readable by others
 even for a moment).
@@ -14,6 +19,7 @@ even for a moment).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import hmac
@@ -30,9 +36,11 @@ from typing import Any
 import fsspec
 
 from dfm_prefect.core.codecs import codec_for, decode
-from dfm_prefect.core.errors import AccessDeniedError, ConfigError, ResultIntegrityError
+from dfm_prefect.core.errors import AccessDeniedError, ConfigError, ResultExpiredError, ResultIntegrityError
 from dfm_prefect.core.refs import DataRef, Recipe, ResultKind
+from dfm_prefect.core.wire import StoreUsage
 from site_workers.config import StoreConfig
+from site_workers.retention import Collector
 from site_workers.sources import canonical
 
 _CHUNK = 4 << 20
@@ -91,6 +99,15 @@ class ResultStore:
         self._verified: dict[str, tuple[str, Any]] = {}
         self._lock = threading.Lock()
         self._digest_key = self._load_digest_key()
+        self.retention: Collector | None = None
+        """The ledger and retention limits of a local store (None for other protocols, which keep no ledger)."""
+        if self.is_local:
+            self.retention = Collector(site, self.root, config.retention, names=self.result_names)
+        elif config.retention.bounded:
+            raise ConfigError(
+                f"site {site!r}: result_store.retention needs a local result store (file://), whose processes can "
+                f"share a lock; {config.url} is not one. Drop retention or store results on local disk"
+            )
 
     def _load_digest_key(self) -> bytes:
         """The store's secret for digest salts, made once and kept in the store (0600 on local disk)."""
@@ -137,11 +154,14 @@ class ResultStore:
         summary: dict[str, Any],
         contributors: int | None = None,
         recipe: Recipe | None = None,
+        owner: str | None = None,
     ) -> tuple[DataRef, bytes | None]:
         """Store a value; return its reference and, for small values, the encoded bytes.
 
         ``contributors`` (the smallest group an aggregate's operation counted) is
-        bound into the stored name.
+        bound into the stored name. ``owner`` is the client the result is stored for
+        (None: anonymous), whose share of the store it counts against; a result that
+        does not fit raises `StoreFullError` and leaves nothing behind.
         """
         codec = codec_for(value)
         counted = f"-n{contributors}" if contributors is not None else ""
@@ -151,22 +171,25 @@ class ResultStore:
         if codec.write_file is None:
             payload = codec.encode(value)
             size, sha = len(payload), hashlib.sha256(self._salt_for(name) + payload).hexdigest()
-            if self.is_local:
-                _write_private(target, payload)
-            else:
-                self.fs.pipe_file(target, payload)
+            with self._admitted(name, owner, size):
+                if self.is_local:
+                    _write_private(target, payload)
+                else:
+                    self.fs.pipe_file(target, payload)
+                stamp = self._stamp(target)  # inside: once the lock goes, retention may take it
         else:
             # Lazy values stream to a local file chunk by chunk, then move to the store.
             with tempfile.TemporaryDirectory(prefix="dfm-result-") as scratch:
                 local = os.path.join(scratch, name)
                 codec.write_file(value, local)
                 size, sha = os.path.getsize(local), _sha256_file(local, self._salt_for(name))
-                if self.is_local:
-                    os.chmod(local, _PRIVATE_FILE)  # in a 0700 scratch directory until it moves
-                    _move_private(local, target)
-                else:
-                    self.fs.put_file(local, target)
-        stamp = self._stamp(target)
+                with self._admitted(name, owner, size):  # refused: the scratch copy goes with its directory
+                    if self.is_local:
+                        os.chmod(local, _PRIVATE_FILE)  # in a 0700 scratch directory until it moves
+                        _move_private(local, target)
+                    else:
+                        self.fs.put_file(local, target)
+                    stamp = self._stamp(target)
         ref = DataRef(
             site=self.site,
             uri=f"{self.protocol}://{target}",
@@ -184,29 +207,40 @@ class ResultStore:
         return ref, payload
 
     def put_file(
-        self, local: str, *, kind: ResultKind, format: str, op: str, summary: dict[str, Any], recipe: Recipe | None = None
+        self,
+        local: str,
+        *,
+        kind: ResultKind,
+        format: str,
+        op: str,
+        summary: dict[str, Any],
+        recipe: Recipe | None = None,
+        owner: str | None = None,
     ) -> DataRef:
         """Store a file that arrived from another site (a move) under a name that marks it moved; it is moved, not copied.
 
         The caller has checked its size and sha256 against what the sending site
-        recorded; here it gets this store's own salted digest.
+        recorded; here it gets this store's own salted digest. ``owner`` as for
+        :meth:`put`; when it does not fit, `StoreFullError` and ``local`` stays.
         """
         if not re.fullmatch(r"[a-z0-9_]{1,32}", format):
             raise AccessDeniedError(f"{format!r} is not a result format")
         name = f"{uuid.uuid4().hex}.{kind}-moved.{format}"
         target = f"{self.root}/{name}"
         size, sha = os.path.getsize(local), _sha256_file(local, self._salt_for(name))
-        if self.is_local:
-            os.chmod(local, _PRIVATE_FILE)
-            _move_private(local, target)
-        else:
-            self.fs.put_file(local, target)
+        with self._admitted(name, owner, size):
+            if self.is_local:
+                os.chmod(local, _PRIVATE_FILE)
+                _move_private(local, target)
+            else:
+                self.fs.put_file(local, target)
+            stamp = self._stamp(target)
         ref = DataRef(
             site=self.site, uri=f"{self.protocol}://{target}", kind=kind, format=format, size=size, sha256=sha, op=op,
             summary=summary, recipe=recipe,
         )
         with self._lock:
-            self._verified[ref.uri] = (sha, self._stamp(target))
+            self._verified[ref.uri] = (sha, stamp)
         return ref
 
     def delete(self, ref: DataRef) -> None:
@@ -218,6 +252,27 @@ class ResultStore:
             self.fs.rm_file(path)
         except FileNotFoundError:
             pass
+        if self.retention is not None:
+            self.retention.forget(posixpath.basename(path))
+
+    def _admitted(self, name: str, owner: str | None, size: int) -> contextlib.AbstractContextManager[None]:
+        """Room for a new result under the retention limits, recorded in the ledger (a local store only)."""
+        return self.retention.admit(name, owner, size) if self.retention is not None else contextlib.nullcontext()
+
+    def usage(self) -> StoreUsage | None:
+        """What the store holds and its retention limits (None for a store that keeps no ledger)."""
+        if self.retention is None:
+            return None
+        held, policy = self.retention.usage(), self.retention.policy
+        return StoreUsage(
+            bytes=held.bytes, results=held.results, max_bytes=policy.max_bytes,
+            max_bytes_per_client=policy.max_bytes_per_client, max_age_s=policy.max_age_s,
+        )
+
+    def result_names(self) -> list[str]:
+        """The names of the result files in the store (never its key, ledger or scratch)."""
+        names = (posixpath.basename(str(p)) for p in self.fs.ls(self.root, detail=False))
+        return [name for name in names if _BOUND_NAME.match(name) or _LEGACY_NAME.match(name)]
 
     def moved_bytes(self) -> int:
         """Bytes of the results in the store that came from other sites (what ``imports.quota_bytes`` caps)."""
@@ -297,6 +352,13 @@ class ResultStore:
         try:
             stamp = self._stamp(path)
         except FileNotFoundError:
+            why = self.retention.removed_why(posixpath.basename(path)) if self.retention is not None else None
+            if why is not None:
+                raise ResultExpiredError(
+                    f"result {ref!r} was removed from the store by the site's retention (result_store.retention."
+                    f"{why}); run the operation that produced it again",
+                    site=self.site,
+                ) from None
             raise ResultIntegrityError(
                 f"result {ref!r} is missing from the store; run the operation that produced it again", site=self.site
             ) from None

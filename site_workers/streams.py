@@ -110,7 +110,8 @@ class StreamRun:
         op = self.op
         counted = self.ctx.contributors if op.result_kind == "aggregate" else None
         ref, payload = self.store.put(
-            value, op=op.name, kind=op.result_kind, summary=summarize(value), contributors=counted, recipe=self.recipe
+            value, op=op.name, kind=op.result_kind, summary=summarize(value), contributors=counted, recipe=self.recipe,
+            owner=self.identity,
         )
         inline = self.gate.inline(ref, payload, self.store, self.identity)
         self.send(

@@ -216,9 +216,9 @@ class Views:
     # -- making ---------------------------------------------------------------------
 
     def keep(
-        self, value: Any, op: Operation, recipe: Recipe, *, contributors: int | None = None
+        self, value: Any, op: Operation, recipe: Recipe, *, contributors: int | None = None, owner: str | None = None
     ) -> tuple[DataRef, bytes | None]:
-        """Keep an operation's result: as a view where it may be one, else in the store."""
+        """Keep an operation's result: as a view where it may be one, else in the store (for ``owner``)."""
         kind: ResultKind = op.result_kind
         summary = summarize(value)
         if self._may_view(value, op, recipe):
@@ -235,7 +235,7 @@ class Views:
             )
             digest = self._digest(unsigned)
             return unsigned.model_copy(update={"uri": VIEW_SCHEME + digest[:32], "sha256": digest}), None
-        return self._store.put(value, op=op.name, kind=kind, summary=summary, contributors=contributors, recipe=recipe)
+        return self._store.put(value, op=op.name, kind=kind, summary=summary, contributors=contributors, recipe=recipe, owner=owner)
 
     def _may_view(self, value: Any, op: Operation, recipe: Recipe) -> bool:
         return (
@@ -320,8 +320,12 @@ class Views:
         if stored is not None:
             self._store.delete(stored)
 
-    def materialize(self, ref: DataRef, ctx: OperationContext) -> DataRef:
-        """Store a view's bytes (once, however many ask at the same time) and return the stored reference."""
+    def materialize(self, ref: DataRef, ctx: OperationContext, *, owner: str | None = None) -> DataRef:
+        """Store a view's bytes (once, however many ask at the same time) and return the stored reference.
+
+        The copy counts against ``owner``'s share of the store; when retention removed an
+        earlier copy, the view is materialized again.
+        """
         self.check_owned(ref)
         with self._lock:
             making = self._making.setdefault(ref.uri, threading.Lock())
@@ -329,7 +333,7 @@ class Views:
             stored = self.materialized(ref)
             if stored is None:
                 value = self._recompute(ref, ctx)
-                stored, _ = self._store.put(value, op=ref.op, kind=ref.kind, summary=summarize(value), recipe=ref.recipe)
+                stored, _ = self._store.put(value, op=ref.op, kind=ref.kind, summary=summarize(value), recipe=ref.recipe, owner=owner)
                 with self._lock:
                     self._materialized[ref.uri] = stored
                     while len(self._materialized) > _KEEP_MATERIALIZED:

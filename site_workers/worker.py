@@ -369,7 +369,7 @@ class SiteWorker:
         request, cached = job.request, False
         if op is MOVE:
             with ctx.capturing_logs():
-                ref, payload = self.mover.pull(request, params.ref, ctx), None
+                ref, payload = self.mover.pull(request, params.ref, ctx, owner=job.identity), None
                 ctx.log.info("dfm.move brought %s from site %s in %.2f s", params.ref.op, params.ref.site, time.monotonic() - started)
             with self._lock:
                 self._stats["bytes_from_sites"] += ref.size if ref.site == self.name and ref is not params.ref else 0
@@ -387,7 +387,7 @@ class SiteWorker:
                     ctx.log.info("%s ran at site %s in %.2f s", op.name, self.name, time.monotonic() - started)
                 ctx.check_cancelled()
                 counted = ctx.contributors if op.result_kind == "aggregate" else None
-                ref, payload = self.views.keep(value, op, recipe, contributors=counted)
+                ref, payload = self.views.keep(value, op, recipe, contributors=counted, owner=job.identity)
                 if key is not None:
                     self.cache.put(key, ref)
         inline = self.gate.inline(ref, payload, self.store, job.identity)
@@ -570,7 +570,7 @@ class SiteWorker:
     def stats(self) -> SiteStats:
         with self._lock:
             counters = dict(self._stats)
-        return SiteStats(**counters, load=self.load())
+        return SiteStats(**counters, load=self.load(), store=self.store.usage())
 
     def _fetch_for(self, request: FetchRequest, reply: Reply, recipient: _Recipient, peer: str = "local") -> None:
         """Answer a fetch: checked for the client or site asking; a view is first materialized (in the pool).
@@ -610,7 +610,8 @@ class SiteWorker:
             try:
                 if cancelled.is_set():
                     raise RequestCancelledError("cancelled before the view was materialized", site=self.name)
-                copy = self.views.materialize(ref, self._context(request.id, cancelled))
+                owner = recipient.grantor if recipient.site else recipient.identity
+                copy = self.views.materialize(ref, self._context(request.id, cancelled), owner=owner)
                 with self._lock:
                     self._stats["bytes_stored"] += copy.size
                 answer: SiteMessage = self._piece(request, copy, recipient, materialized=True)

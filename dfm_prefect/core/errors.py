@@ -101,6 +101,18 @@ class SourceChangedError(ResultIntegrityError):
     code = "source_changed"
 
 
+class ResultExpiredError(ResultIntegrityError):
+    """A stored result was removed by the site's retention (its age or store quota); run its operation again."""
+
+    code = "result_expired"
+
+
+class StoreFullError(FederationError):
+    """The site's result store is at its byte limit (for all results or for this client); nothing was stored."""
+
+    code = "store_full"
+
+
 class RequestCancelledError(FederationError):
     """The request was cancelled before it finished."""
 
@@ -147,6 +159,8 @@ ERROR_CODES: dict[str, type[FederationError]] = {
         SiteOverloadedError,
         ResultIntegrityError,
         SourceChangedError,
+        ResultExpiredError,
+        StoreFullError,
         RequestCancelledError,
         RequestTimeoutError,
         StreamStalledError,

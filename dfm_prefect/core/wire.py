@@ -198,8 +198,18 @@ class SiteInfo(_Message):
     wire_version: int = WIRE_VERSION
 
 
+class StoreUsage(_Message):
+    """What a site's result store holds now, and the retention limits its administrator set (None: unbounded)."""
+
+    bytes: int = Field(default=0, ge=0)
+    results: int = Field(default=0, ge=0)
+    max_bytes: int | None = None
+    max_bytes_per_client: int | None = None
+    max_age_s: float | None = None
+
+
 class SiteStats(_Message):
-    """Counters kept by the site since it started."""
+    """Counters kept by the site since it started, and its result store's usage (None where the site keeps no ledger)."""
 
     requests: int = 0
     completed: int = 0
@@ -210,6 +220,7 @@ class SiteStats(_Message):
     bytes_to_sites: int = Field(default=0, description="Result bytes that left the site for other sites (moves).")
     bytes_from_sites: int = Field(default=0, description="Result bytes this site received from other sites (moves).")
     load: SiteLoad = SiteLoad()
+    store: StoreUsage | None = None
 
 
 class RunResult(_Message):
