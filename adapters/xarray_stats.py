@@ -34,6 +34,7 @@ from adapters.xarray_common import (
     Stat,
     apply_stat,
     area_weights,
+    cells,
     check_dims,
     compute_counted,
     contributors,
@@ -127,16 +128,26 @@ def moments_stream(params: MomentsStreamParams, ctx: OperationContext) -> Iterat
     Adding the items (`adapters.combine.combine_moments`) gives the moments of the
     whole; reading them as they come shows a running answer long before the last
     block is read. Each item is a result of its own: its smallest group is counted
-    and checked against the site's disclosure rules on its own.
+    and checked against the site's disclosure rules on its own, and each block is a
+    selection of the data held to the same rules as a subset (``min_subset_size``:
+    blocks too small, or leaving out too little, are refused before any item is made,
+    so no item can be subtracted from the whole to isolate a few cells).
     """
     ds = numeric(select_variables(ctx.open_dataset(params.data), params.variables))
     if params.along not in ds.dims:
         raise InvalidParametersError(f"cannot stream along {params.along!r}: the data's dimensions are {sorted(map(str, ds.dims))}")
     size = int(ds.sizes[params.along])
-    chunks = ds.chunks.get(params.along) if ds.chunks else None
+    try:
+        chunks = ds.chunks.get(params.along) if ds.chunks else None
+    except ValueError:  # variables chunked differently: no one chunk size to follow
+        chunks = None
     step = params.step or (int(chunks[0]) if chunks else size)
-    for start in range(0, size, step):
-        yield _moments(ds.isel({params.along: slice(start, start + step)}), params, ctx)
+    blocks = [ds.isel({params.along: slice(start, start + step)}) for start in range(0, size, step)]
+    whole = cells(ds)
+    for block in blocks:
+        ctx.check_selection(cells(block), whole, unit="cells")
+    for block in blocks:
+        yield _moments(block, params, ctx)
 
 
 class WeightedMeanParams(OperationParams):

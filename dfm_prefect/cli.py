@@ -199,6 +199,8 @@ def site_check(config: Path) -> None:
             worker.close()
     console.print(f"site [bold]{info.name}[/bold]: config is valid and every source opens")
     _print_site(info)
+    if site_config.cache.operations:
+        console.print(f"result cache: {', '.join(site_config.cache.operations)} (at most {site_config.cache.max_entries} answers)")
 
 
 @site_app.command("gc")

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, Protocol
 
+from pydantic_core import to_jsonable_python
+
 from dfm_prefect.core.errors import (
     FederationError,
     PlacementError,
@@ -200,7 +202,7 @@ class FederationClient:
         Close the stream (or use it as a context manager) to stop the operation early.
         """
         request = RunRequest(
-            id=new_id(), op=op, version=version, params=params, flow_run_id=flow_run_id, task_run_id=task_run_id,
+            id=new_id(), op=op, version=version, params=to_jsonable_python(params), flow_run_id=flow_run_id, task_run_id=task_run_id,
             timeout_s=timeout_s, window=window,
         )
         done: Future[SiteMessage] = Future()
@@ -235,12 +237,15 @@ class FederationClient:
         timeout_s: float | None = None,
         on_progress: Callable[[ProgressUpdate], None] | None = None,
     ) -> tuple[str, Future[SiteMessage]]:
-        """Run ``op`` at ``site``; return the request id and the future of its `RunResult`."""
+        """Run ``op`` at ``site``; return the request id and the future of its `RunResult`.
+
+        ``params`` are JSON values; a `DataRef` among them (an earlier result) is sent as its JSON form.
+        """
         request = RunRequest(
             id=new_id(),
             op=op,
             version=version,
-            params=params,
+            params=to_jsonable_python(params),
             flow_run_id=flow_run_id,
             task_run_id=task_run_id,
             attempt=attempt,

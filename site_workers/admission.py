@@ -76,3 +76,14 @@ def validated_params(op: Operation, request: RunRequest, limits: Limits, held: V
         for ref in refs_in(value):
             held.check_owned(ref)
     return params
+
+
+def check_streaming(op: Operation, request: RunRequest, site: str) -> None:
+    """A streaming operation is asked for as a stream (with a window), any other one without."""
+    if op.stream and request.window is None:
+        raise InvalidParametersError(
+            f"{op.name} streams its results: ask for it with client.stream(...), or in a flow call it and iterate the items",
+            site=site,
+        )
+    if not op.stream and request.window is not None:
+        raise InvalidParametersError(f"{op.name} sends one result, not a stream: run it with client.run(...) or client.call(...)", site=site)

@@ -18,7 +18,9 @@ is *now*:
 
 So a changed input misses. An input whose changes the site cannot tell (a
 source whose storage reports no version, a name that does not resolve) makes
-the request uncacheable: it runs as if there were no cache.
+the request uncacheable: it runs as if there were no cache. Operations that read
+what no fingerprint covers (databases, services, programs, code, or nothing
+named as data) cannot be named in the policy at all.
 
 A hit is checked before it is returned: the request's own inputs are this
 site's and intact (as a run would check them), and the stored result is still
@@ -45,6 +47,14 @@ from site_workers.sources import SourceResolver
 from site_workers.store import ResultStore
 from site_workers.views import Views, data_sources
 
+_UNSEEN_PREFIXES = ("sql.", "query.", "service.", "program.", "code.")
+"""Operations that read what no fingerprint covers (a database, a service, a program's world, code)."""
+
+
+def cacheable(op: Operation) -> bool:
+    """Whether the cache can tell when ``op``'s inputs changed: it reads only data inputs that have fingerprints."""
+    return bool(op.data_fields) and not op.stream and not op.name.startswith(_UNSEEN_PREFIXES)
+
 
 class _Uncacheable(Exception):
     """An input whose changes the site cannot tell: the request runs without the cache."""
@@ -70,13 +80,15 @@ class ResultCache:
 
     def key(self, op: Operation, params: OperationParams) -> str | None:
         """The request's cache key, taken before the operation reads anything; None when it is not cached."""
-        if op.name not in self._operations or op.stream:
+        if op.name not in self._operations or not cacheable(op):
             return None
         try:
             inputs = [self._input(ref) for value in params.__dict__.values() for ref in refs_in(value)]
             sources = [[name, self._source(name)] for name in data_sources(op, params)]
         except _Uncacheable:
             return None
+        if not inputs and not sources:
+            return None  # it read nothing the site can fingerprint
         described = [op.name, op.version, params.model_dump(mode="json"), sorted(inputs), sources]
         return self._store.keyed_digest("cache", _canonical(described))
 

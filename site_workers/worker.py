@@ -73,15 +73,13 @@ from site_workers.moves import Mover
 from site_workers.peers import SITE_IDENTITY_PREFIX, Peers
 from site_workers.policy import ExportGate
 from site_workers.redaction import Redactor
-from site_workers.result_cache import ResultCache
+from site_workers.result_cache import ResultCache, cacheable
 from site_workers.sources import SourceResolver
 from site_workers.store import ResultStore
 from site_workers.streams import Credits, StreamRun
 from site_workers.views import Views
 
 log = logging.getLogger("dfm_prefect.site")
-DEFAULT_WINDOW = 8
-"""Items of a stream the site sends ahead when the request names no window."""
 GRANT_IDLE_S = 600.0
 """A move's grant, checked in full on its first piece, holds for its later pieces while they keep coming this often."""
 
@@ -149,6 +147,12 @@ class SiteWorker:
         streams = sorted(name for name in config.cache.operations if self.operations[name].stream)
         if streams:
             raise ConfigError(f"site {config.name!r}: cache.operations names streaming operations, which are not cached: {streams}")
+        unseen = sorted(name for name in config.cache.operations if not cacheable(self.operations[name]))
+        if unseen:
+            raise ConfigError(
+                f"site {config.name!r}: cache.operations names operations whose inputs the site cannot fingerprint "
+                f"(databases, services, programs, code, or no data inputs), so a cached answer could outlive a change: {unseen}"
+            )
         self.cache = ResultCache(config.cache, self.store, self.views, self.resolver)
         self.mover = Mover(config.name, config.imports, self.store, peers)
         self.site_certificates = site_certificates
@@ -287,6 +291,7 @@ class SiteWorker:
                 op, params = MOVE, admission.move_params(request, self.config.limits, self.name)
             else:
                 op = admission.operation_for(request, self.operations, self.name)
+                admission.check_streaming(op, request, self.name)
                 params = admission.validated_params(op, request, self.config.limits, self.views, self.name)
         except FederationError as exc:
             with self._lock:
@@ -295,7 +300,7 @@ class SiteWorker:
             return
         job = _Job(request=request, peer=peer, identity=identity, reply=reply)
         if op.stream:
-            job.credits = Credits(request.window or DEFAULT_WINDOW)
+            job.credits = Credits(request.window or 1)
         elif fusion is not None and op is not MOVE:
             job.fusion = fusion.member()
         limits = self.config.limits
@@ -378,8 +383,7 @@ class SiteWorker:
             hit = self.cache.get(key, params) if key is not None else None
             if hit is not None:
                 ref, payload, cached = hit, None, True
-                with ctx.capturing_logs():
-                    ctx.log.info("%s answered from site %s's cache: the same request on the same inputs ran before", op.name, self.name)
+                log.info("%s (request %s) answered from the result cache", op.name, request.id)
             else:
                 recipe = self.views.recipe(op, params)
                 with ctx.capturing_logs():

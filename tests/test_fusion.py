@@ -14,11 +14,10 @@ from typing import Any
 import numpy as np
 import pytest
 import xarray as xr
-from dask.callbacks import Callback
 
 from dfm_prefect.core.wire import Envelope, RunRequest, RunResult
 from dfm_prefect.testing.climate import ClimateSpec, make_region, write_zarr
-from site_workers import fusion
+from site_workers import confine, fusion
 from site_workers.config import parse_site_config
 from site_workers.fusion import FusedGroup
 from site_workers.worker import SiteWorker
@@ -82,18 +81,25 @@ def test_a_member_that_never_comes_holds_the_others_only_so_long(monkeypatch):
 # ------------------------------------------------------------------ a real worker
 
 
-class TaskCounter(Callback):
-    """Counts the Dask tasks run in this process whose key starts with a prefix."""
+class ChunkReads:
+    """Counts the temperature chunk files the site opens (through its confined filesystem, in this process)."""
 
-    def __init__(self, prefix: str) -> None:
-        super().__init__()
-        self.prefix, self.count, self._lock = prefix, 0, threading.Lock()
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count, self._lock = 0, threading.Lock()
+        original = confine.ConfinedFileSystem._open
 
-    def _posttask(self, key: Any, *_: Any) -> None:
-        name = key[0] if isinstance(key, tuple) else key
-        if str(name).startswith(self.prefix):
-            with self._lock:
-                self.count += 1
+        def counting(fs: Any, path: str, mode: str = "rb", *args: Any, **kwargs: Any) -> Any:
+            if "/temperature/" in path and not path.rsplit("/", 1)[-1].startswith("."):
+                with self._lock:
+                    self.count += 1
+            return original(fs, path, mode, *args, **kwargs)
+
+        monkeypatch.setattr(confine.ConfinedFileSystem, "_open", counting)
+
+    def taken(self) -> int:
+        with self._lock:
+            count, self.count = self.count, 0
+        return count
 
 
 @pytest.fixture
@@ -131,35 +137,34 @@ def values(worker: SiteWorker, reply: RunResult) -> Any:
     return worker.store.open_value(reply.ref)
 
 
-def test_two_statistics_asked_together_read_each_chunk_once(worker):
-    with TaskCounter("open_dataset-") as apart:
-        separate = [
-            send(worker, RunRequest(id="1-moments", op="xarray.moments", params=MOMENTS))[0],
-            send(worker, RunRequest(id="2-histogram", op="xarray.histogram", params=HISTOGRAM))[0],
-        ]
-    with TaskCounter("open_dataset-") as together:
-        fused = send(
-            worker,
-            RunRequest(id="1-moments", op="xarray.moments", params=MOMENTS),
-            RunRequest(id="2-histogram", op="xarray.histogram", params=HISTOGRAM),
-        )
-    assert apart.count == 2 * CHUNKS, apart.count
-    assert together.count == CHUNKS, together.count  # each chunk read and decoded once for both
+def test_two_statistics_asked_together_read_each_chunk_once(worker, monkeypatch):
+    reads = ChunkReads(monkeypatch)
+    separate = [
+        send(worker, RunRequest(id="1-moments", op="xarray.moments", params=MOMENTS))[0],
+        send(worker, RunRequest(id="2-histogram", op="xarray.histogram", params=HISTOGRAM))[0],
+    ]
+    assert reads.taken() == 2 * CHUNKS
+    fused = send(
+        worker,
+        RunRequest(id="1-moments", op="xarray.moments", params=MOMENTS),
+        RunRequest(id="2-histogram", op="xarray.histogram", params=HISTOGRAM),
+    )
+    assert reads.taken() == CHUNKS  # each chunk read once for both
     for alone, shared in zip(separate, fused):
         xr.testing.assert_equal(values(worker, alone), values(worker, shared))
 
 
-def test_views_asked_with_their_statistics_still_fuse_and_agree(worker):
+def test_views_asked_with_their_statistics_still_fuse_and_agree(worker, monkeypatch):
     box = send(worker, RunRequest(id="box", op="xarray.subset", params={"data": "field", "ranges": {"lat": {"start": 0, "stop": 60}}}))[0]
     assert box.ref is not None and box.ref.is_view
     on_box = {"data": box.ref.model_dump(mode="json")}
-    with TaskCounter("open_dataset-") as together:
-        fused = send(
-            worker,
-            RunRequest(id="1", op="xarray.moments", params={**MOMENTS, **on_box}),
-            RunRequest(id="2", op="xarray.histogram", params={**HISTOGRAM, **on_box}),
-        )
-    assert together.count == CHUNKS
+    reads = ChunkReads(monkeypatch)
+    fused = send(
+        worker,
+        RunRequest(id="1", op="xarray.moments", params={**MOMENTS, **on_box}),
+        RunRequest(id="2", op="xarray.histogram", params={**HISTOGRAM, **on_box}),
+    )
+    assert reads.taken() == CHUNKS
     moments = values(worker, fused[0])
     expected = xr.open_zarr(str(Path(worker.config.sources[0].url[len("file://") :]))).sel(lat=slice(0, 60))["temperature"]
     np.testing.assert_allclose(float(moments["temperature__wx"]), float(expected.astype("float64").sum()), rtol=1e-9)

@@ -179,3 +179,10 @@ def test_a_cache_for_an_operation_the_site_does_not_offer_is_refused(tmp_path):
     path.write_text(yaml.safe_dump(config))
     with pytest.raises(ConfigError, match=r"cache.operations names operations the site does not offer: \['xarray.moments'\]"):
         SiteWorker(SiteConfig.model_validate(config))
+
+
+@pytest.mark.parametrize("op", ["core.echo", "xarray.moments_stream"])
+def test_an_operation_whose_inputs_have_no_fingerprint_cannot_be_cached(tmp_path, op):
+    config = site_config("lab", tmp_path / "store", [], operations=["core.echo", "xarray.moments_stream"], cache={"operations": [op]})
+    with pytest.raises(ConfigError, match="cache.operations names"):
+        SiteWorker(SiteConfig.model_validate(config))

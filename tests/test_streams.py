@@ -190,3 +190,43 @@ def test_a_killed_site_ends_the_stream_with_an_error_naming_it(lab):
                 pass
     finally:
         restart_site(fed, client, "lab")
+
+
+def test_blocks_are_held_to_the_subset_rules_so_items_cannot_be_differenced(tmp_path: Path):
+    import pandas as pd
+    import xarray as xr
+
+    values = np.arange(10, dtype="float64")[:, None, None] + 1.0
+    field = xr.Dataset(
+        {"temperature": (("time", "lat", "lon"), values)},
+        coords={"time": pd.date_range("2000-01-01", periods=10), "lat": [0.0], "lon": [0.0]},
+    ).chunk({"time": 5})
+    write_zarr(field, str(tmp_path / "tiny.zarr"))
+    config = site_config(
+        "lab",
+        tmp_path / "store",
+        [{"name": "tiny", "url": f"file://{tmp_path / 'tiny.zarr'}"}],
+        operations=["xarray.moments_stream"],
+        operation_modules=[],
+        export={"kinds": ["aggregate"], "disclosure": {"min_group_size": 1, "min_subset_size": 3}},
+    )
+    with private_federation(tmp_path / "fed", {"lab": config}) as fed:
+        client = get_client(fed.federation_file)
+        params = {"data": "tiny", "dims": ["time", "lat", "lon"]}
+        # All but one cell, then the one cell: the second would be the whole minus the first.
+        with pytest.raises(FederationError, match="leaves out fewer than 3") as refused:
+            with client.stream("lab", "xarray.moments_stream", {**params, "step": 9}) as items:
+                got = list(items)
+        assert refused.value.code == "disclosure_refused"
+        with client.stream("lab", "xarray.moments_stream", {**params, "step": 5}) as items:
+            got = [item.fetch(client) for item in items]
+        assert [float(part["temperature__wx"]) for part in got] == [15.0, 40.0]
+
+
+def test_a_stream_asked_for_as_a_run_and_a_run_as_a_stream_say_what_to_use(lab):
+    _, client = lab
+    with pytest.raises(FederationError, match=r"streams its results: ask for it with client.stream"):
+        client.call("lab", "testing.ticks", {"count": 2})
+    with pytest.raises(FederationError, match=r"sends one result, not a stream: run it with client.run"):
+        with client.stream("lab", "core.echo", {"value": 1}) as items:
+            list(items)
