@@ -23,6 +23,7 @@ import fcntl
 import json
 import logging
 import os
+import secrets
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -32,6 +33,8 @@ from typing import Any
 log = logging.getLogger("dfm_prefect.site.retention")
 _PRIVATE_DIR = 0o700
 _PRIVATE_FILE = 0o600
+_HEAD = 64
+"""Bytes of the ledger's start that tell one rewrite from another (with its inode)."""
 KEEP_GONE = 100_000
 """How many removals the ledger remembers (to say why a result is missing)."""
 COMPACT_SLACK = 10_000
@@ -72,6 +75,7 @@ class Ledger:
         self.per_owner: dict[str, int] = {}
         self._offset = 0
         self._inode: int | None = None
+        self._head = b""
         self._lines = 0
 
     @contextlib.contextmanager
@@ -95,21 +99,23 @@ class Ledger:
                 return
             with os.fdopen(fd, "rb") as handle:
                 st = os.fstat(handle.fileno())
-                if st.st_ino != self._inode or st.st_size < self._offset:
+                # A rewrite is a new file; the inode alone may be reused at once, so its first line must match too.
+                head = os.pread(handle.fileno(), _HEAD, 0)
+                if st.st_ino != self._inode or st.st_size < self._offset or (self._offset and head[: len(self._head)] != self._head):
                     self._reset(st.st_ino)
                 handle.seek(self._offset)
                 data = handle.read()
+                if not self._offset:
+                    self._head = os.pread(handle.fileno(), _HEAD, 0)
             complete = data.rfind(b"\n") + 1  # a line still being written is read next time
             for line in data[:complete].splitlines():
                 if line.strip():
                     try:
-                        record = json.loads(line)
-                    except ValueError:
-                        # What a process that died mid-write left; the result it named is found again
-                        # by the next `site gc` (as unrecorded) rather than blocking every later record.
+                        self._apply(json.loads(line))
+                    except (ValueError, KeyError, TypeError, AttributeError):
+                        # What a process that died mid-write left, or a damaged line; the result it named
+                        # is found again by the next `site gc` (as unrecorded) rather than blocking every later record.
                         log.warning("%s: skipped a damaged record: %r", self.path, line[:200])
-                        continue
-                    self._apply(record)
             self._offset += complete
 
     def append(self, *records: dict[str, Any]) -> None:
@@ -135,7 +141,8 @@ class Ledger:
         """Rewrite the ledger with only what it still needs (while holding :meth:`locked`), once it is mostly history."""
         if self._lines <= 4 * (len(self.live) + len(self.gone)) + COMPACT_SLACK:
             return
-        records: list[dict[str, Any]] = [{"gone": name, "why": g.why, "at": g.at} for name, g in self.gone.items()]
+        records: list[dict[str, Any]] = [{"rewritten": secrets.token_hex(8)}]  # each rewrite starts with its own line
+        records += [{"gone": name, "why": g.why, "at": g.at} for name, g in self.gone.items()]
         records += [{"put": e.name, "owner": e.owner, "at": e.at, "size": e.size} for e in self.live.values()]
         fresh = f"{self.path}.new"
         fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _PRIVATE_FILE)
@@ -152,6 +159,13 @@ class Ledger:
 
     def _apply(self, record: dict[str, Any]) -> None:
         self._lines += 1
+        if "rewritten" in record:
+            return
+        if "use" in record:
+            used = self.live.pop(str(record["use"]), None)
+            if used is not None:  # handed out again: as young as a new result
+                self.live[used.name] = Entry(used.name, used.owner, float(record["at"]), used.size)
+            return
         if "put" in record:
             name = str(record["put"])
             if name not in self.live:

@@ -141,6 +141,8 @@ class ResultCache:
                     self._store.verify(inner)
         try:
             self._store.verify(ref)
+            if not self._store.renew(ref):  # protected by min_age_s from here like a new result
+                raise ResultIntegrityError(f"{ref!r} was removed from the store")
         except ResultIntegrityError:
             with self._lock:
                 if self._entries.get(key) == ref:

@@ -20,6 +20,8 @@ Example (what ``dfm-prefect site gc north.yaml --dry-run`` does)::
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -34,6 +36,8 @@ ANONYMOUS = "anonymous"
 UNRECORDED = "unrecorded"
 """The owner of results found in the store that were stored before it kept a ledger."""
 RETENTION_REASONS = ("max_age_s", "max_bytes", "max_bytes_per_client")
+
+log = logging.getLogger("dfm_prefect.site.retention")
 
 
 @dataclass(frozen=True)
@@ -82,8 +86,10 @@ def plan(
 
     def shed(candidates: list[Entry], excess: int, why: str) -> int:
         for entry in candidates:
-            if excess <= 0 or entry.at > spare:
+            if excess <= 0:
                 break
+            if entry.at > spare:
+                continue  # too young to go to make room
             keep.remove(entry)
             removed.append(Removal(entry.name, entry.owner, entry.size, entry.at, why))
             excess -= entry.size
@@ -98,7 +104,9 @@ def plan(
                 fits = False
     if policy.max_bytes is not None:
         excess = sum(e.size for e in keep) + size - policy.max_bytes
-        if shed(list(keep), excess, "max_bytes") > 0:
+        # The client that needs the room gives up its own oldest first, then the oldest of all.
+        order = sorted(keep, key=lambda e: (e.owner != owner, e.at)) if incoming else list(keep)
+        if shed(order, excess, "max_bytes") > 0:
             fits = False
     return removed, fits
 
@@ -176,7 +184,12 @@ class Collector:
                 self._remove(plan(self.ledger.live.values(), self.policy, now)[0])
                 raise StoreFullError(self._full_message(client, size), site=self.site)
             self._remove(removals)
-            self.ledger.append({"put": name, "owner": client, "at": now, "size": size})
+            try:
+                self.ledger.append({"put": name, "owner": client, "at": now, "size": size})
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                raise StoreFullError(f"the disk of the result store is full ({exc.strerror}); nothing was stored", site=self.site) from None
             try:
                 yield
             except BaseException:
@@ -218,12 +231,35 @@ class Collector:
         if not removals:
             return
         now = self.clock()
+        records = [{"gone": r.name, "why": r.why, "at": now} for r in removals]
         # Recorded before the files go: a crash in between leaves a file that the next collection removes.
-        self.ledger.append(*({"gone": r.name, "why": r.why, "at": now} for r in removals))
+        # On a full disk the record may not fit until the files are gone: then the files go first.
+        try:
+            self.ledger.append(*records)
+            recorded = True
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            recorded = False
         for removal in removals:
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 os.remove(os.path.join(self.root, removal.name))
+            except FileNotFoundError:
+                pass
+            except OSError as exc:  # not a file the site wrote (a directory, say): leave it, say so
+                log.warning("%s: could not remove %s: %s", self.root, removal.name, exc)
+        if not recorded:
+            self.ledger.append(*records)
         self.ledger.compact()
+
+    def renew(self, name: str) -> bool:
+        """Stamp a held result as used now (a cached answer handed out again), so ``min_age_s`` protects it
+        as a new one; False if the store no longer holds it."""
+        with self.ledger.locked():
+            if name not in self.ledger.live:
+                return False
+            self.ledger.append({"use": name, "at": self.clock()})
+            return True
 
     def _adopt(self, *, full: bool = False) -> None:
         """Take results the ledger does not know into it (stamped with their file's modification time);

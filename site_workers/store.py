@@ -31,12 +31,13 @@ import shutil
 import tempfile
 import threading
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import fsspec
 
 from dfm_prefect.core.codecs import codec_for, decode
-from dfm_prefect.core.errors import AccessDeniedError, ConfigError, ResultExpiredError, ResultIntegrityError
+from dfm_prefect.core.errors import AccessDeniedError, ConfigError, ResultExpiredError, ResultIntegrityError, StoreFullError
 from dfm_prefect.core.refs import DataRef, Recipe, ResultKind
 from dfm_prefect.core.wire import StoreUsage
 from site_workers.config import StoreConfig
@@ -171,7 +172,7 @@ class ResultStore:
         if codec.write_file is None:
             payload = codec.encode(value)
             size, sha = len(payload), hashlib.sha256(self._salt_for(name) + payload).hexdigest()
-            with self._admitted(name, owner, size):
+            with self._admitted(name, owner, size), self._cleaned_up(target):
                 if self.is_local:
                     _write_private(target, payload)
                 else:
@@ -183,7 +184,7 @@ class ResultStore:
                 local = os.path.join(scratch, name)
                 codec.write_file(value, local)
                 size, sha = os.path.getsize(local), _sha256_file(local, self._salt_for(name))
-                with self._admitted(name, owner, size):  # refused: the scratch copy goes with its directory
+                with self._admitted(name, owner, size), self._cleaned_up(target):  # refused: the scratch copy goes with its directory
                     if self.is_local:
                         os.chmod(local, _PRIVATE_FILE)  # in a 0700 scratch directory until it moves
                         _move_private(local, target)
@@ -258,6 +259,24 @@ class ResultStore:
     def _admitted(self, name: str, owner: str | None, size: int) -> contextlib.AbstractContextManager[None]:
         """Room for a new result under the retention limits, recorded in the ledger (a local store only)."""
         return self.retention.admit(name, owner, size) if self.retention is not None else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _cleaned_up(self, target: str) -> Iterator[None]:
+        """Remove what a write that failed midway (a full disk, say) left at ``target``; a full disk is `StoreFullError`."""
+        try:
+            yield
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
+                self.fs.rm_file(target)
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                raise StoreFullError(f"the disk of the result store is full ({exc.strerror}); nothing was stored", site=self.site) from None
+            raise
+
+    def renew(self, ref: DataRef) -> bool:
+        """Count a stored result as used now (a cached answer handed out again); False if the store no longer holds it."""
+        if self.retention is None:
+            return True
+        return self.retention.renew(posixpath.basename(self.check_owned(ref)))
 
     def usage(self) -> StoreUsage | None:
         """What the store holds and its retention limits (None for a store that keeps no ledger)."""

@@ -119,6 +119,7 @@ def test_every_example_of_the_executed_pages_runs(tmp_path_factory: pytest.TempP
         "COLUMNS": "160",
     }
     env.pop("PYTHONPATH", None)  # the pages use the installed project, as a reader would
+    (workdir / "examples").symlink_to(ROOT / "examples")  # as in the reader's clone of the repository
     api_host = urlsplit(prefect_api).netloc
     try:
         for page in EXECUTED:

@@ -272,8 +272,59 @@ def test_the_ledger_is_rewritten_once_it_is_mostly_history_and_other_processes_f
     clock.now += 11
     refs.append(put(store, 10))  # the five expire; the ledger is rewritten
     assert ledger.stat().st_ino != before
-    assert len(ledger.read_text().splitlines()) == 6  # five removals remembered, one result held
+    assert len(ledger.read_text().splitlines()) == 7  # its mark, five removals remembered, one result held
     assert (other.usage().bytes, other.usage().results) == (10, 1)
     with pytest.raises(ResultExpiredError):
         other.verify(refs[0])
     other.verify(refs[-1])
+
+
+def test_plan_makes_room_from_the_clients_own_results_first():
+    entries = [Entry("b1", "bob", 1.0, 50), Entry("a1", "alice", 2.0, 30)]
+    policy = RetentionPolicy(max_bytes=100, max_bytes_per_client=60, min_age_s=0)
+    removed, fits = plan(entries, policy, now=30.0, incoming=("alice", 30))  # inside alice's share, over the total
+    assert [(r.name, r.why) for r in removed] == [("a1", "max_bytes")] and fits  # not bob's older one
+
+
+def test_a_result_handed_out_again_is_as_young_as_a_new_one(tmp_path):
+    clock = Clock()
+    store = make_store(tmp_path / "s", clock, max_bytes=100, min_age_s=300)
+    old = put(store, 60, owner="alice")
+    clock.now += 3600
+    assert store.renew(old)  # a cache hit an hour later
+    clock.now += 1
+    with pytest.raises(StoreFullError):  # it may not be removed to make room for a minute
+        put(store, 60, owner="carol")
+    store.verify(old)
+    clock.now += 300
+    put(store, 60, owner="carol")
+    with pytest.raises(ResultExpiredError):
+        store.verify(old)
+    assert not store.renew(old)
+
+
+@pytest.mark.parametrize("damage", [b'{"put":"x","at":1.0}', b"[1,2]", b"null", b'{"gone":"b","why":"max_age_s"}'])
+def test_a_damaged_record_is_skipped_not_fatal(tmp_path, damage):
+    store = make_store(tmp_path / "s", max_bytes=1000, min_age_s=0)
+    put(store, 100)
+    with open(tmp_path / "s" / ".retention" / "ledger.jsonl", "ab") as ledger:
+        ledger.write(damage + b"\n")
+    fresh = make_store(tmp_path / "s", max_bytes=1000, min_age_s=0)
+    later = put(fresh, 100)
+    fresh.verify(later)
+    assert fresh.usage().results == 2
+
+
+def test_a_ledger_rewritten_in_place_is_read_again(tmp_path):
+    store = make_store(tmp_path / "s", max_bytes=1000, min_age_s=0)
+    put(store, 100, owner="alice")
+    other = make_store(tmp_path / "s", max_bytes=1000, min_age_s=0)
+    assert other.usage().bytes == 100
+    ledger = tmp_path / "s" / ".retention" / "ledger.jsonl"
+    inode = ledger.stat().st_ino
+    # Same inode, longer content, another first line: what an inode reused at once by a rewrite looks like.
+    text = '{"rewritten":"0000"}\n' + '{"put":"%s.value.json","owner":"bob","at":1.0,"size":300}\n' % ("0" * 32)
+    with open(ledger, "r+") as handle:
+        handle.write(text + " " * max(0, ledger.stat().st_size - len(text)) + "\n")
+    assert ledger.stat().st_ino == inode
+    assert other.usage().bytes == 300
