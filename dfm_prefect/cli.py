@@ -201,6 +201,9 @@ def site_check(config: Path) -> None:
     _print_site(info)
     if site_config.cache.operations:
         console.print(f"result cache: {', '.join(site_config.cache.operations)} (at most {site_config.cache.max_entries} answers)")
+    limits = site_config.result_store.retention.model_dump(exclude_none=True)
+    if set(limits) - {"min_age_s"}:
+        console.print("result store retention: " + ", ".join(f"{key} {value:,}" for key, value in limits.items()))
 
 
 @site_app.command("gc")

@@ -33,7 +33,8 @@ def _table(schema: dict[str, Any], *, first: str) -> str:
 
 
 def _doc(text: str | None) -> str:
-    return inspect.cleandoc(text or "").replace("``", "`")
+    # reStructuredText's "Example::" before an indented block: in Markdown the indented block is already code.
+    return re.sub(r"::\n", ":\n", inspect.cleandoc(text or "").replace("``", "`"))
 
 
 def site_config() -> str:
