@@ -1,31 +1,65 @@
-"""One pass over shared data: the requests of one frame compute their Dask graphs as one.
+"""One pass over shared data: requests on the same inputs that run at the same time compute as one.
 
 A flow that asks one site for several statistics of the same data (moments and a
-histogram of the same box, say) sends the requests together: the client batches
-what is ready at the same time into one frame per site. Each operation still
-runs as its own request, in its own thread, with its own result, but the first
-Dask computation of each waits for the others of its frame (those the site could
-start at once), and the site runs them as one ``dask.compute``: tasks with the
-same key (reading and decoding a chunk, cutting a box out of it) run once, so
-each chunk is read once for all of them.
+histogram of the same box, say) sends the requests at nearly the same moment.
+Each operation still runs as its own request, in its own thread, with its own
+result; but a request that arrives while another on the same inputs (the same
+data sources, the same stored results, views of the same sources) is still
+preparing joins its group, and the first Dask computation of each member waits
+for the others', so the site runs them as one ``dask.compute``: tasks with the
+same key (reading and decoding a chunk, cutting a box out of it) run once, so each
+chunk is read once for all of them.
 
-A request that computes nothing (a view, an answer from the cache) leaves its
-group when it ends, so the others do not wait for it. A group never waits more
-than :data:`WAIT_S` for a member, and a shared computation that fails is run
+Only requests the site can start at once join a group (one that would wait for a
+slot is not waited for). A member that computes nothing (a view, an answer from
+the cache) leaves its group when it ends; a group waits at most :data:`WAIT_S`
+for a member after the first one asks; a shared computation that fails is run
 again per request, so one request's error is never another's.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+from dfm_prefect.core.operations import Operation, OperationParams
+from dfm_prefect.core.refs import VIEW_SCHEME
+from site_workers.answers import refs_in
+from site_workers.views import data_sources
+
+log = logging.getLogger("dfm_prefect.site")
 WAIT_S = 2.0
-"""The longest a request's computation waits for the other requests of its frame."""
+"""The longest a request's computation waits for the other members of its group."""
 
 Compute = Callable[[tuple[Any, ...]], tuple[Any, ...]]
+
+
+def shared_inputs(op: Operation, params: OperationParams) -> frozenset[str]:
+    """What a request reads, as a group key: its data sources, stored results, and the sources behind its views."""
+    found = set(data_sources(op, params))
+    for value in params.__dict__.values():
+        for ref in refs_in(value):
+            found |= _roots(ref.model_dump(mode="json")) if ref.uri.startswith(VIEW_SCHEME) else {ref.uri}
+    return frozenset(found)
+
+
+def _roots(ref: dict[str, Any]) -> set[str]:
+    recipe = ref.get("recipe") or {}
+    found = set(recipe.get("sources", {}))
+    stack: list[Any] = [recipe.get("params", {})]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            if {"site", "uri", "op"} <= set(value):
+                found |= _roots(value) if str(value.get("uri", "")).startswith(VIEW_SCHEME) else {str(value["uri"])}
+            else:
+                stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return found
 
 
 class _Ask:
@@ -36,42 +70,42 @@ class _Ask:
 
 
 class FusedGroup:
-    """The requests of one frame that may share their first Dask computation."""
+    """Requests on the same inputs that may share their first Dask computation."""
 
-    def __init__(self, members: int) -> None:
-        self._active = members
+    def __init__(self) -> None:
+        self._active = 0
         """Members that have neither asked to compute nor left."""
         self._asks: list[_Ask] = []
         self._fired = False
         self._deadline: float | None = None
         self._cond = threading.Condition()
-        self.joined = 0
         self.shared = 0
         """How many computations ran together (for the site log and tests)."""
 
-    def member(self) -> FusedMember:
-        """A place in the group for one request the site accepted."""
+    @property
+    def fired(self) -> bool:
+        return self._fired
+
+    def member(self) -> FusedMember | None:
+        """A place in the group for one request the site accepted; None once the group has run."""
         with self._cond:
-            self.joined += 1
+            if self._fired:
+                return None
+            self._active += 1
         return FusedMember(self)
 
-    def settle(self, joined: int, expected: int) -> None:
-        """Only ``joined`` of the ``expected`` requests became members (the others were refused or answered at once)."""
-        self._leave(expected - joined)
-
-    def _leave(self, count: int = 1) -> None:
+    def _leave(self) -> None:
         with self._cond:
-            self._active -= count
+            self._active -= 1
             self._cond.notify_all()
 
     def _ask(self, collections: tuple[Any, ...], compute: Compute) -> tuple[Any, ...] | None:
         ask = _Ask(collections)
         with self._cond:
+            self._active -= 1
             if self._fired:
-                self._active -= 1
                 return None  # the group ran already: compute alone
             self._asks.append(ask)
-            self._active -= 1
             if self._deadline is None:
                 self._deadline = time.monotonic() + WAIT_S
             while not ask.answered:
@@ -79,10 +113,7 @@ class FusedGroup:
                     self._fired = True
                     asks = list(self._asks)
                     break
-                if self._fired:
-                    self._cond.wait()
-                else:
-                    self._cond.wait(max(0.0, self._deadline - time.monotonic()))
+                self._cond.wait(None if self._fired else max(0.0, self._deadline - time.monotonic()))
             else:
                 return ask.result
         self._run(asks, compute)
@@ -98,6 +129,7 @@ class FusedGroup:
                     ask.result = tuple(merged[start : start + len(ask.collections)])
                     start += len(ask.collections)
                 self.shared = len(asks)
+                log.info("%d requests on the same inputs computed together", len(asks))
         except Exception:
             for ask in asks:
                 ask.result = None  # each runs its own computation and meets its own error
@@ -127,3 +159,25 @@ class FusedMember:
         if not self._done:
             self._done = True
             self.group._leave()
+
+
+class Fusions:
+    """The site's open groups, one per set of inputs."""
+
+    def __init__(self) -> None:
+        self._open: dict[frozenset[str], FusedGroup] = {}
+        self._lock = threading.Lock()
+
+    def join(self, key: frozenset[str]) -> FusedMember | None:
+        """A place in the open group for ``key`` (a new group if there is none, or it has run); None for no inputs."""
+        if not key:
+            return None
+        with self._lock:
+            if len(self._open) > 1024:
+                self._open = {k: g for k, g in self._open.items() if not g.fired}
+            group = self._open.get(key)
+            member = group.member() if group is not None else None
+            if member is None:
+                group = self._open[key] = FusedGroup()
+                member = group.member()
+            return member

@@ -65,7 +65,7 @@ from site_workers.config import SiteConfig
 from site_workers.context import SiteContext
 from site_workers.deadlines import Deadlines
 from site_workers.fetches import FetchAnswers, Recipient, Reply
-from site_workers.fusion import FusedGroup, FusedMember
+from site_workers.fusion import FusedMember, Fusions, shared_inputs
 from site_workers.identities import AuditLog, Identities, data_inputs
 from site_workers.moves import Mover
 from site_workers.peers import SITE_IDENTITY_PREFIX, Peers
@@ -135,6 +135,7 @@ class SiteWorker(FetchAnswers):
                 f"(databases, services, programs, code, or no data inputs), so a cached answer could outlive a change: {unseen}"
             )
         self.cache = ResultCache(config.cache, self.store, self.views, self.resolver)
+        self.fusions = Fusions()
         self.mover = Mover(config.name, config.imports, self.store, peers)
         self.site_certificates = site_certificates
         self.compute = make_backend(config.compute)
@@ -181,20 +182,8 @@ class SiteWorker(FetchAnswers):
             message = f"the frame does not follow the dfm-prefect wire schema v1: {validation_message(exc)}"
             self._safe_reply(reply, ErrorReply(id=guess_id(frame), error=ErrorInfo(code=MalformedRequestError.code, message=self.redactor.text(message, 8192))))
             return
-        runs = sum(isinstance(message, RunRequest) for message in envelope.messages)
-        fusion = self._fusion_group(runs)
         for message in envelope.messages:
-            self.handle_message(message, reply, peer, identity, from_site, fusion=fusion)
-        if fusion is not None:
-            fusion.settle(fusion.joined, runs)
-
-    def _fusion_group(self, runs: int) -> FusedGroup | None:
-        """A group for the runs of one frame, if the site can start them all at once (else they would wait for slots)."""
-        if runs < 2:
-            return None
-        with self._lock:
-            free = self.config.limits.concurrency - len(self._jobs)
-        return FusedGroup(runs) if free >= runs else None
+            self.handle_message(message, reply, peer, identity, from_site)
 
     def handle_message(
         self,
@@ -203,8 +192,6 @@ class SiteWorker(FetchAnswers):
         peer: str = "local",
         identity: str | None = None,
         from_site: str | None = None,
-        *,
-        fusion: FusedGroup | None = None,
     ) -> None:
         """Answer one decoded message, acting for the identity that signed it (or the transport's).
 
@@ -234,7 +221,7 @@ class SiteWorker(FetchAnswers):
                 self._fetch_for(message, reply, Recipient(site=from_site), peer)
                 return
             if isinstance(message, RunRequest):
-                self._accept_run(message, reply, peer, identity, fusion)
+                self._accept_run(message, reply, peer, identity)
             elif isinstance(message, DescribeRequest):
                 self._safe_reply(reply, Described(id=message.id, info=self.describe()))
             elif isinstance(message, StatsRequest):
@@ -264,7 +251,7 @@ class SiteWorker(FetchAnswers):
 
     # ------------------------------------------------------------------- runs
 
-    def _accept_run(self, request: RunRequest, reply: Reply, peer: str, identity: str | None, fusion: FusedGroup | None = None) -> None:
+    def _accept_run(self, request: RunRequest, reply: Reply, peer: str, identity: str | None) -> None:
         with self._lock:
             self._stats["requests"] += 1
         try:
@@ -282,8 +269,6 @@ class SiteWorker(FetchAnswers):
         job = _Job(request=request, peer=peer, identity=identity, reply=reply)
         if op.stream:
             job.credits = Credits(request.window or 1)
-        elif fusion is not None and op is not MOVE:
-            job.fusion = fusion.member()
         limits = self.config.limits
         with self._lock:
             if self._closed:
@@ -296,6 +281,9 @@ class SiteWorker(FetchAnswers):
             elif request.id in self._jobs:
                 raise MalformedRequestError(f"request id {request.id!r} is already in use", site=self.name)
             else:
+                if op is not MOVE and not op.stream and held < limits.concurrency:
+                    # It starts at once: it may share its computation with others on the same inputs.
+                    job.fusion = self.fusions.join(shared_inputs(op, params))
                 self._jobs[request.id] = job
                 if request.timeout_s is not None:
                     # Counted from acceptance: time spent queued is part of the client's budget.

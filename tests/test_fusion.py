@@ -1,4 +1,4 @@
-"""One pass per site: the requests of one frame compute their Dask graphs together and read each chunk once.
+"""One pass per site: requests on the same inputs that run at the same time compute together and read each chunk once.
 
 The group logic is tested on its own (pure logic); the read counts with an
 in-process site worker whose threaded Dask scheduler runs in this process, so a
@@ -31,7 +31,7 @@ CHUNKS = 6  # 365 days in 61-day chunks, one variable
 
 
 def test_members_that_ask_together_get_one_computation_split_back():
-    group, calls = FusedGroup(3), []
+    group, calls = FusedGroup(), []
 
     def compute(collections):
         calls.append(collections)
@@ -52,10 +52,19 @@ def test_members_that_ask_together_get_one_computation_split_back():
     assert results == {"a": ("value of x", "value of y"), "b": ("value of z",)}
     assert group.shared == 2
     assert a.compute(("later",), compute) is None  # only the first computation is shared
+    assert group.member() is None  # a group that ran takes no one
+
+
+def test_requests_on_other_inputs_are_not_grouped():
+    fusions = fusion.Fusions()
+    a, b, c = fusions.join(frozenset({"field"})), fusions.join(frozenset({"field"})), fusions.join(frozenset({"other"}))
+    assert a is not None and b is not None and c is not None
+    assert a.group is b.group and c.group is not a.group
+    assert fusions.join(frozenset()) is None
 
 
 def test_a_failed_shared_computation_leaves_each_member_to_compute_alone():
-    group = FusedGroup(2)
+    group = FusedGroup()
 
     def compute(collections):
         raise ValueError("one of them is broken")
@@ -71,7 +80,7 @@ def test_a_failed_shared_computation_leaves_each_member_to_compute_alone():
 
 def test_a_member_that_never_comes_holds_the_others_only_so_long(monkeypatch):
     monkeypatch.setattr(fusion, "WAIT_S", 0.2)
-    group = FusedGroup(2)
+    group = FusedGroup()
     lone = group.member()
     group.member()  # accepted, then never computes nor leaves
     assert lone.compute(("x",), lambda c: ("shared",)) is None  # alone after the wait
@@ -152,6 +161,19 @@ def test_two_statistics_asked_together_read_each_chunk_once(worker, monkeypatch)
     assert reads.taken() == CHUNKS  # each chunk read once for both
     for alone, shared in zip(separate, fused):
         xr.testing.assert_equal(values(worker, alone), values(worker, shared))
+
+
+def test_requests_in_separate_frames_that_meet_at_the_site_share_the_reads(worker, monkeypatch):
+    reads = ChunkReads(monkeypatch)
+    answers = Answers()
+    for request in (
+        RunRequest(id="1-moments", op="xarray.moments", params=MOMENTS),
+        RunRequest(id="2-histogram", op="xarray.histogram", params=HISTOGRAM),
+    ):
+        worker.handle_frame(Envelope(messages=[request]).model_dump_json(), answers, "test-peer")
+    replies = [m for m in answers.wait(2, timeout=120) if isinstance(m, RunResult)]
+    assert all(reply.ok for reply in replies)
+    assert reads.taken() == CHUNKS
 
 
 def test_views_asked_with_their_statistics_still_fuse_and_agree(worker, monkeypatch):
