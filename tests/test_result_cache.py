@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -164,9 +165,13 @@ def test_a_hit_shows_in_the_task_run_logs_and_the_flow_report(lab, prefect_api):
     flow_run_id = second.state_details.flow_run_id
     (task_run,) = read_task_runs(str(flow_run_id))
     with prefect_client(sync_client=True) as api:
-        logs = api.read_logs(log_filter=LogFilter(task_run_id=LogFilterTaskRunId(any_=[task_run.id])))
+        # Prefect sends run logs to its API in batches, after the flow run may have ended.
+        deadline, messages = time.monotonic() + 30, []
+        while not any("site lab answered from its result cache" in m for m in messages) and time.monotonic() < deadline:
+            time.sleep(0.5)
+            messages = [line.message for line in api.read_logs(log_filter=LogFilter(task_run_id=LogFilterTaskRunId(any_=[task_run.id])))]
         artifacts = api.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
-    assert any("site lab answered from its result cache" in line.message for line in logs), [line.message for line in logs]
+    assert any("site lab answered from its result cache" in m for m in messages), messages
     rows = json.loads(next(a for a in artifacts if a.type == "table" and a.task_run_id is None).data)
     assert [row["cached"] for row in rows] == [True] and rows[0]["stored_bytes"] == 0
     (report,) = [a for a in artifacts if a.type == "markdown" and a.task_run_id is None and "Federation report" in a.data]

@@ -58,8 +58,13 @@ def site(name: str, root: Path, retention: dict[str, Any]) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("retention")
+    import numpy as np
+    import xarray as xr
+
+    xr.Dataset({"t": (("x",), np.arange(4.0))}).to_zarr(root / "tiny.zarr", zarr_format=2, consolidated=True)
+    brief = site("brief", root, {"max_age_s": 1, "min_age_s": 0})
     configs = {
-        "brief": {**site("brief", root, {"max_age_s": 1, "min_age_s": 0}), "cache": {"operations": ["core.echo"]}},
+        "brief": {**brief, "sources": [{"name": "tiny", "url": f"file://{root / 'tiny.zarr'}"}], "cache": {"operations": ["testing.read"]}},
         "tight": site("tight", root, {"max_bytes": 600, "max_bytes_per_client": 400}),
     }
     with private_federation(root, configs) as fed:
@@ -105,7 +110,7 @@ def test_a_cached_answer_whose_result_was_collected_is_computed_again(mesh):
     admin = mesh["admin"]
 
     def ask() -> Any:
-        _, future = admin.run("brief", "core.echo", {"value": "again"})
+        _, future = admin.run("brief", "testing.read", {"data": "tiny"})  # a source: it outlives the results
         return future.result(timeout=60)
 
     first = ask()
@@ -119,7 +124,7 @@ def test_a_cached_answer_whose_result_was_collected_is_computed_again(mesh):
     wait_until(collected)
     fresh = ask()
     assert fresh.ok and not fresh.cached and fresh.ref.uri != first.ref.uri
-    assert fresh.ref.fetch(client=admin) == "again"
+    assert fresh.ref.fetch(client=admin) == {"type": "Dataset", "variables": ["t"]}
 
 
 def test_a_full_store_refuses_per_client_and_in_all_then_keeps_serving(mesh):
