@@ -85,6 +85,11 @@ Federated: a `FederationTaskRunner` flow runs `xarray.moments` and
 what left the sites. Download: the client reads both stores (local files, s3fs)
 and computes the same with Dask; bytes moved are the stored bytes read. Rounds
 alternate, are timed inside the flow run, and each checks that the answers agree.
+Each site computes the moments and the histogram as one Dask graph that reads each
+chunk once (`site_workers/fusion.py`: requests on the same inputs that run at the
+same time share their computation). The same run with that sharing switched off
+(`fusion.WAIT_S = 0`, `--no-write`, right after the recorded one): federated
+19.09 s against 20.74 s for the download (0.92×).
 """,
     "views": """
 **Views.** The demo flow (`flows/federated_climate_stats.py`: per site `xarray.subset`
