@@ -193,8 +193,9 @@ engine stays on the client, so workers make no per-task API calls); NVIDIA DFM's
 FLARE target by one to two orders of magnitude per execution (one long-lived mesh
 job instead of an NVFlare job per execution: 0.21 s against 8.4 s inside a flow,
 1.1 s as one flow run each); NVIDIA DFM's local target for a pipeline run inside a
-running flow on the local transport (on FLARE, even with it); and bytes moved in
-the locality benchmark (only aggregates leave the sites).
+running flow on the local transport (on FLARE, even with it); and the locality
+benchmark, in bytes moved (only aggregates leave the sites) and now in wall time on
+loopback too (each site reads its chunks once for all its statistics).
 
 Behind, and why:
 
@@ -209,10 +210,6 @@ Behind, and why:
   events, joining its heartbeat thread at exit), whatever the federation does;
   inside a running flow the same pipeline is faster than DFM's on the local
   transport and as fast on FLARE.
-- **Locality wall time on one machine.** Here the "network" is loopback and the
-  sites share the client's two cores, so moving 1.4 GB is cheap while each site
-  does extra work (results stored with their sha256, one pass per statistic);
-  across a real link between sites the far smaller transfer dominates.
 - **Throughput under load on FLARE.** 2,000 operations run at about half the
   rate of `ThreadPoolTaskRunner`'s no-op tasks (the local transport at about 0.8×).
   Two cores run the client, the Prefect API server, the FLARE server and two
