@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -168,6 +169,26 @@ def site_check(config: Path) -> None:
 
     Exits 2 if the config is invalid or a source is missing, unreadable or not in its format.
     """
+    code = 1
+    try:
+        _site_check(config)
+        code = 0
+    except typer.Exit as done:
+        code = done.exit_code
+    except KeyboardInterrupt:
+        code = 130
+    except Exception:
+        traceback.print_exc()
+    finally:
+        # Reading Parquet footers leaves Arrow's native reader threads behind; torn down at
+        # interpreter exit they can abort the process after the check is done. Nothing is
+        # left to clean up here (the site worker was closed), so leave without that teardown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _site_check(config: Path) -> None:
     import logging
 
     from site_workers.config import load_site_config
