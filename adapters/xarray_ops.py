@@ -126,10 +126,10 @@ def reduce(params: ReduceParams, ctx: OperationContext) -> Any:
     """
     ds = select_variables(ctx.open_dataset(params.data), params.variables)
     check_dims(ds, params.dims)
-    counts = contributors(ds).sum(dim=params.dims)
     if params.stat in ("median", "quantile"):
         if params.stat == "quantile" and params.q is None:
             raise InvalidParametersError("stat 'quantile' needs q (0..1)")
+        counts = contributors(ds).sum(dim=params.dims)
         ds = _contiguous(ds, params.dims)
         if params.stat == "median":
             reduced = ds.median(dim=params.dims)

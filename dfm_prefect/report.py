@@ -128,6 +128,10 @@ def publish(flow_run_id: uuid.UUID, steps: list[StepRecord], fetched: Counter[st
         )
 
 
+SHOW_PROGRESS_AFTER_S = 1.0
+"""An operation shows a progress artifact once it has run this long (a quick one costs no API calls)."""
+
+
 class ProgressReporter:
     """Mirrors a site's progress reports into a progress artifact of the task run (at most once a second)."""
 
@@ -136,6 +140,7 @@ class ProgressReporter:
         self.task_run_id = task_run_id
         self.description = description
         self.artifact_id: uuid.UUID | None = None
+        self._started = time.monotonic()
         self._last = 0.0
 
     def finish(self) -> None:
@@ -147,7 +152,7 @@ class ProgressReporter:
         if self.task_run_id is None:
             return
         now = time.monotonic()
-        if not force and now - self._last < 1.0:
+        if not force and (now - self._last < 1.0 or now - self._started < SHOW_PROGRESS_AFTER_S):
             return
         self._last = now
         from prefect.client.orchestration import get_client

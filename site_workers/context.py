@@ -17,6 +17,7 @@ from site_workers.answers import wire_text
 from site_workers.compute import ComputeBackend
 from site_workers.config import DisclosurePolicy, UserCodePolicy
 from site_workers.disclosure import DisclosureRules, smallest_group
+from site_workers.opened import OpenedSources
 from site_workers.readers import open_location
 from site_workers.sources import SourceResolver
 from site_workers.store import ResultStore
@@ -74,6 +75,7 @@ class SiteContext:
         store: ResultStore,
         compute: ComputeBackend,
         views: Views | None = None,
+        opened: OpenedSources | None = None,
         cancelled: threading.Event,
         stopped: Callable[[], FederationError | None] | None = None,
         on_progress: Callable[[float, str], None] | None = None,
@@ -88,6 +90,7 @@ class SiteContext:
         self._resolver = resolver
         self._store = store
         self._views = views
+        self._opened = opened
         self._compute = compute
         self._cancelled = cancelled
         self._stopped = stopped
@@ -125,7 +128,8 @@ class SiteContext:
                     raise AccessDeniedError(f"{data!r} is a view, and views are not opened here")
                 return self._views.open(data, self)
             return self._store.open_value(data)
-        return open_location(self._resolver.resolve(data))
+        location = self._resolver.resolve(data)
+        return self._opened.open(location) if self._opened is not None else open_location(location)
 
     def open_dataset(self, data: DataRef | str) -> Any:
         """Like :meth:`open`, and insist on an xarray Dataset."""

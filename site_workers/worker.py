@@ -21,6 +21,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from pydantic import ValidationError
@@ -68,6 +69,7 @@ from site_workers.fetches import FetchAnswers, Recipient, Reply
 from site_workers.fusion import FusedMember, Fusions, shared_inputs
 from site_workers.identities import AuditLog, Identities, data_inputs
 from site_workers.moves import Mover
+from site_workers.opened import OpenedSources
 from site_workers.peers import SITE_IDENTITY_PREFIX, Peers
 from site_workers.policy import ExportGate
 from site_workers.redaction import Redactor
@@ -136,6 +138,7 @@ class SiteWorker(FetchAnswers):
             )
         self.cache = ResultCache(config.cache, self.store, self.views, self.resolver)
         self.fusions = Fusions()
+        self.opened = OpenedSources(partial(self.views.fingerprint, always=True))
         self.mover = Mover(config.name, config.imports, self.store, peers)
         self.site_certificates = site_certificates
         self.compute = make_backend(config.compute)
@@ -427,6 +430,7 @@ class SiteWorker(FetchAnswers):
             resolver=self.resolver,
             store=self.store,
             views=self.views,
+            opened=self.opened,
             compute=self.compute,
             cancelled=cancelled,
             stopped=stopped,

@@ -1,0 +1,73 @@
+"""Data sources kept open between requests, for as long as their files are unchanged.
+
+Opening a source reads its metadata and coordinates (a netCDF file's HDF5
+structure, a zarr store's metadata and index arrays, Parquet footers): tens of
+milliseconds that a pipeline of small steps would pay at every step, since each
+step (and each view recomputed under it) opens its source again. The site keeps
+what it opened, keyed by the source's fingerprint *now* (sizes, modification and
+change stamps of its files, or a remote store's listing): a file written,
+replaced or removed since gives another fingerprint, so the source is opened
+again and the old one is dropped. Sources without a fingerprint are opened
+every time. Each request gets its own shallow copy, so an operation that sets
+an attribute or a variable never changes what another request sees.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from site_workers.readers import open_location
+from site_workers.sources import Location
+
+MAX_OPEN = 32
+"""How many opened sources a site keeps (the least recently used go first)."""
+
+
+class OpenedSources:
+    """The site's opened data sources, reused while their fingerprint holds."""
+
+    def __init__(self, fingerprint: Callable[[Location], str], *, size: int = MAX_OPEN) -> None:
+        self._fingerprint = fingerprint
+        self._size = size
+        self._open: OrderedDict[str, tuple[str, Any]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.opened = 0
+        """How many times a source was opened (for the site log and tests)."""
+
+    def open(self, location: Location) -> Any:
+        """The value at ``location``, lazily opened: the kept one if its files are unchanged."""
+        fingerprint = self._fingerprint(location) if self._size else ""
+        if not fingerprint:
+            return self._open_now(location)
+        with self._lock:
+            kept = self._open.get(location.url)
+            if kept is not None and kept[0] == fingerprint:
+                self._open.move_to_end(location.url)
+                return _copy(kept[1])
+        value = self._open_now(location)
+        with self._lock:
+            self._open[location.url] = (fingerprint, value)
+            self._open.move_to_end(location.url)
+            while len(self._open) > self._size:
+                self._open.popitem(last=False)
+        return _copy(value)
+
+    def _open_now(self, location: Location) -> Any:
+        value = open_location(location)
+        with self._lock:
+            self.opened += 1
+        return value
+
+
+def _copy(value: Any) -> Any:
+    """A copy sharing the lazy data but not the containers (variables, attributes, columns)."""
+    copy = getattr(value, "copy", None)
+    if copy is None:
+        return value
+    try:
+        return copy(deep=False)
+    except TypeError:
+        return copy()  # a Dask dataframe's copy is shallow and takes no `deep`

@@ -1,0 +1,113 @@
+"""Opened sources kept between requests: reused while the files are unchanged, opened again once they change.
+
+An in-process site worker (real files, the threaded Dask scheduler) runs the
+requests, so the test can count how often the site opened a source.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from dfm_prefect.core.wire import Envelope, RunRequest, RunResult
+from dfm_prefect.testing.climate import ClimateSpec, make_region, write_zarr
+from site_workers.config import parse_site_config
+from site_workers.worker import SiteWorker
+from tests.support_sites import Answers
+
+BOX = {"lat": {"start": 0.0, "stop": 45.0}, "lon": {"start": 10.0, "stop": 90.0}}
+
+
+def write_grid(path: Path, offset: float) -> float:
+    lat, lon = np.linspace(-89.0, 89.0, 90), np.linspace(0.0, 358.0, 180)
+    data = (offset + np.random.default_rng(0).standard_normal((6, lat.size, lon.size))).astype("float32")
+    ds = xr.Dataset({"t2m": (("time", "lat", "lon"), data)}, coords={"time": np.arange(6), "lat": lat, "lon": lon})
+    tmp = path.with_suffix(".tmp")
+    ds.to_netcdf(tmp, engine="h5netcdf")
+    os.replace(tmp, path)
+    return float(ds["t2m"].sel(lat=slice(0.0, 45.0), lon=slice(10.0, 90.0)).mean())
+
+
+@pytest.fixture
+def lab(tmp_path: Path):
+    expected = write_grid(tmp_path / "grid.nc", 280.0)
+    write_zarr(make_region(ClimateSpec(years=1, resolution=8.0, chunk_days=122), -90.0, 90.0), str(tmp_path / "field.zarr"))
+    config = parse_site_config(
+        {
+            "name": "lab",
+            "operations": ["xarray.subset", "xarray.reduce", "core.echo"],
+            "sources": [
+                {"name": "grid", "url": f"file://{tmp_path / 'grid.nc'}"},
+                {"name": "field", "url": f"file://{tmp_path / 'field.zarr'}"},
+            ],
+            "result_store": {"url": f"file://{tmp_path / 'store'}"},
+            "export": {"kinds": ["aggregate"], "max_bytes": 1 << 20},
+            "compute": {"kind": "threads"},
+        }
+    )
+    worker = SiteWorker(config)
+    yield worker, tmp_path, expected
+    worker.close()
+
+
+def run(worker: SiteWorker, op: str, params: dict) -> RunResult:
+    answers = Answers()
+    worker.handle_frame(Envelope(messages=[RunRequest(id=f"r-{time.monotonic_ns()}", op=op, params=params)]).model_dump_json(), answers, "test-peer")
+    reply = next(m for m in answers.wait(1, timeout=60) if isinstance(m, RunResult))
+    assert reply.ok, reply.error
+    return reply
+
+
+def box_mean(worker: SiteWorker, source: str, variable: str) -> float:
+    ranges = BOX if source == "grid" else {"lat": BOX["lat"]}
+    box = run(worker, "xarray.subset", {"data": source, "ranges": ranges})
+    assert box.ref is not None and box.ref.is_view
+    mean = run(worker, "xarray.reduce", {"data": box.ref.model_dump(mode="json"), "dims": list(box.ref.summary["dims"]), "stat": "mean"})
+    assert mean.ref is not None
+    return float(worker.store.open_value(mean.ref)[variable])
+
+
+def test_a_pipeline_of_steps_opens_its_source_once(lab):
+    worker, _, expected = lab
+    for _ in range(3):
+        assert box_mean(worker, "grid", "t2m") == pytest.approx(expected, rel=1e-6)
+    assert worker.opened.opened == 1  # three subsets and three views recomputed under the reductions
+
+
+def test_a_replaced_file_is_opened_again_and_gives_the_new_numbers(lab):
+    worker, root, first = lab
+    assert box_mean(worker, "grid", "t2m") == pytest.approx(first, rel=1e-6)
+    second = write_grid(root / "grid.nc", 300.0)
+    assert abs(second - first) > 10
+    assert box_mean(worker, "grid", "t2m") == pytest.approx(second, rel=1e-6)
+    assert worker.opened.opened == 2
+
+
+def test_a_rewritten_zarr_chunk_is_seen(lab):
+    worker, root, _ = lab
+    before = box_mean(worker, "field", "temperature")
+    chunk = next(p for p in sorted((root / "field.zarr" / "temperature").rglob("*")) if p.is_file() and not p.name.startswith((".", "zarr")))
+    ds = xr.open_zarr(str(root / "field.zarr"))
+    ds["temperature"][:] = ds["temperature"] + 50.0
+    ds[["temperature"]].to_zarr(str(root / "field.zarr"), mode="r+")
+    assert chunk.exists()
+    after = box_mean(worker, "field", "temperature")
+    assert after == pytest.approx(before + 50.0, rel=1e-5)
+    assert worker.opened.opened == 2
+
+
+def test_what_one_request_changes_on_its_dataset_another_never_sees(lab):
+    worker, _, _ = lab
+    location = worker.resolver.resolve("grid")
+    first = worker.opened.open(location)
+    first.attrs["note"] = "changed by one request"
+    first["t2m"].attrs["units"] = "changed"
+    first["extra"] = first["t2m"] * 2
+    second = worker.opened.open(location)
+    assert "note" not in second.attrs and second["t2m"].attrs.get("units") != "changed" and "extra" not in second
+    assert worker.opened.opened == 1
