@@ -231,6 +231,18 @@ def test_hardened_kits_refuse_code_for_every_role_and_allow_only_the_mesh(tmp_pa
     assert harden_kit(kit) == []  # idempotent
 
 
+def test_hardened_kits_and_storage_roots_are_readable_by_their_owner_only(tmp_path):
+    kit = _kit(tmp_path / "server", {"project_admin": "any"})
+    kit.chmod(0o755)
+    resources = json.loads((kit / "local" / "resources.json.default").read_text())
+    resources["components"] = [{"id": "job_manager", "args": {}}]
+    (kit / "local" / "resources.json.default").write_text(json.dumps(resources))
+    changes = harden_kit(kit, storage_root=tmp_path / "store")
+    assert "kit folder (FLARE writes its logs and job folders there): readable by its owner only (was 755)" in changes
+    assert kit.stat().st_mode & 0o777 == 0o700 and (tmp_path / "store").stat().st_mode & 0o777 == 0o700
+    assert harden_kit(kit, storage_root=tmp_path / "store") == [f"job store in {tmp_path / 'store' / 'jobs-storage'}"]
+
+
 def test_the_mesh_job_is_config_only_and_names_allowed_classes(tmp_path):
     folder = write_job(tmp_path / "job", MeshJobConfig(site_timeout=2.5))
     files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())

@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -27,6 +30,7 @@ import yaml
 
 from dfm_prefect.testing.netns import Internet, unavailable
 from dfm_prefect.testing.s3 import DEMO_CREDENTIALS
+from dfm_prefect.transports.flare.deploy.poc import workspace_pids
 from tests.conftest import ROOT, climate_site_configs
 from tests.multihost_setup import bring_up, host_env
 
@@ -143,3 +147,27 @@ def test_a_cut_link_fails_runs_naming_the_site_then_retries_complete_on_the_same
     status = net.run("client", ["dfm-prefect", "federation", "status", "--federation", str(hosts.federation_file)], env=hosts.env)
     assert status.returncode == 0, status.stderr[-2000:]
     assert status.stdout.count(f"ready: mesh job {job_id[:8]}") == 2, status.stdout
+
+
+def test_what_the_procedure_leaves_on_disk_is_for_its_owner_only(net, hosts):
+    """The CA and participants' keys, each kit folder (logs, job folders) and the server's job store."""
+    state = hosts.prod.parent / "state"
+    private = [state, *state.rglob("*"), *(hosts.prod / name for name in ("north", "south", net.name("hub"))), hosts.root / "hub-store"]
+    exposed = {str(path): oct(path.stat().st_mode & 0o777) for path in private if path.stat().st_mode & 0o077}
+    assert not exposed, exposed
+
+
+def test_stopping_a_site_with_sigterm_stops_its_flare_client_and_job_process(net, hosts):
+    """What a service manager does (`systemctl stop`, `kill`): nothing of the site may keep serving. Runs last: north stops."""
+    kit = hosts.prod / "north"
+    running = workspace_pids(kit)
+    cmdlines = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ") for pid in running}
+    joins = [pid for pid, line in cmdlines.items() if b"federation join" in line and not line.startswith(b"bash")]
+    assert len(joins) == 1 and len(running) >= 3, running  # join, its FLARE client, the mesh job's process
+    os.kill(joins[0], signal.SIGTERM)
+    deadline = time.monotonic() + 40
+    while workspace_pids(kit) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert workspace_pids(kit) == [], [Path(f"/proc/{pid}/cmdline").read_bytes()[:200] for pid in workspace_pids(kit)]
+    said = (hosts.root / "north.log").read_text()
+    assert "stopping FLARE client north and its job processes" in said, said[-2000:]

@@ -138,8 +138,12 @@ def _unreachable(exc: BaseException) -> bool:
 
 def mesh_jobs(session: Any, name: str) -> list[MeshJob]:
     """The running jobs called ``name``, newest first."""
+    from nvflare.fuel.flare_api import api_spec
+
     try:
         listed = session.list_jobs(name_prefix=name)
+    except (api_spec.AuthenticationError, api_spec.AuthorizationError) as exc:
+        raise ConfigError(f"this admin identity may not list the federation's jobs (its role lacks FLARE's view right): {exc}") from None
     except Exception as exc:
         if _unreachable(exc):
             raise AdminUnreachableError(f"cannot list jobs: {type(exc).__name__}: {exc}") from None

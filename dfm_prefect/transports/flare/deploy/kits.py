@@ -18,7 +18,8 @@ writes those two files so that the participant
   runs flows) nothing but ``view`` and app commands,
 
 and lets ``project_admin`` and ``lead`` run app commands on the mesh job (the
-way clients talk to it). Rights are only taken away, never widened, except the
+way clients talk to it). The kit folder (where FLARE writes its logs and job
+folders) and a server's ``storage_root`` become readable by their owner alone. Rights are only taken away, never widened, except the
 app command right the product needs. Shell commands come back only by an
 explicit opt-in per role (``shell_roles``), for operators who accept what they
 expose. It is idempotent: a site administrator runs it once on their kit
@@ -147,11 +148,22 @@ def harden_kit(
         )
     authorization["permissions"] = hardened
     (local / "authorization.json").write_text(json.dumps(authorization, indent=2))
+    changes += _owner_only(Path(kit), "kit folder (FLARE writes its logs and job folders there)")
     return changes
 
 
+def _owner_only(folder: Path, what: str) -> list[str]:
+    """Make ``folder`` readable by its owner alone (what is in it: logs, job workspaces, job stores)."""
+    mode = folder.stat().st_mode & 0o777
+    if not mode & 0o077:
+        return []
+    folder.chmod(mode & 0o700)
+    return [f"{what}: readable by its owner only (was {mode:o})"]
+
+
 def _private_storage(resources: dict[str, Any], root: Path) -> list[str]:
-    changes = []
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    changes = _owner_only(root, f"storage root {root}")
     snapshot = resources.get("snapshot_persistor", {}).get("args", {}).get("storage", {}).get("args")
     if isinstance(snapshot, dict):
         snapshot["root_dir"] = str(root / "snapshot-storage")

@@ -18,7 +18,8 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from dfm_prefect.core.errors import ConfigError, SiteUnavailableError
@@ -27,7 +28,7 @@ from dfm_prefect.transports.flare import admin
 from dfm_prefect.transports.flare.client import FlareSpec
 from dfm_prefect.transports.flare.deploy.job import MeshJobConfig, write_job
 from dfm_prefect.transports.flare.deploy.kits import harden_kit
-from dfm_prefect.transports.flare.deploy.poc import participant_command
+from dfm_prefect.transports.flare.deploy.poc import participant_command, sweep
 from dfm_prefect.transports.flare.deploy.supervisor import MeshSupervisor
 from dfm_prefect.transports.flare.protocol import SITE_CONFIG_ENV
 
@@ -59,13 +60,51 @@ def run_site(
     for change in harden_kit(kit, shell_roles=shell_roles):
         log(f"kit policy: {change}")
     env = {**os.environ, SITE_CONFIG_ENV: str(config)}
-    log(f"starting FLARE client {name} (site config {config}); stop it with Ctrl-C")
+    # FLARE's logs and job folders hold what the export policy held back (values in exception
+    # text): whatever the client writes is for the site's account alone.
+    os.umask(0o077)
+    log(f"starting FLARE client {name} (site config {config}); stop it with Ctrl-C or SIGTERM")
     process = subprocess.Popen(participant_command(kit, "client"), cwd=kit, env=env)
     try:
-        return process.wait()
-    except KeyboardInterrupt:
+        with _stop_signals(signal.SIGTERM, signal.SIGINT):
+            return process.wait()
+    except (KeyboardInterrupt, _Stop):
+        pass
+    log(f"stopping FLARE client {name} and its job processes")
+    with _stop_signals():  # a second signal does not cut the stop short (it takes at most ~25 s)
+        return _stop_client(process, kit)
+
+
+class _Stop(Exception):
+    """SIGTERM (a service manager, `kill`) or SIGINT reached `federation join`."""
+
+
+@contextmanager
+def _stop_signals(*stopping: signal.Signals) -> Iterator[None]:
+    """Turn ``stopping`` signals into `_Stop` (SIGINT too where a background shell ignores it); ignore the others."""
+
+    def stop(signum: int, frame: object) -> None:
+        raise _Stop(signum)
+
+    previous = {sig: signal.signal(sig, stop if sig in stopping else signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _stop_client(process: subprocess.Popen[bytes], kit: Path, grace: float = 15.0) -> int:
+    """End the FLARE client, then any job process it leaves (they run in sessions of their own)."""
+    with suppress(ProcessLookupError):
         process.send_signal(signal.SIGTERM)
-        return process.wait()
+    try:
+        code = process.wait(grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        code = process.wait()
+    sweep(kit, grace=5.0)
+    return code
 
 
 def run_mesh(
@@ -99,7 +138,10 @@ def run_mesh(
         admin.wait_ready(session, job_id, sites, ready_timeout)
         spec = FlareSpec(admin_kit=str(Path(admin_kit).resolve()), username=username, job_name=job.name, job_id=job_id, sites=sites)
         write_spec(spec, out)
-        log(f"every site is ready; flows use it with: export DFM_FEDERATION={out}")
+        log(
+            f"every site is ready; wrote {out} (it names {username}'s kit: flow authors use a federation file "
+            "naming their own kit, as docs/flare.md's step 5 shows)"
+        )
         if supervise:
             _supervise(session, folder if folder.exists() else write_job(folder, job), spec, out, log)
         return spec
