@@ -225,6 +225,8 @@ def _block_histogram(
     xp = sys.modules["cupy"] if on_gpu else np
     if not on_gpu:
         block, weights = np.asarray(block), (np.asarray(weights) if weighted else None)
+        if uniform:
+            return _host_histogram(block, weights, edges).reshape((1,) * ndim + (-1,))
     x = block.astype("float64").ravel()
     w = xp.broadcast_to(xp.asarray(weights), block.shape).ravel() if weighted else None
     nan = xp.isnan(x)
@@ -243,6 +245,27 @@ def _block_histogram(
     if on_gpu:
         result = result.get()
     return result.reshape((1,) * ndim + (-1,))
+
+
+def _host_histogram(block: np.ndarray, weights: np.ndarray | None, edges: np.ndarray) -> np.ndarray:
+    """`_block_histogram` for equal bins on the host, in one pass of NumPy's histogram over the block as it is.
+
+    NumPy leaves out NaN and values outside the range, compares against float64
+    edges (the range is given as float64 scalars, so a float32 block is compared
+    exactly, not against edges rounded to float32) and bins with the same
+    corrections as on float64 values: the counts equal those of the float64 copy
+    the general path makes, at about half the cost.
+    """
+    x = block.ravel()
+    lo, hi = np.float64(edges[0]), np.float64(edges[-1])
+    bins, span = len(edges) - 1, (lo, hi)
+    below, above, nan = x < lo, x > hi, np.isnan(x)
+    out = [np.histogram(x, bins=bins, range=span)[0].astype("float64"), np.array([np.count_nonzero(m) for m in (below, above, nan)], dtype="float64")]
+    if weights is not None:
+        w = np.broadcast_to(weights, block.shape).ravel()
+        out.append(np.histogram(x, bins=bins, range=span, weights=w)[0].astype("float64"))
+        out.append(np.array([w[below].sum(), w[above].sum(), w[nan].sum()], dtype="float64"))
+    return np.concatenate(out)
 
 
 def _histogram(var: Any, weight: Any, edges: np.ndarray, uniform: bool) -> Any:

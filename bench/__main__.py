@@ -74,7 +74,14 @@ targets (its own virtual environment, nvflare 2.6) and on dfm-prefect. DFM's loc
 target keeps 12 warm worker processes and polls its queues every 0.1 s; on FLARE
 it starts one NVFlare job per execution, which costs seconds. A dfm-prefect flow
 run carries Prefect's own ~1 s flow-run overhead; inside a running flow the same
-pipeline is two round trips to a warm site.
+pipeline is two task runs (`xarray.subset`, a view; `xarray.reduce` on it) and the
+value, inline in the second answer. *CPU per execution*: the user and system CPU
+time, over the 21 executions inside one flow, of each process that does the work
+(the flow's own process with Prefect's task engine, the Prefect API server that
+records the task runs, each site, the FLARE server with the mesh job's
+controller), divided by the executions: where the time of an execution goes.
+Sites keep opened sources while their files are unchanged, so a step does not
+open its source again.
 """,
     "locality": """
 **Locality.** Area-weighted yearly mean and variance plus a 90-bin histogram of a

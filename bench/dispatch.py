@@ -35,7 +35,16 @@ def _map_rounds(runner: Any, task: Any, rounds: int) -> list[float]:
                 times.append(elapsed)
         return times
 
-    return rounds_of_map()
+    state = rounds_of_map(return_state=True)
+    times: list[float] = state.result()
+    # The next runner starts once the Prefect API has recorded this one's task runs: a backlog of
+    # task-run events would slow (or, with SQLite on two cores, refuse) the next flow run.
+    from prefect.settings import PREFECT_API_URL
+
+    from bench.load import _wait_recorded
+
+    _wait_recorded(str(PREFECT_API_URL.value()), str(state.state_details.flow_run_id), TASKS * (rounds + 1))
+    return times
 
 
 def run(
@@ -69,7 +78,18 @@ def run(
 
     rows = []
     for name, (runner, task_obj, n) in variants.items():
+        before = _flare_messages(flare) if name == "FederationTaskRunner (FLARE)" else None
         times = _map_rounds(runner, task_obj, n)
         rows.append(Row("dispatch", name, "per-task overhead", median(times) / TASKS * 1e3, "ms", len(times)))
         rows.append(Row("dispatch", name, f"{TASKS} tasks via .map", median(times), "s", len(times)))
+        if before is not None:
+            sent = _flare_messages(flare) - before
+            note = "client exchanges, controller dispatches to sites and sites' reply chunks, per request"
+            rows.append(Row("dispatch", name, "FLARE messages per request", sent / (TASKS * (n + 1)), "", n + 1, note=note))
     return with_ratios(rows, "ThreadPoolTaskRunner")
+
+
+def _flare_messages(federation: Any) -> int:
+    """The FLARE messages the mesh job has carried so far (not counting heartbeats and status calls)."""
+    counters = federation.mesh_status().counters
+    return sum(int(counters.get(key, 0)) for key in ("exchanges", "dispatches", "reply_chunks"))

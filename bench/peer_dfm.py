@@ -14,6 +14,7 @@ thread join) and the pipeline inside an already running flow.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -90,8 +91,43 @@ def _pipeline(expected: float) -> float:
     return value
 
 
+def processes(federation: Any) -> dict[str, list[int]]:
+    """Who does the work of an execution: this process (the flow), the Prefect API, each site, the FLARE server."""
+    from bench.load import _prefect_server_pid
+
+    found = {"client (the flow's process)": [os.getpid()], "Prefect API server": [_prefect_server_pid()]}
+    for site in getattr(federation, "sites", None) or list(federation.configs):
+        found[f"site {site}"] = federation.site_pids(site)
+    if hasattr(federation, "server_pids"):
+        found["FLARE server"] = federation.server_pids()
+    return found
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User and system CPU of processes and their descendants, so far."""
+    import psutil
+
+    family: dict[int, Any] = {}
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            root = psutil.Process(pid)
+            family.update({p.pid: p for p in [root, *root.children(recursive=True)]})
+    total = 0.0
+    for process in family.values():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = process.cpu_times()
+            total += times.user + times.system
+    return total
+
+
 def run_ours(
-    federation_file: Path, expected: float, label: str, *, pipeline: Any = _pipeline, bench: str = "peer: DFM pipeline"
+    federation_file: Path,
+    expected: float,
+    label: str,
+    *,
+    pipeline: Any = _pipeline,
+    bench: str = "peer: DFM pipeline",
+    federation: Any = None,
 ) -> list[Row]:
     from prefect import flow
 
@@ -114,8 +150,13 @@ def run_ours(
 
     first, _ = _timed(once)
     flow_runs = [_timed(once)[0] for _ in range(RUNS)]
+    who = processes(federation) if federation is not None else {}
+    before = {name: cpu_seconds(pids) for name, pids in who.items()}
     inside = many(RUNS)[1:]
-    return [
+    cpu = {name: (cpu_seconds(pids) - before[name]) / (RUNS + 1) for name, pids in who.items()}
+    variant = f"dfm-prefect {label}, inside one flow"
+    profile = [Row(bench, variant, f"CPU per execution: {name}", seconds, "s", RUNS + 1) for name, seconds in cpu.items()]
+    return profile + [
         Row(bench, f"dfm-prefect {label}, one flow run each", "first execution", first, "s", 1),
         Row(bench, f"dfm-prefect {label}, one flow run each", "per execution", median(flow_runs), "s", RUNS),
         Row(bench, f"dfm-prefect {label}, one flow run each", f"{RUNS} executions in a row", sum(flow_runs), "s", 1),
@@ -152,14 +193,14 @@ def nvdfm_rows(report: dict[str, Any], bench: str = "peer: DFM pipeline") -> lis
 
 def run(env: BenchEnv, *, rounds: int = 5, include_flare: bool = True) -> list[Row]:
     """DFM (local, FLARE) against dfm-prefect on the local transport and on FLARE."""
-    ours = {"local": env.local_federation().federation_file}
+    ours: dict[str, Any] = {"local": env.local_federation()}
     if include_flare:
-        ours["FLARE"] = env.flare_federation().federation_file
+        ours["FLARE"] = env.flare_federation()
     expected = env.peer_expected
     assert expected is not None
     rows = nvdfm_rows(run_nvdfm())
-    for label, federation_file in ours.items():
-        rows += run_ours(federation_file, expected, label)
+    for label, federation in ours.items():
+        rows += run_ours(federation.federation_file, expected, label, federation=federation)
     baseline = {r.metric: r.median for r in rows if r.variant == "nv-dfm-core local target"}
     for row in rows:
         if row.metric in baseline and baseline[row.metric]:

@@ -101,6 +101,41 @@ def test_histogram_counts_every_value_once(site, data):
     assert total == x.size
 
 
+def _float64_histogram(x: np.ndarray, edges: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
+    """Counts (and weights) per bin from a float64 copy, out-of-range and NaN values taken out first."""
+    x = x.astype("float64")
+    nan, below, above = np.isnan(x), x < edges[0], x > edges[-1]
+    inside = ~(nan | below | above)
+    n = len(edges) - 1
+    out = [np.histogram(x[inside], bins=n, range=(edges[0], edges[-1]))[0], [below.sum(), above.sum(), nan.sum()]]
+    if w is not None:
+        out += [np.histogram(x[inside], bins=n, range=(edges[0], edges[-1]), weights=w[inside])[0], [w[below].sum(), w[above].sum(), w[nan].sum()]]
+    return np.concatenate(out).astype("float64")
+
+
+@pytest.mark.parametrize(("start", "stop", "count"), [(200, 330, 90), (0.1, 0.7, 3), (-1.7, 3.3, 7), (1e-3, 2e-3, 17), (-5, 5, 1000)])
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "int32"])
+def test_equal_bins_count_as_on_a_float64_copy_on_and_next_to_every_edge(start, stop, count, dtype):
+    """The host path bins blocks as they are (no float64 copy): values on, just below and just above each edge land alike."""
+    from adapters.xarray_stats import _block_histogram
+
+    edges = np.linspace(start, stop, count + 1)
+    near = np.concatenate([edges, np.nextafter(edges, -np.inf), np.nextafter(edges, np.inf)]).astype("float32")
+    near = np.concatenate([near, np.nextafter(near, np.float32(-np.inf)), np.nextafter(near, np.float32(np.inf))])
+    rng = np.random.default_rng(3)
+    spread = rng.uniform(start - 1, stop + 1, 20_000).astype("float32")
+    x = np.concatenate([near, spread, np.array([np.nan, -np.inf, np.inf, 0.0], dtype="float32")])
+    x = (x * 1000).clip(-2e9, 2e9).round() if dtype == "int32" else x
+    x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0).astype(dtype) if dtype == "int32" else x.astype(dtype)
+    w = rng.uniform(0.0, 2.0, x.size)
+    counted = _block_histogram(x, edges=edges, uniform=True, ndim=1, weighted=False).ravel()
+    np.testing.assert_array_equal(counted, _float64_histogram(x, edges))
+    weighted = _block_histogram(x, w, edges=edges, uniform=True, ndim=1, weighted=True).ravel()
+    expected = _float64_histogram(x, edges, w)
+    np.testing.assert_array_equal(weighted[: count + 3], expected[: count + 3])
+    np.testing.assert_allclose(weighted[count + 3 :], expected[count + 3 :], rtol=1e-12, atol=1e-9)
+
+
 def test_histogram_rejects_edges_that_are_not_increasing(site):
     with pytest.raises(InvalidParametersError, match="strictly increasing"):
         site.call("xarray.histogram", data="zarr", bins=[1.0, 1.0, 2.0])
