@@ -95,12 +95,18 @@ def processes(federation: Any) -> dict[str, list[int]]:
     """Who does the work of an execution: this process (the flow), the Prefect API, each site, the FLARE server."""
     from bench.load import _prefect_server_pid
 
-    found = {"client (the flow's process)": [os.getpid()], "Prefect API server": [_prefect_server_pid()]}
+    found = {"Prefect API server": [_prefect_server_pid()]}
     for site in getattr(federation, "sites", None) or list(federation.configs):
         found[f"site {site}"] = federation.site_pids(site)
     if hasattr(federation, "server_pids"):
         found["FLARE server"] = federation.server_pids()
     return found
+
+
+def own_cpu_seconds() -> float:
+    """User and system CPU of this process alone (its children are the servers and sites measured on their own)."""
+    times = os.times()
+    return times.user + times.system
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -152,8 +158,10 @@ def run_ours(
     flow_runs = [_timed(once)[0] for _ in range(RUNS)]
     who = processes(federation) if federation is not None else {}
     before = {name: cpu_seconds(pids) for name, pids in who.items()}
+    own = own_cpu_seconds()
     inside = many(RUNS)[1:]
-    cpu = {name: (cpu_seconds(pids) - before[name]) / (RUNS + 1) for name, pids in who.items()}
+    cpu = {"client (the flow's process)": (own_cpu_seconds() - own) / (RUNS + 1)} if who else {}
+    cpu.update({name: (cpu_seconds(pids) - before[name]) / (RUNS + 1) for name, pids in who.items()})
     variant = f"dfm-prefect {label}, inside one flow"
     profile = [Row(bench, variant, f"CPU per execution: {name}", seconds, "s", RUNS + 1) for name, seconds in cpu.items()]
     return profile + [
