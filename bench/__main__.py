@@ -198,37 +198,64 @@ SUMMARY = """
 Ahead: per-task dispatch against `DaskTaskRunner` on both transports (Prefect's
 engine stays on the client, so workers make no per-task API calls); NVIDIA DFM's
 FLARE target by one to two orders of magnitude per execution (one long-lived mesh
-job instead of an NVFlare job per execution: 0.21 s against 8.4 s inside a flow,
-1.1 s as one flow run each); NVIDIA DFM's local target for a pipeline run inside a
-running flow on the local transport (on FLARE, even with it); and the locality
-benchmark, in bytes moved (only aggregates leave the sites) and now in wall time on
-loopback too (each site reads its chunks once for all its statistics).
+job instead of an NVFlare job per execution: 0.25 s against 8.9 s inside a flow,
+1.2 s as one flow run each); NVIDIA DFM's local target for a pipeline run inside a
+running flow on the local transport (0.11 s against 0.20 s; sites keep opened
+sources, so a step no longer opens its file again); and the locality benchmark,
+in bytes moved (only aggregates leave the sites) and in wall time on loopback and
+across hosts (each site reads its chunks once for all its statistics).
 
-Behind, and why:
+Behind, and why (the figures of each run come from that run; the machine ran
+about twice as slow on 2026-11-29 as on 2026-11-27, for the same code: the
+latency benchmark at the earlier commit gave 3.50 ms against 1.58 ms then, so
+compare ratios within a run, not figures across runs):
 
-- **FLARE dispatch against `ThreadPoolTaskRunner`.** Every batch crosses FLARE's
-  admin path (server, job process, aux message to the site and back), which FLARE
-  serializes under one lock, and on 2 cores the FLARE server, two site parents,
-  two site job processes and the client share the CPUs. Batching amortizes this
-  under load, which keeps the overhead near 2×; a lone warm result still takes
-  tens of milliseconds against about 2 ms on the local transport.
+- **A pipeline in milliseconds.** Inside a running flow the head-to-head
+  pipeline is two task runs and costs, per execution (peer rows *CPU per
+  execution*), about 48 ms of CPU in the flow's process (Prefect's task engine
+  for two task runs, the dispatch, decoding the value), 87 ms in the Prefect API
+  server (recording the two task runs' states, events and log lines) and 32 ms at
+  the site; on FLARE 91 ms, 125 ms, 73 ms and 122 ms in the FLARE server. On two
+  cores Prefect's own share alone exceeds 20 ms per execution: a task run in a
+  flow costs about 20 ms against 4 ms for the same request sent with the
+  client (latency rows). The site's share was halved by keeping opened sources.
+- **FLARE dispatch against `ThreadPoolTaskRunner`.** Under `.map` load the mesh
+  carries 0.71 FLARE messages per request (client exchanges, controller
+  dispatches and reply chunks: requests and replies travel many to a message),
+  yet every message crosses FLARE's admin path (server, job process, aux message
+  to the site and back), which FLARE serializes under one lock, and on 2 cores
+  the FLARE server, two site parents, two site job processes and the client
+  share the CPUs (in the pipeline above the FLARE server alone uses 122 ms of CPU
+  per execution). A lone warm result takes tens of milliseconds against a few on
+  the local transport.
 - **One Prefect flow run per execution against DFM's local target.** Each Prefect
   flow run costs about 1 s of Prefect's own work (creating the run, its state
-  events, joining its heartbeat thread at exit), whatever the federation does;
-  inside a running flow the same pipeline is faster than DFM's on the local
-  transport and as fast on FLARE.
+  events, joining its heartbeat thread at exit), whatever the federation does.
+- **Moves over FLARE against a TLS socket copy.** Every byte goes from the source
+  site's job process through its FLARE client, the server's parent process, the
+  mesh job's controller, the server's parent again and the receiving site's
+  FLARE client to its job process, as base64 in JSON frames: about 12 MB/s in
+  this run (0.05-0.07x of the copy), against 33-65 MB/s site to site on the local
+  transport. Reply pieces of up to 8 MiB (one acknowledged message per 4 MiB
+  piece of a move, not six) gave 23-29 MB/s for 100 MB in a separate session on a
+  fresh federation; in the benchmark run, after the other benchmarks, the same
+  code moved 12 MB/s, and why is not yet known.
 - **Throughput under load on FLARE.** 2,000 operations run at about half the
-  rate of `ThreadPoolTaskRunner`'s no-op tasks (the local transport at about 0.8×).
+  rate of `ThreadPoolTaskRunner`'s no-op tasks (the local transport at about 0.8x).
   Two cores run the client, the Prefect API server, the FLARE server and two
-  sites, each a FLARE client with its job process, and they are saturated: for 600
-  tasks the FLARE server and the two sites used 2.6 s of CPU against 0.4 s for the
-  two local site processes (psutil, three 200-task rounds), about 3.7 ms more
-  per task wherever FLARE's messages are handled. Memory stays flat: the client grows by a few MiB, a FLARE site holds
-  a few hundred MiB (FLARE's own client and job processes), and in every runner
-  the Prefect API takes about 40 s after the flow ends to record 2,000 runs.
-- **FLARE against local latency and start-up.** The admin login (about 1 s of it
-  is FLARE's authenticator retry interval), mTLS and starting a server, clients and
-  the mesh job cost seconds once per federation and milliseconds per request.
+  sites, each a FLARE client with its job process, and they are saturated.
+  Memory stays flat: the client grows by a few MiB, a FLARE site holds a few
+  hundred MiB (FLARE's own client and job processes), and in every runner the
+  Prefect API takes about 40 s after the flow ends to record 2,000 runs.
+- **Locality across hosts.** The namespace hosts share this machine's two cores,
+  so the sites' computation and the client's draw on the same CPUs and the
+  federation saves only the transfer: 0.81x of the download at 1 Gbit/s and
+  0.31x at 100 Mbit/s for 0.5 GB (the ratio tends to about 0.17 at 100 Mbit/s
+  for large fields here: sites compute about 125 MB/s of raw data, the download
+  brings about 22 MB/s).
+- **GPU.** The GPU rows are from `scripts/gpu_check.sh` on an H100 on
+  2026-11-27; no GPU machine has been available since, so they were not run
+  again.
 """
 
 
