@@ -9,12 +9,15 @@ task run.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import logging
 import time
 import uuid
 from collections import Counter
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 log = logging.getLogger("dfm_prefect.report")
@@ -130,6 +133,9 @@ def publish(flow_run_id: uuid.UUID, steps: list[StepRecord], fetched: Counter[st
 
 SHOW_PROGRESS_AFTER_S = 1.0
 """An operation shows a progress artifact once it has run this long (a quick one costs no API calls)."""
+_ARTIFACTS = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dfm-progress")
+"""Progress artifacts are written here, in order, never in the thread that waits for the site (a slow
+Prefect API must not hold a task past its timeout)."""
 
 
 class ProgressReporter:
@@ -142,11 +148,15 @@ class ProgressReporter:
         self.artifact_id: uuid.UUID | None = None
         self._started = time.monotonic()
         self._last = 0.0
+        self._pending: Future[None] | None = None
 
     def finish(self) -> None:
-        """Show 100% once the operation succeeded (only if progress was shown at all)."""
-        if self.artifact_id is not None:
-            self.update(1.0, force=True)
+        """Show 100% once the operation succeeded (only if progress was shown at all), and wait for it to be written."""
+        if self._pending is None:
+            return
+        self.update(1.0, force=True)
+        with contextlib.suppress(Exception):  # a progress bar is never worth failing the task run for
+            self._pending.result(timeout=10)
 
     def update(self, fraction: float, *, force: bool = False) -> None:
         if self.task_run_id is None:
@@ -155,20 +165,27 @@ class ProgressReporter:
         if not force and (now - self._last < 1.0 or now - self._started < SHOW_PROGRESS_AFTER_S):
             return
         self._last = now
+        # In the task's context: its Prefect settings (the API it talks to) come along.
+        self._pending = _ARTIFACTS.submit(contextvars.copy_context().run, self._write, fraction)
+
+    def _write(self, fraction: float) -> None:
         from prefect.client.orchestration import get_client
         from prefect.client.schemas.actions import ArtifactCreate, ArtifactUpdate
 
-        with get_client(sync_client=True) as client:
-            if self.artifact_id is None:
-                artifact = client.create_artifact(
-                    ArtifactCreate(
-                        type="progress",
-                        data=fraction * 100,
-                        description=self.description,
-                        flow_run_id=self.flow_run_id,
-                        task_run_id=self.task_run_id,
+        try:
+            with get_client(sync_client=True) as client:
+                if self.artifact_id is None:
+                    artifact = client.create_artifact(
+                        ArtifactCreate(
+                            type="progress",
+                            data=fraction * 100,
+                            description=self.description,
+                            flow_run_id=self.flow_run_id,
+                            task_run_id=self.task_run_id,
+                        )
                     )
-                )
-                self.artifact_id = artifact.id
-            else:
-                client.update_artifact(self.artifact_id, ArtifactUpdate(data=fraction * 100))
+                    self.artifact_id = artifact.id
+                else:
+                    client.update_artifact(self.artifact_id, ArtifactUpdate(data=fraction * 100))
+        except Exception as exc:
+            log.debug("progress artifact not written: %s", exc)
