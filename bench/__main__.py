@@ -236,10 +236,10 @@ compare ratios within a run, not figures across runs):
   mesh job's controller, the server's parent again and the receiving site's
   FLARE client to its job process, as base64 in JSON frames: about 12 MB/s in
   this run (0.05-0.07x of the copy), against 33-65 MB/s site to site on the local
-  transport. Reply pieces of up to 8 MiB (one acknowledged message per 4 MiB
-  piece of a move, not six) gave 23-29 MB/s for 100 MB in a separate session on a
-  fresh federation; in the benchmark run, after the other benchmarks, the same
-  code moved 12 MB/s, and why is not yet known.
+  transport. This run used reply pieces of up to 8 MiB; a separate measurement
+  on a fresh federation gave 23-29 MB/s for 100 MB with them, but a site did not
+  recover from a cut link with them, so the mesh keeps 1 MiB pieces (about
+  11-12 MB/s).
 - **Throughput under load on FLARE.** 2,000 operations run at about half the
   rate of `ThreadPoolTaskRunner`'s no-op tasks (the local transport at about 0.8x).
   Two cores run the client, the Prefect API server, the FLARE server and two

@@ -252,7 +252,7 @@ def test_a_large_move_streams_with_memory_bounded_at_both_ends(mesh, tmp_path):
         sampler.join()
     assert moved.site == "hub" and moved.size > 50 << 20
     # hub writes pieces to disk as they arrive: its memory grows by the pieces in flight (at most 4 of 4 MiB,
-    # base64 in JSON, over FLARE also in the mesh's chunks of up to 8 MiB), not by the payload; bench/moves.py shows it at 1 GB.
+    # base64 in JSON, over FLARE also in the mesh's 1 MiB chunks), not by the payload; bench/moves.py shows it at 1 GB.
     flare = hasattr(fed, "site_log")  # a FLARE site is two processes (its FLARE client and the mesh job's)
     assert peak["hub"] - start["hub"] < (128 if flare else 64) << 20, (peak, start, moved.size)
     # north materializes the view chunk by chunk and sends it piece by piece.

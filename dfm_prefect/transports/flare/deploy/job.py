@@ -53,7 +53,7 @@ class MeshJobConfig(BaseModel):
         description="Seconds after which the mailbox of a client that waits for nothing is dropped; "
         "the client gets a fresh one with its next exchange.",
     )
-    chunk_bytes: int = Field(default=8 << 20, gt=0, description="Largest piece of a reply frame in one message.")
+    chunk_bytes: int = Field(default=1 << 20, gt=0, description="Largest piece of a reply frame in one message.")
     reply_linger: float = Field(default=0.002, ge=0, le=0.1, description="Seconds a site's reply waits for others to batch with.")
 
 
