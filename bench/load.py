@@ -63,16 +63,21 @@ class _Round:
     by_site: dict[str, int]
 
 
+def family(*pids: int) -> dict[int, psutil.Process]:
+    """Processes and all their descendants, each once."""
+    found: dict[int, psutil.Process] = {}
+    for pid in pids:
+        root = psutil.Process(pid)
+        found.update({p.pid: p for p in [root, *root.children(recursive=True)]})
+    return found
+
+
 def _tree_rss(*pids: int) -> float:
     """Resident memory of processes and all their descendants, each counted once."""
     if not pids:
         raise ProcessLookupError("no live process to measure")
-    family: dict[int, psutil.Process] = {}
-    for pid in pids:
-        root = psutil.Process(pid)
-        family.update({p.pid: p for p in [root, *root.children(recursive=True)]})
     total = 0
-    for process in family.values():
+    for process in family(*pids).values():
         try:
             total += process.memory_info().rss
         except psutil.NoSuchProcess:  # a child that exited after the listing holds no memory

@@ -92,7 +92,7 @@ def _pipeline(expected: float) -> float:
 
 
 def processes(federation: Any) -> dict[str, list[int]]:
-    """Who does the work of an execution: this process (the flow), the Prefect API, each site, the FLARE server."""
+    """Who else does the work of an execution: the Prefect API, each site, the FLARE server (the flow's own process is `own_cpu_seconds`)."""
     from bench.load import _prefect_server_pid
 
     found = {"Prefect API server": [_prefect_server_pid()]}
@@ -113,13 +113,10 @@ def cpu_seconds(pids: list[int]) -> float:
     """User and system CPU of processes and their descendants, so far."""
     import psutil
 
-    family: dict[int, Any] = {}
-    for pid in pids:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            root = psutil.Process(pid)
-            family.update({p.pid: p for p in [root, *root.children(recursive=True)]})
+    from bench.load import family
+
     total = 0.0
-    for process in family.values():
+    for process in family(*(pid for pid in pids if psutil.pid_exists(pid))).values():
         with contextlib.suppress(psutil.NoSuchProcess):
             times = process.cpu_times()
             total += times.user + times.system

@@ -19,8 +19,9 @@ writes those two files so that the participant
 
 and lets ``project_admin`` and ``lead`` run app commands on the mesh job (the
 way clients talk to it). The kit folder (where FLARE writes its logs and job
-folders) and a server's ``storage_root`` become readable by their owner alone. Rights are only taken away, never widened, except the
-app command right the product needs. Shell commands come back only by an
+folders) and a server's ``storage_root`` become readable by their owner alone.
+Rights are only taken away, never widened, except the app command right the
+product needs. Shell commands come back only by an
 explicit opt-in per role (``shell_roles``), for operators who accept what they
 expose. It is idempotent: a site administrator runs it once on their kit
 (``dfm-prefect federation join`` does) and can read the result.
