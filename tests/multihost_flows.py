@@ -24,7 +24,7 @@ from dfm_prefect import FederationTaskRunner
 def through_a_cut_link(seconds: float) -> dict[str, object]:
     """One long task at north, with retries: the test cuts north's link while it runs, then restores it."""
     flow_run_id = str(get_run_context().flow_run.id)  # type: ignore[union-attr]
-    task = sleep.with_options(retries=6, retry_delay_seconds=5)
+    task = sleep.with_options(retries=10, retry_delay_seconds=5)  # a FLARE client reconnects within ~10 s of the link
     future = task.submit(seconds=seconds, site="north")
     print("SUBMITTED", flush=True)
     value = future.result().fetch()

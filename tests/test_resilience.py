@@ -256,8 +256,25 @@ def test_a_frozen_site_without_a_task_timeout_fails_its_runs_after_the_heartbeat
     assert kind == "FAILED" and "SiteUnavailableError" in message and "'alpha'" in message and "heartbeat" in message
     assert time.monotonic() - started < SITE_TIMEOUT + 15, "the run must fail after the heartbeat timeout, not when its work would end"
     assert_every_task_run_ended(state.state_details.flow_run_id, 1)
-    assert serves_again(twins_client, "alpha", timeout=30) == "back"
+    # Once the mesh says alpha is back, the client (idle since it failed the run) is served at
+    # its first request: it asks for the sites' states again instead of failing on old news.
+    eventually(lambda: mesh_says_ready(twins, "alpha"), "alpha ready again in the mesh job", timeout=30)
+    assert twins_client.call("alpha", "core.echo", {"value": "back"}, timeout=30).fetch(client=twins_client) == "back"
     assert twins_client.stats("alpha").load.running == 0  # thawed, it cancelled what its clients had given up
+
+
+def mesh_says_ready(twins: Any, site: str) -> bool:
+    """What the mesh job's controller says of ``site``, through an admin session of its own."""
+    from dfm_prefect.transports.flare import admin
+
+    spec = twins.fed.spec
+    session = admin.open_session(spec.admin_kit, spec.username)
+    try:
+        job = admin.mesh_jobs(session, spec.job_name)[0]
+        state = admin.status(session, job.id).sites.get(site)
+        return state is not None and state.state == "ready"
+    finally:
+        session.close()
 
 
 # ----------------------------------------------------------------- clients die

@@ -52,6 +52,8 @@ class JobLink:
         self.told_ack = 0
         self.told_awaiting = 0
         self.states: dict[str, SiteState] = {}
+        self.states_at = 0.0
+        """When (monotonic) the states were last taken: they go stale while the pump is idle."""
         self.awaiting: dict[str, str] = {}
         self.last_dead: str | None = None
         self.more = False
@@ -121,6 +123,7 @@ class JobLink:
             if site not in lost and (site not in states or states[site].state != "ready"):
                 lost[site] = self.why_not_ready(site) if site in self.states else f"site left mesh job {self.job_id}"
         self.states = dict(states)
+        self.states_at = time.monotonic()
         return lost
 
     def _refusal(self, site: str, request_id: str) -> str | None:

@@ -8,7 +8,9 @@ queued or unanswered the pump blocks on a local condition and makes no FLARE
 calls at all.
 
 Site states come with every exchange; a site that dies, restarts or leaves is
-reported with ``on_lost`` (the client fails its requests, naming the site).
+reported with ``on_lost`` (the client fails its requests, naming the site). An idle
+pump makes no exchange, so a frame for a site that the last states called not ready
+first brings them up to date: a site that said hello again meanwhile is served.
 When the mesh job itself ends, every site with unanswered requests is lost;
 the pump then follows the newest running job of the same name (the
 federation's supervisor starts one), holding new frames meanwhile for up to
@@ -51,6 +53,8 @@ UNANSWERED_S = 10.0
 """A running mesh job that does not answer for this long is treated as gone."""
 SILENT_S = 1.0
 """A site silent this much longer than the others when its mesh job ended is named as the likely cause."""
+FRESH_S = 0.5
+"""Site states older than this are asked for again before a frame is failed because its site is not ready."""
 
 
 @dataclass(frozen=True)
@@ -171,6 +175,12 @@ class MeshPump:
         """Route the batch, then run one exchange per job that has something to send or to collect."""
         link = self._link
         needy = {out.site for out in batch if link is None or not link.ready(out.site)}
+        if needy and link is not None and time.monotonic() - link.states_at > FRESH_S:
+            # The states are as old as the last exchange (none while idle): a site that was
+            # dead may have said hello since, so ask before failing its frames.
+            self._exchange(link, [], 0.0)
+            link = self._link
+            needy = {site for site in needy if link is None or not link.ready(site)}
         if needy or link is None:
             self._look_for_newer_job(needy)
             link = self._link
