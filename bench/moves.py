@@ -236,14 +236,36 @@ class Mesh:
             raise RuntimeError(f"the move returned {moved!r} for {ref!r}")
         return moved
 
+    def roles(self) -> dict[str, list[int]]:
+        """The processes a move runs through, by role (FLARE: the server relays, its job process is the controller)."""
+        roles = {site: self.fed.site_pids(site) for site in ("north", "hub")}
+        if hasattr(self.fed, "server_pids"):
+            server = self.fed.server_pids()
+            roles.update({"FLARE server": server[:1], "mesh controller": server[1:]})
+        return roles
+
     def measured_move(self, ref: Any) -> dict[str, float]:
+        import psutil
+
+        from bench.load import family
+
         probes = {site: self.rss(self.fed.site_pids(site)) for site in ("north", "hub")}
         start = {site: probe() for site, probe in probes.items()}
+        processes = {role: list(family(*pids).values()) for role, pids in self.roles().items()}
+        cpu0, machine0 = _cpu(processes), psutil.cpu_times()
         with PeakSampler(probes, interval=0.05) as sampler:
             t0 = time.perf_counter()
             self.move(ref)
             seconds = time.perf_counter() - t0
-        return {"seconds": seconds, **{f"peak {s}": sampler.peaks[s] for s in probes}, **{f"start {s}": start[s] for s in probes}}
+        cpu1, machine1 = _cpu(processes), psutil.cpu_times()
+        busy = sum(getattr(machine1, f) - getattr(machine0, f) for f in ("user", "system", "nice", "irq", "softirq"))
+        return {
+            "seconds": seconds,
+            "machine cpu": busy,
+            **{f"cpu {role}": cpu1[role] - cpu0[role] for role in processes},
+            **{f"peak {s}": sampler.peaks[s] for s in probes},
+            **{f"start {s}": start[s] for s in probes},
+        }
 
     def check(self, ref: Any, moved: Any) -> None:
         """The mean of hub's copy equals the mean of north's."""
@@ -283,6 +305,29 @@ class Mesh:
         return rows
 
 
+ROLE_NOTES = {
+    "north": "the holding site (FLARE: its FLARE client and mesh-job process)",
+    "hub": "the receiving site (FLARE: its FLARE client and mesh-job process)",
+    "FLARE server": "FLARE's server process alone: it relays every message between the job processes and runs no dfm-prefect code",
+    "mesh controller": "the mesh job's server process: dfm-prefect's controller, which checks and forwards each piece",
+}
+
+
+def _cpu(processes: dict[str, list[Any]]) -> dict[str, float]:
+    """CPU seconds (user + system) each role's processes have used so far."""
+    out: dict[str, float] = {}
+    for role, members in processes.items():
+        total = 0.0
+        for process in members:
+            try:
+                times = process.cpu_times()
+            except Exception:  # a process that ended took its time with it
+                continue
+            total += times.user + times.system
+        out[role] = total
+    return out
+
+
 def throughput_rows(size_mb: int, nbytes: int, runs: dict[str, list[dict[str, float]]]) -> list[Row]:
     bench = f"moves: {size_mb} MB"
     if not runs[TLS]:
@@ -296,6 +341,12 @@ def throughput_rows(size_mb: int, nbytes: int, runs: dict[str, list[dict[str, fl
         speed = median([nbytes / 1e6 / r["seconds"] for r in measured])
         rows.append(Row(bench, variant, "throughput", speed, "MB/s", len(measured), baseline=TLS, ratio=speed / tls,
                         note=f"stored netCDF of {nbytes:,} bytes (xarray.write), dfm.move at hub"))
+        mb = nbytes / 1e6
+        rows.append(Row(bench, variant, "CPU of the whole machine per MB moved", median([r["machine cpu"] / mb * 1e3 for r in measured]), "ms", len(measured),
+                        note=f"{median([r['machine cpu'] / r['seconds'] for r in measured]):.2f} of {os.cpu_count()} cores busy during the moves"))
+        for role in [key[4:] for key in measured[0] if key.startswith("cpu ")]:
+            rows.append(Row(bench, variant, f"CPU per MB moved: {role}", median([r[f"cpu {role}"] / mb * 1e3 for r in measured]), "ms", len(measured),
+                            note=ROLE_NOTES.get(role, "")))
         for site in ("north", "hub"):
             peak = max(r[f"peak {site}"] for r in measured)
             growth = max(r[f"peak {site}"] - r[f"start {site}"] for r in measured)

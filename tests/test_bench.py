@@ -111,6 +111,8 @@ def test_the_moves_benchmark_moves_the_bytes_it_times():
     assert report["held"] == [size, size]  # two checked copies in hub's store (the timed move and the checked one)
     measured = report["measured"]
     assert measured["seconds"] > 0 and measured["peak north"] > 0 and measured["peak hub"] > 0
+    assert measured["cpu north"] > 0 and measured["cpu hub"] > 0  # each site's processes worked for the move
+    assert measured["machine cpu"] >= measured["cpu hub"]
     assert report["tls"] > 0  # the TLS copy checks it received as many bytes as the file holds
 
 
