@@ -126,7 +126,10 @@ pieces and sending, one receiving and writing to a file, timed from the receiver
 accept (handshake included) to the last byte written. Peak RSS: each site's
 processes sampled every 50 ms during each move (local: the site process; FLARE:
 its FLARE client plus its mesh-job process), the highest over the rounds, with the
-largest growth over the RSS at the move's start. Each size is checked once per
+largest growth over the RSS at the move's start. CPU per MB moved: the user and
+system CPU time each process (and its children) used during a move, by role (each
+site; over FLARE also FLARE's server process and the mesh job's controller), and
+the whole machine's, divided by the MB moved. Each size is checked once per
 transport: the mean of hub's copy equals north's. *Reliability*: the 10 MB result
 moved 20 times in a row and 20 times at once (20 client threads; each site runs 4
 operations at a time, the rest queue), each with a 300 s deadline; a failure,
@@ -232,14 +235,20 @@ compare ratios within a run, not figures across runs):
   flow run costs about 1 s of Prefect's own work (creating the run, its state
   events, joining its heartbeat thread at exit), whatever the federation does.
 - **Moves over FLARE against a TLS socket copy.** Every byte goes from the source
-  site's job process through its FLARE client, the server's parent process, the
-  mesh job's controller, the server's parent again and the receiving site's
-  FLARE client to its job process, as base64 in JSON frames: about 12 MB/s in
-  this run (0.05-0.07x of the copy), against 33-65 MB/s site to site on the local
-  transport. This run used reply pieces of up to 8 MiB; a separate measurement
-  on a fresh federation gave 23-29 MB/s for 100 MB with them, but a site did not
-  recover from a cut link with them, so the mesh keeps 1 MiB pieces (about
-  11-12 MB/s).
+  site's job process to FLARE's server process, which relays it to the mesh job's
+  controller, then back through the server process to the receiving site's job
+  process (the sites' FLARE clients carry none of it), as base64 in JSON frames:
+  12-14 MB/s in this run (0.05x of the copy), against 96-100 MB/s site to site on
+  the local transport (0.34-0.36x). The CPU rows say why: a MB moved costs about
+  110 ms of CPU over FLARE, 52-55 ms of it in FLARE's server process, which runs
+  no dfm-prefect code. At half the copy's rate (about 140 MB/s) that process
+  alone would need about 7.5 cores; with both cores of this machine and nothing
+  else running it would relay at most about 38 MB/s (0.13x). Sending the bytes
+  from site to site without the controller would halve its share (0.26x at
+  best), still short of 0.5x. Four pieces of a frame in flight at once (instead
+  of one) took a 100 MB move from 14.5 to 17 MB/s on a fresh federation; 2-8 MiB
+  pieces gave about 20 MB/s and FLARE's tcp scheme 16-19 MB/s; every variant
+  kept both cores about 80% busy.
 - **Throughput under load on FLARE.** 2,000 operations run at about half the
   rate of `ThreadPoolTaskRunner`'s no-op tasks (the local transport at about 0.8x).
   Two cores run the client, the Prefect API server, the FLARE server and two
