@@ -32,6 +32,7 @@ exactly 1,000,000 bytes) and the benchmark grid of the DFM head-to-head;
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -251,7 +252,11 @@ class Mesh:
 
         probes = {site: self.rss(self.fed.site_pids(site)) for site in ("north", "hub")}
         start = {site: probe() for site, probe in probes.items()}
-        processes = {role: list(family(*pids).values()) for role, pids in self.roles().items()}
+        roles = self.roles()
+        # Each process once, in its own role: FLARE's job processes are children of the server and the clients.
+        processes = {role: [psutil.Process(pid) for pid in pids] for role, pids in roles.items()}
+        for role, pids in roles.items():
+            processes[role] += [p for p in family(*pids).values() if not any(p.pid in other for other in roles.values())]
         cpu0, machine0 = _cpu(processes), psutil.cpu_times()
         with PeakSampler(probes, interval=0.05) as sampler:
             t0 = time.perf_counter()
@@ -334,6 +339,9 @@ def throughput_rows(size_mb: int, nbytes: int, runs: dict[str, list[dict[str, fl
         return []
     tls = median([nbytes / 1e6 / r["seconds"] for r in runs[TLS]])
     rows = [Row(bench, TLS, "throughput", tls, "MB/s", len(runs[TLS]), baseline=TLS, note="loopback, one sender and one receiver process, to a file")]
+    if all("cpu" in r for r in runs[TLS]):
+        rows.append(Row(bench, TLS, "CPU per MB moved", median([r["cpu"] / (nbytes / 1e6) * 1e3 for r in runs[TLS]]), "ms", len(runs[TLS]),
+                        note="the sender and the receiver together"))
     for label, measured in runs.items():
         if label == TLS:
             continue
@@ -418,7 +426,11 @@ def run(env: BenchEnv, *, rounds: int = 5, include_flare: bool = True, include_n
                 path = mesh.stored_path(ref) if label == "local" else None
                 for _ in range(min(rounds, 3) if size >= 1000 else rounds):
                     if path is not None:
-                        runs[size][TLS].append({"seconds": tls_copy(path, cert, key, scratch)})
+                        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+                        seconds = tls_copy(path, cert, key, scratch)
+                        after = resource.getrusage(resource.RUSAGE_CHILDREN)  # its two processes, once waited for
+                        cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+                        runs[size][TLS].append({"seconds": seconds, "cpu": cpu})
                     runs[size].setdefault(label, []).append(mesh.measured_move(ref))
                     print(f"moves: {label} {size} MB: {runs[size][label][-1]['seconds']:.2f} s", file=sys.stderr, flush=True)
             reliability += mesh.reliability(mesh.stored(RELIABLE_MB))

@@ -30,17 +30,11 @@ def split(text: str, size: int) -> list[str]:
 
 
 class Reassembler:
-    """Joins the pieces of frames; frames may interleave and a frame's pieces may arrive in any order.
-
-    A site sends several pieces of one frame at once (see
-    :class:`~dfm_prefect.transports.flare.mesh.replies.ReplySender`), so they can
-    overtake each other; a piece that arrives twice (resent after a lost
-    acknowledgement) is kept once.
-    """
+    """Joins the pieces of frames that arrive in order per frame (frames may interleave)."""
 
     def __init__(self, max_pending_bytes: int = 1 << 30) -> None:
         self.max_pending_bytes = max_pending_bytes
-        self._parts: dict[Hashable, tuple[int, dict[int, str]]] = {}
+        self._parts: dict[Hashable, list[str]] = {}
         self._bytes = 0
 
     @property
@@ -48,32 +42,27 @@ class Reassembler:
         return self._bytes
 
     def add(self, key: Hashable, index: int, count: int, data: str) -> str | None:
-        """Add one piece; return the whole frame when this completed it."""
+        """Add one piece; return the whole frame when this was its last piece."""
         if count == 1 and index == 0:
             return data
-        expected, parts = self._parts.get(key, (count, {}))
-        if count != expected or not 0 <= index < count:
-            self._forget(key)
-            raise MalformedRequestError(f"frame {key!r}: piece {index} of {count} does not belong to a frame of {expected} pieces")
-        if index in parts:
-            return None  # a resent piece
+        parts = self._parts.setdefault(key, [])
+        if index != len(parts) or index >= count:
+            self._parts.pop(key, None)
+            self._bytes -= sum(len(p) for p in parts)
+            raise MalformedRequestError(f"frame {key!r}: piece {index} of {count} arrived after {len(parts)} pieces")
         if self._bytes + len(data) > self.max_pending_bytes:
             raise MalformedRequestError(
                 f"frame {key!r}: more than {self.max_pending_bytes} bytes of unfinished frames are buffered"
             )
-        parts[index] = data
-        self._parts[key] = (count, parts)
+        parts.append(data)
         self._bytes += len(data)
         if len(parts) < count:
             return None
-        self._forget(key)
-        return "".join(parts[i] for i in range(count))
-
-    def _forget(self, key: Hashable) -> None:
-        _, parts = self._parts.pop(key, (0, {}))
-        self._bytes -= sum(len(p) for p in parts.values())
+        del self._parts[key]
+        self._bytes -= sum(len(p) for p in parts)
+        return "".join(parts)
 
     def drop(self, predicate: Callable[[Hashable], bool] | None = None) -> None:
         """Forget unfinished frames (all, or those whose key satisfies ``predicate``)."""
         for key in [k for k in self._parts if predicate is None or predicate(k)]:
-            self._forget(key)
+            self._bytes -= sum(len(p) for p in self._parts.pop(key))

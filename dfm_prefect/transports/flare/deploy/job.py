@@ -54,7 +54,6 @@ class MeshJobConfig(BaseModel):
         "the client gets a fresh one with its next exchange.",
     )
     chunk_bytes: int = Field(default=1 << 20, gt=0, description="Largest piece of a reply frame in one message.")
-    chunk_window: int = Field(default=4, ge=1, le=64, description="Pieces of one reply frame a site sends at once.")
     reply_linger: float = Field(default=0.002, ge=0, le=0.1, description="Seconds a site's reply waits for others to batch with.")
 
 
@@ -100,7 +99,6 @@ def write_job(folder: str | os.PathLike[str], config: MeshJobConfig = MeshJobCon
                         "heartbeat_interval": config.heartbeat_interval,
                         "chunk_bytes": config.chunk_bytes,
                         "frame_bytes": config.chunk_bytes,
-                        "chunk_window": config.chunk_window,
                         "reply_linger": config.reply_linger,
                     },
                 },

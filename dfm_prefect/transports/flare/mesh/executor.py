@@ -86,7 +86,6 @@ class MeshExecutor(Executor):
             ``site_timeout`` must be several of these).
         aux_timeout: how long one site -> server aux message may take.
         chunk_bytes: largest piece of a reply frame in one aux message.
-        chunk_window: pieces of one frame on their way at once.
         frame_bytes: replies are batched into frames up to this size.
         reply_linger: how long a reply waits for others to share its aux
             message (each aux message costs the FLARE server CPU; 2 ms cut their
@@ -101,7 +100,6 @@ class MeshExecutor(Executor):
         aux_timeout: float = 10.0,
         chunk_bytes: int = 1 << 20,
         frame_bytes: int = 1 << 20,
-        chunk_window: int = 4,
         reply_linger: float = 0.002,
         orphan_timeout: float = 30.0,
     ) -> None:
@@ -111,7 +109,6 @@ class MeshExecutor(Executor):
         self.heartbeat_interval = heartbeat_interval
         self.aux_timeout = aux_timeout
         self.chunk_bytes = chunk_bytes
-        self.chunk_window = chunk_window
         self.frame_bytes = frame_bytes
         self.incarnation = uuid.uuid4().hex[:16]
         self.refused_dispatches = 0
@@ -197,7 +194,6 @@ class MeshExecutor(Executor):
             stop=self._stop,
             chunk_bytes=self.chunk_bytes,
             frame_bytes=self.frame_bytes,
-            window=self.chunk_window,
             linger=self.reply_linger,
             max_buffer_bytes=self.worker.config.limits.reply_buffer_bytes,
             on_overflow=self._drop_peer,

@@ -9,11 +9,9 @@ being sent, then go out as one `ReplyEnvelope` frame. The buffer never blocks
 (one intake thread reads every client's frames): a client whose replies do not
 fit gets lighter ones, and one that leaves more than twice the bound unread is
 given up on (``on_overflow``: the executor cancels its work). Frames are sent; a frame is capped at
-``frame_bytes`` and cut into chunks of ``chunk_bytes``, so no single message is
-large and the controller's buffer is the only place a frame waits. Up to
-``window`` chunks of a frame are on their way at once (each aux message waits for
-its acknowledgement through the FLARE relay, so one at a time leaves the link
-idle); a client's frames still go out one after the other, in order. A chunk that could not be
+``frame_bytes`` and cut into chunks of ``chunk_bytes``, each sent and
+acknowledged before the next, so no single message is large and the
+controller's buffer is the only place a frame waits. A chunk that could not be
 sent or found the buffer full is resent with backoff until it is accepted or
 the sender stops; one the controller refuses for good (``retry=False``: this
 site may not answer that client any more) is given up with the rest of its frame.
@@ -25,7 +23,6 @@ import logging
 import threading
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from dfm_prefect.core.backpressure import DEFAULT_MAX_BYTES, ReplyBuffer
@@ -59,7 +56,6 @@ class ReplySender:
         stop: threading.Event,
         chunk_bytes: int = 1 << 20,
         frame_bytes: int = 1 << 20,
-        window: int = 4,
         max_backoff: float = 2.0,
         linger: float = 0.0,
         max_buffer_bytes: int = DEFAULT_MAX_BYTES,
@@ -78,7 +74,6 @@ class ReplySender:
         self.max_buffer_bytes = max_buffer_bytes
         self._on_overflow = on_overflow
         self._writers: dict[str, ReplyBuffer] = {}
-        self._window = ThreadPoolExecutor(window, thread_name_prefix=f"dfm-chunks-{site}") if window > 1 else None
 
     def reply_for(self, peer: str) -> Callable[[SiteMessage], None]:
         """The ``reply`` callback to hand `SiteWorker.handle_frame` for frames from ``peer``."""
@@ -118,8 +113,6 @@ class ReplySender:
             writers, self._writers = list(self._writers.values()), {}
         for writer in writers:
             writer.close(timeout)
-        if self._window is not None:
-            self._window.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------- plumbing
 
@@ -127,31 +120,23 @@ class ReplySender:
         for frame in self.frames(batch):
             frame_id = uuid.uuid4().hex
             parts = split(frame, self.chunk_bytes)
-            chunks = [
-                ReplyChunk(site=self.site, incarnation=self.incarnation, peer=peer, frame=frame_id, index=i, count=len(parts), data=part)
-                for i, part in enumerate(parts)
-            ]
-            sent = self._send_chunks(chunks)
+            for index, part in enumerate(parts):
+                chunk = ReplyChunk(
+                    site=self.site,
+                    incarnation=self.incarnation,
+                    peer=peer,
+                    frame=frame_id,
+                    index=index,
+                    count=len(parts),
+                    data=part,
+                )
+                if not self._send_until_accepted(chunk):
+                    return
+                with self._lock:
+                    self.counters.chunks += 1
+                    self.counters.bytes += len(part)
             with self._lock:
-                self.counters.chunks += sum(sent)
-                self.counters.bytes += sum(len(chunk.data) for chunk, ok in zip(chunks, sent, strict=False) if ok)
-                self.counters.frames += all(sent)
-            if not all(sent):
-                return
-
-    def _send_chunks(self, chunks: list[ReplyChunk]) -> list[bool]:
-        """Send a frame's chunks, up to ``window`` at once; which were accepted."""
-        if self._window is not None and len(chunks) > 1:
-            try:
-                return list(self._window.map(self._send_until_accepted, chunks))
-            except RuntimeError:  # closing: nobody takes the rest
-                return [False]
-        sent: list[bool] = []
-        for chunk in chunks:
-            sent.append(self._send_until_accepted(chunk))
-            if not sent[-1]:
-                break
-        return sent
+                self.counters.frames += 1
 
     def frames(self, batch: list[SiteMessage]) -> list[str]:
         """The batch as ReplyEnvelope JSON frames of at most ``frame_bytes`` (a bigger single message is alone)."""
