@@ -64,7 +64,9 @@ def test_mailboxes_redeliver_until_acknowledged_and_keep_clients_apart():
 
 
 def test_mailbox_long_poll_returns_when_a_reply_arrives_and_limits_bytes():
-    boxes = Mailboxes(max_bytes=10)
+    from dfm_prefect.transports.flare.protocol import piece_cost
+
+    boxes = Mailboxes(max_bytes=piece_cost("f", "12345") + piece_cost("g", "67890"))  # each piece costs its overhead too
     boxes.begin("c", ack=0, watched=True)
     threading.Timer(0.1, lambda: boxes.deliver("c", "north", "f", 0, 1, "12345")).start()
     started = time.monotonic()
@@ -325,3 +327,53 @@ def test_router_cancels_a_leaving_clients_work_before_frames_it_sends_later():
     batch = router.next_batch("north", stop)
     assert batch.closed_peers == [_peer("gone")] and [f.peer for f in batch.frames] == [_peer("gone")]  # the executor cancels first
     assert router.status(StatusRequest()).counters["clients_expired"] == 1
+
+
+def test_reply_chunks_are_bounded_in_frame_id_count_and_emptiness():
+    from pydantic import ValidationError
+
+    from dfm_prefect.transports.flare.protocol import MAX_FRAME_PIECES
+
+    ok = {"site": "north", "incarnation": "i", "peer": "c", "frame": "f" * 32, "index": 0, "count": 2, "data": "x"}
+    assert ReplyChunk(**ok).count == 2
+    assert ReplyChunk(**{**ok, "count": 1, "data": ""}).data == ""  # an empty reply is one empty piece
+    for bad in ({"frame": "f" * 65}, {"frame": ""}, {"count": MAX_FRAME_PIECES + 1}, {"index": 2}, {"data": ""}):
+        with pytest.raises(ValidationError):
+            ReplyChunk(**{**ok, **bad})
+
+
+def test_empty_pieces_are_charged_against_the_quotas():
+    """Pieces cost their frame id and an overhead too: a site cannot queue unbounded empty pieces."""
+    boxes = Mailboxes(max_site_bytes=64 << 10, max_client_bytes=64 << 10, max_bytes=1 << 20)
+    boxes.begin("c1", ack=0, watched=True)
+    outcomes = [boxes.deliver("c1", "evil", f"{i:032x}", 0, 1, "") for i in range(2000)]
+    queued = outcomes.count(Delivery.QUEUED)
+    assert 100 < queued < 300 and outcomes[-1] == Delivery.FULL
+    pieces, more = boxes.collect("c1", ack=0, wait=0, max_bytes=16 << 10)
+    assert more and len(pieces) < 60
+
+
+def test_one_sites_bad_pieces_spoil_neither_another_sites_frames_nor_its_budget():
+    link = JobLink("job-1")
+    ready = {"north": SiteState(state="ready", incarnation="i"), "evil": SiteState(state="ready", incarnation="e")}
+    link.set_states(ready)
+    link.expect("north", [RunRequest(id="r1", op="core.echo")])
+    done = ReplyEnvelope(messages=[ErrorReply(id="r1", error=ErrorInfo(code="x", message="y" * 40))]).model_dump_json()
+    honest = _pieces(done, site="north", start=3)
+    junk = [
+        Piece(seq=1, site="evil", frame="E", index=0, count=3, data="a" * 10),
+        Piece(seq=2, site="evil", frame="E", index=2, count=3, data="b"),  # out of order: not a frame
+    ]
+    digest = link.absorb(ExchangeReply(pieces=[*junk, *honest], sites=ready))
+    assert [m.id for _, m in digest.messages] == ["r1"]
+    assert any("site evil sent pieces that do not make a frame" in problem for problem in digest.unreadable)
+    # A site that fills its own budget with frames it never finishes holds up only itself.
+    from dfm_prefect.transports.flare.link import SITE_PENDING_BYTES
+
+    big = "z" * (SITE_PENDING_BYTES // 4)
+    hoard = [Piece(seq=link.ack + 1 + i, site="evil", frame=f"H{i}", index=0, count=2, data=big) for i in range(4)]
+    link.expect("north", [RunRequest(id="r2", op="core.echo")])
+    again = ReplyEnvelope(messages=[ErrorReply(id="r2", error=ErrorInfo(code="x", message="y" * 40))]).model_dump_json()
+    digest = link.absorb(ExchangeReply(pieces=[*hoard, *_pieces(again, site="north", start=link.ack + 5)], sites=ready))
+    assert [m.id for _, m in digest.messages] == ["r2"]
+    assert any("unfinished frames" in problem for problem in digest.unreadable)

@@ -21,6 +21,9 @@ from collections.abc import Callable, Hashable
 
 from dfm_prefect.core.errors import MalformedRequestError
 
+PIECE_OVERHEAD = 256
+"""What each held piece costs on top of its data, so that empty pieces are not free."""
+
 
 def split(text: str, size: int) -> list[str]:
     """Cut ``text`` into pieces of at most ``size`` characters (one empty piece for an empty text)."""
@@ -48,21 +51,23 @@ class Reassembler:
         parts = self._parts.setdefault(key, [])
         if index != len(parts) or index >= count:
             self._parts.pop(key, None)
-            self._bytes -= sum(len(p) for p in parts)
+            self._bytes -= sum(len(p) + PIECE_OVERHEAD for p in parts)
             raise MalformedRequestError(f"frame {key!r}: piece {index} of {count} arrived after {len(parts)} pieces")
-        if self._bytes + len(data) > self.max_pending_bytes:
+        if self._bytes + len(data) + PIECE_OVERHEAD > self.max_pending_bytes:
+            if not parts:
+                del self._parts[key]
             raise MalformedRequestError(
                 f"frame {key!r}: more than {self.max_pending_bytes} bytes of unfinished frames are buffered"
             )
         parts.append(data)
-        self._bytes += len(data)
+        self._bytes += len(data) + PIECE_OVERHEAD
         if len(parts) < count:
             return None
         del self._parts[key]
-        self._bytes -= sum(len(p) for p in parts)
+        self._bytes -= sum(len(p) + PIECE_OVERHEAD for p in parts)
         return "".join(parts)
 
     def drop(self, predicate: Callable[[Hashable], bool] | None = None) -> None:
         """Forget unfinished frames (all, or those whose key satisfies ``predicate``)."""
         for key in [k for k in self._parts if predicate is None or predicate(k)]:
-            self._bytes -= sum(len(p) for p in self._parts.pop(key))
+            self._bytes -= sum(len(p) + PIECE_OVERHEAD for p in self._parts.pop(key))

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
+from dfm_prefect.core.errors import MalformedRequestError
 from dfm_prefect.core.wire import ClientMessage, ReplyEnvelope, SiteMessage
 from dfm_prefect.transports.flare.chunks import Reassembler
 from dfm_prefect.transports.flare.protocol import ExchangeReply, SiteState
@@ -25,6 +26,8 @@ from dfm_prefect.transports.flare.protocol import ExchangeReply, SiteState
 OTHER_SITES_REQUEST = "about a request sent to another site"
 NOT_AWAITED = "about a request it was not sent"
 REMEMBER_ROUTES = 100_000
+SITE_PENDING_BYTES = 256 << 20
+"""Bytes of unfinished frames the client holds for one site."""
 """How many recent request ids are remembered with the site they went to (cancels get no answer when accepted)."""
 ANSWERED = ("run", "describe", "fetch", "stats")
 """Message kinds a site answers exactly once (a cancel gets no answer)."""
@@ -61,7 +64,8 @@ class JobLink:
         self.dropped: defaultdict[str, Counter[str]] = defaultdict(Counter)
         self.pieces = 0
         self.largest_piece = 0
-        self._joiner = Reassembler()
+        self._joiners: dict[str, Reassembler] = {}
+        """One per site, each with its own budget: one site's unfinished frames never crowd out another's."""
         self._routes: OrderedDict[str, str] = OrderedDict()
 
     def told(self, ack: int, awaiting: int) -> None:
@@ -105,7 +109,7 @@ class JobLink:
     def forget(self, site: str) -> None:
         """Stop waiting for ``site`` (it was lost; the client fails those requests)."""
         self.awaiting = {rid: s for rid, s in self.awaiting.items() if s != site}
-        self._joiner.drop(lambda key: isinstance(key, tuple) and key[0] == site)
+        self._joiners.pop(site, None)
 
     def set_states(self, states: dict[str, SiteState]) -> dict[str, str]:
         """Take new site states; return sites lost since the last ones (ready before, not now)."""
@@ -144,7 +148,13 @@ class JobLink:
             self.pieces += 1
             self.largest_piece = max(self.largest_piece, len(piece.data))
             self.bytes_in[piece.site] += len(piece.data)
-            frame = self._joiner.add((piece.site, piece.frame), piece.index, piece.count, piece.data)
+            joiner = self._joiners.setdefault(piece.site, Reassembler(max_pending_bytes=SITE_PENDING_BYTES))
+            try:
+                frame = joiner.add(piece.frame, piece.index, piece.count, piece.data)
+            except MalformedRequestError as exc:  # that site's frames only; the others' go on
+                joiner.drop()
+                digest.unreadable.append(f"site {piece.site} sent pieces that do not make a frame: {exc}")
+                continue
             if frame is None:
                 continue
             try:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dfm_prefect.core.wire import SiteLoad
 
@@ -52,6 +52,15 @@ CMD_STATUS = "dfm.status"
 MAX_WAIT = 10.0
 """Longest long-poll a command may ask for (the admin path is serialized; keep it short)."""
 MAX_CHUNK_CHARS = 16 << 20
+MAX_FRAME_PIECES = 4096
+"""Pieces of one reply frame at most (a frame of 4 GiB in 1 MiB pieces)."""
+PIECE_OVERHEAD = 256
+"""What every buffered piece costs on top of its data and frame id, so that empty pieces are not free."""
+
+
+def piece_cost(frame: str, data: str) -> int:
+    """The bytes a buffered piece is charged against quotas."""
+    return len(data) + len(frame) + PIECE_OVERHEAD
 """Largest piece of a reply frame the controller takes in one aux message."""
 
 
@@ -244,10 +253,18 @@ class ReplyChunk(_Model):
     site: str
     incarnation: str
     peer: str
-    frame: str
+    frame: str = Field(min_length=1, max_length=64)
     index: int = Field(ge=0)
-    count: int = Field(ge=1)
+    count: int = Field(ge=1, le=MAX_FRAME_PIECES)
     data: str = Field(max_length=MAX_CHUNK_CHARS)
+
+    @model_validator(mode="after")
+    def _a_piece_of_its_frame(self) -> ReplyChunk:
+        if self.index >= self.count:
+            raise ValueError(f"piece {self.index} of a frame of {self.count} pieces")
+        if not self.data and self.count > 1:
+            raise ValueError("an empty piece of a frame of several pieces")
+        return self
 
 
 class ReplyAck(_Model):

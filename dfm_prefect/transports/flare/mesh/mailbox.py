@@ -46,7 +46,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from dfm_prefect.transports.flare.protocol import Piece
+from dfm_prefect.transports.flare.protocol import Piece, piece_cost
 
 REMEMBER_GONE = 10_000
 """How many gone clients are remembered (to tell them, and to drop late replies for them)."""
@@ -140,7 +140,7 @@ class Mailboxes:
 
     def deliver(self, client: str, site: str, frame: str, index: int, count: int, data: str) -> Delivery:
         """Queue one reply piece from ``site`` for ``client`` (see the module doc for the quotas)."""
-        size = len(data)
+        size = piece_cost(frame, data)
         with self._cond:
             box = self._boxes.get(client)
             if box is None:
@@ -183,7 +183,7 @@ class Mailboxes:
             try:
                 while box.pieces and next(iter(box.pieces)) <= ack:
                     _, piece = box.pieces.popitem(last=False)
-                    self._account(box, piece.site, -len(piece.data))
+                    self._account(box, piece.site, -piece_cost(piece.frame, piece.data))
                 generation = self._generation
                 while not box.pieces and not self._stopped and generation == self._generation:
                     remaining = deadline - time.monotonic()
@@ -193,10 +193,11 @@ class Mailboxes:
                 out: list[Piece] = []
                 size = 0
                 for piece in box.pieces.values():
-                    if out and size + len(piece.data) > max_bytes:
+                    cost = piece_cost(piece.frame, piece.data)
+                    if out and size + cost > max_bytes:
                         return out, True
                     out.append(piece)
-                    size += len(piece.data)
+                    size += cost
                 return out, False
             finally:
                 box.active -= 1
@@ -233,7 +234,7 @@ class Mailboxes:
         box = self._boxes.pop(client, None)
         if box is not None:
             for piece in box.pieces.values():
-                self._account(box, piece.site, -len(piece.data))
+                self._account(box, piece.site, -piece_cost(piece.frame, piece.data))
         self._gone[client] = reason
         self._gone.move_to_end(client)
         while len(self._gone) > REMEMBER_GONE:

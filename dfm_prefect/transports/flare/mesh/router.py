@@ -59,6 +59,7 @@ from dfm_prefect.transports.flare.protocol import (
     StatusReply,
     StatusRequest,
     peer_of,
+    piece_cost,
 )
 
 SITE_REPLY_BYTES = 64 << 20
@@ -299,11 +300,12 @@ class Router:
             target = self._sites.get(chunk.peer[len(SITE_PEER_PREFIX) :])
             if target is None or target.state != "ready":
                 return ReplyAck(accepted=True)  # nobody will take it
-            if target.reply_bytes + len(chunk.data) > SITE_REPLY_BYTES and target.replies:
+            cost = piece_cost(chunk.frame, chunk.data)
+            if target.reply_bytes + cost > SITE_REPLY_BYTES and target.replies:
                 site.rejected[OVER_QUOTA] += 1
                 return ReplyAck(accepted=False, reason="the controller's buffer for that site is full; resend later")
             target.replies.append(Piece(seq=0, site=site.name, frame=chunk.frame, index=chunk.index, count=chunk.count, data=chunk.data))
-            target.reply_bytes += len(chunk.data)
+            target.reply_bytes += cost
             site.last_seen = self._clock()
             self._cond.notify_all()
         return ReplyAck(accepted=True)
@@ -323,9 +325,9 @@ class Router:
             closed, site.closed_peers = site.closed_peers, []
             replies: list[Piece] = []
             size = 0
-            while site.replies and (not replies or size + len(site.replies[0].data) <= SITE_REPLY_BYTES // 8):
+            while site.replies and (not replies or size + piece_cost(site.replies[0].frame, site.replies[0].data) <= SITE_REPLY_BYTES // 8):
                 piece = site.replies.popleft()
-                size += len(piece.data)
+                size += piece_cost(piece.frame, piece.data)
                 replies.append(piece)
             site.reply_bytes -= size
             site.serve([frame.peer for frame in frames], closed)
