@@ -7,13 +7,21 @@ step (and each view recomputed under it) opens its source again. The site keeps
 what it opened, keyed by the source's fingerprint *now* (sizes, modification and
 change stamps of its files, or a remote store's listing): a file written,
 replaced or removed since gives another fingerprint, so the source is opened
-again and the old one is dropped. Sources without a fingerprint are opened
-every time. Each request gets its own shallow copy, so an operation that sets
-an attribute or a variable never changes what another request sees.
+again and the old one is dropped. Sources without a fingerprint, and sources
+the site marks ``views: false`` (their changes may not show in their files'
+stamps), are opened every time. An opened source is kept per location (protocol,
+path, format, boundary and storage options), never shared between two
+locations that only share a URL. Each request gets its own copy: the lazy data
+is shared, the containers and their attributes are not, so an operation that
+sets or changes an attribute or a variable never changes what another request
+sees.
 """
 
 from __future__ import annotations
 
+import copy as copying
+import hashlib
+import json
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -33,24 +41,26 @@ class OpenedSources:
         self._fingerprint = fingerprint
         self._size = size
         self._open: OrderedDict[str, tuple[str, Any]] = OrderedDict()
+        """Location key -> (fingerprint, opened value)."""
         self._lock = threading.Lock()
         self.opened = 0
         """How many times a source was opened (for the site log and tests)."""
 
     def open(self, location: Location) -> Any:
         """The value at ``location``, lazily opened: the kept one if its files are unchanged."""
-        fingerprint = self._fingerprint(location) if self._size else ""
+        fingerprint = self._fingerprint(location) if self._size and location.views else ""
         if not fingerprint:
             return self._open_now(location)
+        key = _key(location)
         with self._lock:
-            kept = self._open.get(location.url)
+            kept = self._open.get(key)
             if kept is not None and kept[0] == fingerprint:
-                self._open.move_to_end(location.url)
+                self._open.move_to_end(key)
                 return _copy(kept[1])
         value = self._open_now(location)
         with self._lock:
-            self._open[location.url] = (fingerprint, value)
-            self._open.move_to_end(location.url)
+            self._open[key] = (fingerprint, value)
+            self._open.move_to_end(key)
             while len(self._open) > self._size:
                 self._open.popitem(last=False)
         return _copy(value)
@@ -62,12 +72,25 @@ class OpenedSources:
         return value
 
 
+def _key(location: Location) -> str:
+    """Everything that decides what opening ``location`` gives, as one string."""
+    options = json.dumps(location.storage_options, sort_keys=True, default=repr)
+    parts = [location.protocol, location.path, location.format or "", location.boundary, hashlib.sha256(options.encode()).hexdigest()]
+    return "\x00".join(parts)
+
+
 def _copy(value: Any) -> Any:
-    """A copy sharing the lazy data but not the containers (variables, attributes, columns)."""
+    """A copy sharing the lazy data but not the containers (variables, columns) nor their attributes."""
     copy = getattr(value, "copy", None)
     if copy is None:
         return value
     try:
-        return copy(deep=False)
+        out = copy(deep=False)
     except TypeError:
         return copy()  # a Dask dataframe's copy is shallow and takes no `deep`
+    attrs = getattr(out, "attrs", None)
+    if isinstance(attrs, dict):
+        out.attrs = copying.deepcopy(attrs)  # attribute values can be arrays, lists, dicts: changed in place
+    for variable in getattr(out, "variables", {}).values():
+        variable.attrs = copying.deepcopy(variable.attrs)
+    return out

@@ -111,3 +111,36 @@ def test_what_one_request_changes_on_its_dataset_another_never_sees(lab):
     second = worker.opened.open(location)
     assert "note" not in second.attrs and second["t2m"].attrs.get("units") != "changed" and "extra" not in second
     assert worker.opened.opened == 1
+
+
+def test_what_one_request_changes_in_place_in_attributes_another_never_sees(tmp_path: Path):
+    from site_workers.opened import OpenedSources
+    from site_workers.sources import Location
+
+    ds = xr.Dataset({"t": (("x",), np.arange(3.0), {"flags": np.array([1, 2, 3])})}, attrs={"valid_range": np.array([0.0, 100.0])})
+    ds.to_netcdf(tmp_path / "a.nc", engine="h5netcdf")
+    opened = OpenedSources(lambda location: "unchanged")
+    where = Location(protocol="file", path=str(tmp_path / "a.nc"), format="netcdf")
+    first = opened.open(where)
+    first.attrs["valid_range"][0] = -999.0
+    first["t"].attrs["flags"][0] = 777
+    again = opened.open(where)
+    assert opened.opened == 1
+    assert list(again.attrs["valid_range"]) == [0.0, 100.0] and list(again["t"].attrs["flags"]) == [1, 2, 3]
+
+
+def test_locations_that_share_a_url_are_kept_apart_and_unstamped_sources_are_opened_each_time(tmp_path: Path):
+    from site_workers.opened import OpenedSources
+    from site_workers.sources import Location
+
+    xr.Dataset({"t": (("x",), np.arange(3.0))}).to_netcdf(tmp_path / "a.nc", engine="h5netcdf")
+    opened = OpenedSources(lambda location: "unchanged")
+    path = str(tmp_path / "a.nc")
+    opened.open(Location(protocol="file", path=path, format="netcdf"))
+    with pytest.raises(Exception):  # noqa: B017 - what the zarr reader says of a netCDF file varies by version
+        opened.open(Location(protocol="file", path=path, format="zarr"))  # not the netCDF opened above
+    opened.open(Location(protocol="file", path=path, format="netcdf", root=str(tmp_path)))  # another boundary: its own entry
+    assert opened.opened == 2  # the zarr reader failed before it opened anything
+    for _ in range(2):
+        opened.open(Location(protocol="file", path=path, format="netcdf", views=False))  # the site does not trust its stamps
+    assert opened.opened == 4
