@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -208,10 +209,11 @@ sources, so a step no longer opens its file again); and the locality benchmark,
 in bytes moved (only aggregates leave the sites) and in wall time on loopback and
 across hosts (each site reads its chunks once for all its statistics).
 
-Behind, and why (the figures of each run come from that run; the machine ran
-about twice as slow on 2026-11-29 as on 2026-11-27, for the same code: the
-latency benchmark at the earlier commit gave 3.50 ms against 1.58 ms then, so
-compare ratios within a run, not figures across runs):
+Behind, and why (the figures of each run come from that run, and the runs list
+above names each run's machine: the 2026-11-27 run had another CPU than the later
+ones, and the latency benchmark at the 2026-11-27 commit gave 3.50 ms on the
+later machine against 1.58 ms then, so compare ratios within a run, not figures
+across runs):
 
 - **A pipeline in milliseconds.** Inside a running flow the head-to-head
   pipeline is two task runs and costs, per execution (peer rows *CPU per
@@ -221,7 +223,9 @@ compare ratios within a run, not figures across runs):
   the site; on FLARE 91 ms, 125 ms, 73 ms and 122 ms in the FLARE server. On two
   cores Prefect's own share alone exceeds 20 ms per execution: a task run in a
   flow costs about 20 ms against 4 ms for the same request sent with the
-  client (latency rows). The site's share was halved by keeping opened sources.
+  client (latency rows). Keeping opened sources took the whole pipeline from
+  about 221 to 125 ms (its subset step from 64 to 18 ms) in a profiling script
+  run before and after on the same machine, not in a recorded benchmark run.
 - **FLARE dispatch against `ThreadPoolTaskRunner`.** Under `.map` load the mesh
   carries 0.71 FLARE messages per request (client exchanges, controller
   dispatches and reply chunks: requests and replies travel many to a message),
@@ -304,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {**run, "rows": [r.as_dict() for r in rows], "runs": [run]}
     if args.merge and args.only:
         earlier = json.loads((ROOT / "bench" / "results.json").read_text())
-        kept = [row for row in earlier["rows"] if row["bench"].split(":")[0] not in chosen]
+        kept = [row for row in earlier["rows"] if benchmark_of(row["bench"]) not in chosen]
         runs = [dict(r, benchmarks=[b for b in r["benchmarks"] if b not in chosen]) for r in _runs(earlier)]
         results = {**earlier, "rows": kept + results["rows"], "runs": [r for r in runs if r["benchmarks"]] + [run]}
         (ROOT / "bench" / "results.json").write_text(json.dumps(results, indent=2))
@@ -316,11 +320,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def benchmark_of(bench: str) -> str:
+    """The benchmark a row's ``bench`` belongs to ("moves: 10 MB" and "locality-hosts @1gbit" are moves and locality-hosts)."""
+    return re.split(r"[:\s]", bench, maxsplit=1)[0]
+
+
 def _runs(results: dict) -> list[dict]:
     """The runs whose figures ``results`` holds (one, for results recorded before runs were merged)."""
     if "runs" in results:
         return list(results["runs"])
-    benches = list(dict.fromkeys(row["bench"].split(":")[0] for row in results["rows"]))
+    benches = list(dict.fromkeys(benchmark_of(row["bench"]) for row in results["rows"]))
     keys = ("command", "date", "seconds", "machine")
     return [{**{key: results.get(key) for key in keys}, "benchmarks": benches}]
 
@@ -328,13 +337,15 @@ def _runs(results: dict) -> list[dict]:
 def render(results: dict) -> int:
     """BENCHMARKS.md from recorded results (each run's own command, date and machine)."""
     rows = [Row(**row) for row in results["rows"]]
-    ran = list(dict.fromkeys(row.bench.split(":")[0] for row in rows))
+    ran = list(dict.fromkeys(benchmark_of(row.bench) for row in rows))
     runs = _runs(results)
     if len(runs) > 1:
-        text = markdown(rows, machine=results["machine"], command=results["command"], notes={}, started=dt.datetime.now(), seconds=0)
-        header = ["# Benchmarks", "", "Figures from these runs on this machine (each benchmark's rows come from one run):", ""]
+        newest = max(runs, key=lambda r: r["date"])
+        text = markdown(rows, machine=newest["machine"], command=results["command"], notes={}, started=dt.datetime.now(), seconds=0)
+        header = ["# Benchmarks", "", "Figures from these runs (each benchmark's rows come from one run; the machine below is the newest run's):", ""]
         header += [
-            f"- `{r['command']}` on {dt.datetime.fromisoformat(r['date']):%Y-%m-%d} ({r['seconds'] / 60:.1f} min): {', '.join(r['benchmarks'])}"
+            f"- `{r['command']}` on {dt.datetime.fromisoformat(r['date']):%Y-%m-%d} ({r['seconds'] / 60:.1f} min, "
+            f"{r['machine']['cpu']}, {r['machine']['cores']} cores): {', '.join(r['benchmarks'])}"
             for r in runs
         ]
         body = text.split("\n", 3)[3]  # from the second paragraph on: ratios, machine, table
