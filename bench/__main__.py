@@ -241,18 +241,18 @@ across runs):
 - **Moves over FLARE against a TLS socket copy.** Every byte goes from the source
   site's job process to FLARE's server process, which relays it to the mesh job's
   controller, then back through the server process to the receiving site's job
-  process (the sites' FLARE clients carry none of it), as base64 in JSON frames:
-  12-14 MB/s in this run (0.05x of the copy), against 96-100 MB/s site to site on
-  the local transport (0.34-0.36x). The CPU rows say why: a MB moved costs about
-  110 ms of CPU over FLARE, 52-55 ms of it in FLARE's server process, which runs
-  no dfm-prefect code. At half the copy's rate (about 140 MB/s) that process
-  alone would need about 7.5 cores; with both cores of this machine and nothing
-  else running it would relay at most about 38 MB/s (0.13x). Sending the bytes
-  from site to site without the controller would halve its share (0.26x at
-  best), still short of 0.5x. Four pieces of a frame in flight at once (instead
-  of one) took a 100 MB move from 14.5 to 17 MB/s on a fresh federation; 2-8 MiB
-  pieces gave about 20 MB/s and FLARE's tcp scheme 16-19 MB/s; every variant
-  kept both cores about 80% busy.
+  process, as base64 in JSON frames: 12-14 MB/s in the recorded run (0.05x of the
+  copy), against 96-100 MB/s site to site on the local transport (0.34-0.36x). A
+  MB moved over FLARE cost about 110 ms of CPU. In that run the row named FLARE
+  server also counted the mesh controller, its child process (52-55 ms per MB);
+  the server process alone took about 30 ms per MB (52.5 less the controller's
+  22.9 at 100 MB; the benchmark now counts each process once). At half the copy's
+  rate (about 140 MB/s) that process alone would need about 4 cores; with both
+  cores of this machine and nothing else running it would relay at most about
+  67 MB/s (0.24x), or about 0.47x if the bytes skipped the controller (one relay
+  instead of two), leaving no CPU for the sites. The recorded run also sent up to
+  4 pieces of a frame at once; that was taken back because its shared threads let
+  a client that stopped reading block other clients' large replies.
 - **Throughput under load on FLARE.** 2,000 operations run at about half the
   rate of `ThreadPoolTaskRunner`'s no-op tasks (the local transport at about 0.8x).
   Two cores run the client, the Prefect API server, the FLARE server and two
