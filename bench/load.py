@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,6 +70,18 @@ def family(*pids: int) -> dict[int, psutil.Process]:
         root = psutil.Process(pid)
         found.update({p.pid: p for p in [root, *root.children(recursive=True)]})
     return found
+
+
+def cpu_of(processes: Iterable[psutil.Process]) -> float:
+    """User and system CPU seconds these processes have used so far (one that ended counts nothing)."""
+    total = 0.0
+    for process in processes:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
 
 
 def _tree_rss(*pids: int) -> float:

@@ -248,7 +248,7 @@ class Mesh:
     def measured_move(self, ref: Any) -> dict[str, float]:
         import psutil
 
-        from bench.load import family
+        from bench.load import cpu_of, family
 
         probes = {site: self.rss(self.fed.site_pids(site)) for site in ("north", "hub")}
         start = {site: probe() for site, probe in probes.items()}
@@ -257,12 +257,12 @@ class Mesh:
         processes = {role: [psutil.Process(pid) for pid in pids] for role, pids in roles.items()}
         for role, pids in roles.items():
             processes[role] += [p for p in family(*pids).values() if not any(p.pid in other for other in roles.values())]
-        cpu0, machine0 = _cpu(processes), psutil.cpu_times()
+        cpu0, machine0 = {role: cpu_of(members) for role, members in processes.items()}, psutil.cpu_times()
         with PeakSampler(probes, interval=0.05) as sampler:
             t0 = time.perf_counter()
             self.move(ref)
             seconds = time.perf_counter() - t0
-        cpu1, machine1 = _cpu(processes), psutil.cpu_times()
+        cpu1, machine1 = {role: cpu_of(members) for role, members in processes.items()}, psutil.cpu_times()
         busy = sum(getattr(machine1, f) - getattr(machine0, f) for f in ("user", "system", "nice", "irq", "softirq"))
         return {
             "seconds": seconds,
@@ -316,21 +316,6 @@ ROLE_NOTES = {
     "FLARE server": "FLARE's server process alone: it relays every message between the job processes and runs no dfm-prefect code",
     "mesh controller": "the mesh job's server process: dfm-prefect's controller, which checks and forwards each piece",
 }
-
-
-def _cpu(processes: dict[str, list[Any]]) -> dict[str, float]:
-    """CPU seconds (user + system) each role's processes have used so far."""
-    out: dict[str, float] = {}
-    for role, members in processes.items():
-        total = 0.0
-        for process in members:
-            try:
-                times = process.cpu_times()
-            except Exception:  # a process that ended took its time with it
-                continue
-            total += times.user + times.system
-        out[role] = total
-    return out
 
 
 def throughput_rows(size_mb: int, nbytes: int, runs: dict[str, list[dict[str, float]]]) -> list[Row]:

@@ -14,7 +14,6 @@ thread join) and the pipeline inside an already running flow.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -113,14 +112,9 @@ def cpu_seconds(pids: list[int]) -> float:
     """User and system CPU of processes and their descendants, so far."""
     import psutil
 
-    from bench.load import family
+    from bench.load import cpu_of, family
 
-    total = 0.0
-    for process in family(*(pid for pid in pids if psutil.pid_exists(pid))).values():
-        with contextlib.suppress(psutil.NoSuchProcess):
-            times = process.cpu_times()
-            total += times.user + times.system
-    return total
+    return cpu_of(family(*(pid for pid in pids if psutil.pid_exists(pid))).values())
 
 
 def run_ours(

@@ -20,9 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable
 
 from dfm_prefect.core.errors import MalformedRequestError
-
-PIECE_OVERHEAD = 256
-"""What each held piece costs on top of its data, so that empty pieces are not free."""
+from dfm_prefect.transports.flare.protocol import PIECE_OVERHEAD
 
 
 def split(text: str, size: int) -> list[str]:

@@ -26,9 +26,9 @@ from dfm_prefect.transports.flare.protocol import ExchangeReply, SiteState
 OTHER_SITES_REQUEST = "about a request sent to another site"
 NOT_AWAITED = "about a request it was not sent"
 REMEMBER_ROUTES = 100_000
+"""How many recent request ids are remembered with the site they went to (cancels get no answer when accepted)."""
 SITE_PENDING_BYTES = 256 << 20
 """Bytes of unfinished frames the client holds for one site."""
-"""How many recent request ids are remembered with the site they went to (cancels get no answer when accepted)."""
 ANSWERED = ("run", "describe", "fetch", "stats")
 """Message kinds a site answers exactly once (a cancel gets no answer)."""
 INTERIM = ("progress", "item")

@@ -52,6 +52,7 @@ CMD_STATUS = "dfm.status"
 MAX_WAIT = 10.0
 """Longest long-poll a command may ask for (the admin path is serialized; keep it short)."""
 MAX_CHUNK_CHARS = 16 << 20
+"""Largest piece of a reply frame the controller takes in one aux message."""
 MAX_FRAME_PIECES = 4096
 """Pieces of one reply frame at most (a frame of 4 GiB in 1 MiB pieces)."""
 PIECE_OVERHEAD = 256
@@ -61,7 +62,6 @@ PIECE_OVERHEAD = 256
 def piece_cost(frame: str, data: str) -> int:
     """The bytes a buffered piece is charged against quotas."""
     return len(data) + len(frame) + PIECE_OVERHEAD
-"""Largest piece of a reply frame the controller takes in one aux message."""
 
 
 def peer_of(mailbox: str) -> str:
