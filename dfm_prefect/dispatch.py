@@ -55,6 +55,9 @@ class Dispatch:
     error: FederationError | None = None
     timeout_s: float | None = None
     failed_sites: set[str] = field(default_factory=set)
+    place_again: bool = False
+    """Placing failed when the run was submitted (its site was down, say): each retry places it again."""
+    attempts: int = 0
 
     @property
     def run_name(self) -> str:
@@ -185,6 +188,11 @@ class Dispatch:
     def _call(self, params: dict[str, Any]) -> tuple[str, dict[str, Any], Any, Any]:
         """Where the call goes and what it carries: (site, JSON parameters with moved inputs replaced, task run, flow context)."""
         explicit = params.pop("site", None)
+        self.attempts += 1
+        if self.placement is None and self.place_again and self.attempts > 1:
+            self.client = self.runner.client
+            self.placement = self.client.place(self.op.name, data=[params.get(name) for name in self.op.data_fields], explicit=explicit)
+            self.error = None
         if self.error is not None:
             raise self.error
         assert self.client is not None and self.placement is not None

@@ -20,8 +20,6 @@ sees.
 from __future__ import annotations
 
 import copy as copying
-import hashlib
-import json
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -51,7 +49,7 @@ class OpenedSources:
         fingerprint = self._fingerprint(location) if self._size and location.views else ""
         if not fingerprint:
             return self._open_now(location)
-        key = _key(location)
+        key = location.key
         with self._lock:
             kept = self._open.get(key)
             if kept is not None and kept[0] == fingerprint:
@@ -70,13 +68,6 @@ class OpenedSources:
         with self._lock:
             self.opened += 1
         return value
-
-
-def _key(location: Location) -> str:
-    """Everything that decides what opening ``location`` gives, as one string."""
-    options = json.dumps(location.storage_options, sort_keys=True, default=repr)
-    parts = [location.protocol, location.path, location.format or "", location.boundary, hashlib.sha256(options.encode()).hexdigest()]
-    return "\x00".join(parts)
 
 
 def _copy(value: Any) -> Any:

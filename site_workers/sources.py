@@ -16,6 +16,8 @@ out of the boundary.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import posixpath
 from dataclasses import dataclass, field
@@ -67,6 +69,13 @@ class Location:
     def boundary(self) -> str:
         """Nothing outside this path is read for this location."""
         return self.root or glob_base(self.path)
+
+    @property
+    def key(self) -> str:
+        """Everything that decides what reading this location gives, as one string (storage options hashed)."""
+        options = json.dumps(self.storage_options, sort_keys=True, default=repr)
+        parts = [self.protocol, self.path, self.format or "", self.boundary, hashlib.sha256(options.encode()).hexdigest()]
+        return "\x00".join(parts)
 
     def filesystem(self) -> fsspec.AbstractFileSystem:
         """The filesystem to read through; for local files one confined to :attr:`boundary`."""

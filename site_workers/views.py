@@ -38,6 +38,8 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 from pydantic import ValidationError
@@ -138,12 +140,31 @@ def _local_stamps(path: str) -> list[list[Any]]:
 
     if not os.path.isdir(path):
         return [stamp("", os.stat(path))]
-    stamps = []
-    for folder, dirs, files in os.walk(path):
-        dirs.sort()
-        for name in sorted(files):
-            full = os.path.join(folder, name)
-            stamps.append(stamp(os.path.relpath(full, path), os.lstat(full)))
+    stamps: list[list[Any]] = []
+
+    def walk(folder: str, prefix: str) -> None:
+        # As os.walk top-down with sorted names: a folder's files, then its folders (links to folders are not
+        # followed), each file named relative to `path`. A zarr store can hold many thousands of chunk files.
+        try:
+            with os.scandir(folder) as listing:
+                entries = sorted(listing, key=lambda entry: entry.name)
+        except OSError:
+            return  # os.walk skips what it cannot list
+        folders = []
+        for entry in entries:
+            try:
+                is_dir = entry.is_dir()
+            except OSError:
+                is_dir = False
+            if is_dir:
+                folders.append(entry)
+            else:
+                stamps.append(stamp(prefix + entry.name, entry.stat(follow_symlinks=False)))
+        for entry in folders:
+            if not entry.is_symlink():
+                walk(entry.path, prefix + entry.name + os.sep)
+
+    walk(path, "")
     return stamps
 
 
@@ -164,6 +185,25 @@ def _remote_stamps(location: Location, path: str) -> list[list[Any]] | None:
     return stamps
 
 
+_LOOKS: ContextVar[dict[str, str] | None] = ContextVar("dfm_source_looks", default=None)
+"""Within one request: each source's fingerprint as first taken (see `one_look`)."""
+
+
+@contextmanager
+def one_look() -> Iterator[None]:
+    """Within the block (one request), each source's files are looked at once.
+
+    A request fingerprints a source for its cache key, its recipe, opening it and
+    checking the views it recomputes: one walk of a zarr store's chunk files (or
+    one listing of a remote store) serves them all, and they all agree.
+    """
+    token = _LOOKS.set({})
+    try:
+        yield
+    finally:
+        _LOOKS.reset(token)
+
+
 class Views:
     """The site's views: making them, checking references to them, recomputing and materializing them."""
 
@@ -179,12 +219,22 @@ class Views:
     # -- recipes and fingerprints ---------------------------------------------------
 
     def fingerprint(self, location: Location, *, always: bool = False) -> str:
-        """A keyed digest of the source's metadata now ('' where changes could not be told: no view then).
+        """A keyed digest of the source's metadata now, or as first taken in this request (`one_look`).
+
+        '' where changes could not be told: no view then.
 
         A source marked ``views: false`` has none unless ``always`` (the result cache tells changes by it too).
         """
         if not location.views and not always:
             return ""
+        looks = _LOOKS.get()
+        if looks is None:
+            return self._look(location)
+        if location.key not in looks:
+            looks[location.key] = self._look(location)
+        return looks[location.key]
+
+    def _look(self, location: Location) -> str:
         try:
             stamps: list[list[Any]] | None = []
             for path in location.files():

@@ -77,7 +77,7 @@ from site_workers.result_cache import ResultCache, cacheable
 from site_workers.sources import SourceResolver
 from site_workers.store import ResultStore
 from site_workers.streams import Credits, StreamRun
-from site_workers.views import Views
+from site_workers.views import Views, one_look
 
 log = logging.getLogger("dfm_prefect.site")
 
@@ -317,10 +317,11 @@ class SiteWorker(FetchAnswers):
         )
         try:
             ctx.check_cancelled()
-            if op.stream:
+            if op.stream:  # a stream may follow its sources as they change: it looks at them each time
                 message, outcome = self._stream(job, op, params, ctx, started)
             else:
-                message, outcome = self._result(job, op, params, ctx, started)
+                with one_look():
+                    message, outcome = self._result(job, op, params, ctx, started)
         except Exception as exc:
             if not isinstance(exc, FederationError):
                 log.warning(

@@ -16,6 +16,7 @@ import xarray as xr
 
 from dfm_prefect.core.wire import Envelope, RunRequest, RunResult
 from dfm_prefect.testing.climate import ClimateSpec, make_region, write_zarr
+from site_workers import views
 from site_workers.config import parse_site_config
 from site_workers.worker import SiteWorker
 from tests.support_sites import Answers
@@ -144,3 +145,20 @@ def test_locations_that_share_a_url_are_kept_apart_and_unstamped_sources_are_ope
     for _ in range(2):
         opened.open(Location(protocol="file", path=path, format="netcdf", views=False))  # the site does not trust its stamps
     assert opened.opened == 4
+
+
+def test_a_request_looks_at_a_stores_files_once(lab, monkeypatch):
+    """Cache key, recipe, opening and the views it recomputes: one walk of a zarr store's chunk files per request."""
+    worker, _, _ = lab
+    walked: list[str] = []
+    look = views._local_stamps
+
+    def counted(path: str) -> list:
+        walked.append(path)
+        return look(path)
+
+    monkeypatch.setattr(views, "_local_stamps", counted)
+    box = run(worker, "xarray.subset", {"data": "field", "ranges": {"lat": BOX["lat"]}})
+    assert len(walked) == 1, walked  # its recipe and its opening
+    run(worker, "xarray.reduce", {"data": box.ref.model_dump(mode="json"), "dims": list(box.ref.summary["dims"]), "stat": "mean"})
+    assert len(walked) == 2, walked  # the view's check and its opening again

@@ -187,6 +187,30 @@ def test_prefect_retries_rerun_the_work_once_the_site_is_back(twins, twins_clien
     assert all(run.state_type.value == "COMPLETED" and run.run_count >= 2 for run in runs)
 
 
+def test_a_run_submitted_while_its_site_is_down_is_placed_again_at_each_retry(twins, twins_client, twins_runner, flare):
+    """Placing is part of every attempt: a run submitted while its site was down runs there once the site is back."""
+    twins.stop_site("alpha", kill=True)
+    eventually(lambda: "alpha" not in twins_client.refresh(), "the client to see alpha down", timeout=60)
+    failed_once = threading.Event()
+    back = in_background(lambda: (failed_once.wait(60), twins.start_site("alpha")))
+
+    def first_failure(task: Any, run: Any, state: Any) -> bool:
+        failed_once.set()
+        return True
+
+    @flow(task_runner=twins_runner)
+    def placed_again() -> float:
+        # Over FLARE the restarted site serves once a new mesh job runs (about 15 s).
+        retried = sleep.with_options(retries=90 if flare else 30, retry_delay_seconds=1, retry_condition_fn=first_failure)
+        return retried.submit(seconds=0.5, site="alpha").result().fetch()
+
+    state = placed_again(return_state=True)
+    joined(back)
+    assert state.result() == 0.5
+    runs = assert_every_task_run_ended(state.state_details.flow_run_id, 1)
+    assert runs[0].state_type.value == "COMPLETED" and runs[0].run_count >= 2
+
+
 def test_a_retry_moves_to_another_site_with_the_same_operation_and_data(twins, twins_client, twins_runner):
     alpha_back = threading.Event()
 
