@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import dispatch, gpu, latency, load, locality, locality_hosts, moves, peer_dfm, sql_locality, streams, views
+from bench import dispatch, files, gpu, latency, load, locality, locality_hosts, moves, peer_dfm, sql_locality, streams, views
 from bench.env import BenchEnv
 from bench.harness import Row, machine
 from bench.report import markdown, table
@@ -30,6 +30,7 @@ BENCHMARKS = {
     "locality": locality.run,
     "locality-hosts": locality_hosts.run,
     "views": views.run,
+    "files": files.run,
     "moves": moves.run,
     "sql": sql_locality.run,
     "streams": streams.run,
@@ -58,6 +59,15 @@ The first item comes about 30 times sooner than the whole answer; the last
 item comes about twice as late, because each item is its own Dask computation
 of one chunk (one of the worker's two threads idles) and is stored, checked and
 sent on its own.
+""",
+    "files": """
+**Stores of many files.** One local site holds the same small field as a zarr
+store of 20,000 one-day chunk files and as a store of a few chunks; the pipeline
+is `xarray.subset` (ten days, a view) then `xarray.reduce` (the mean, recomputing
+the view), each a request from a client. The site tells a changed source by its
+files' stamps, so each request walks the store's files once (its cache key,
+recipe, opening and view checks share that look); *one look* is that walk alone.
+The baseline computes the same mean directly with xarray in the client process.
 """,
     "latency": """
 **Latency per transport.** First result on a warm mesh: after a 0.5 s pause (an

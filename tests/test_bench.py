@@ -116,6 +116,20 @@ def test_the_moves_benchmark_moves_the_bytes_it_times():
     assert report["tls"] > 0  # the TLS copy checks it received as many bytes as the file holds
 
 
+@pytest.mark.slow
+def test_the_files_benchmark_times_a_pipeline_whose_mean_matches_direct(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from bench import files
+
+    monkeypatch.setenv("DFM_BENCH_FILES", "200")
+    rows = files.run(SimpleNamespace(root=str(tmp_path)), rounds=1)  # raises if the site's mean is not xarray's
+    by_variant = {row.variant: row for row in rows}
+    assert by_variant["site, many-file store"].note == "214 files"  # 200 chunks, 3 coordinate arrays, 11 metadata files
+    assert by_variant["site, many-file store"].ratio is not None and by_variant["site, few-file store"].median > 0
+    assert by_variant["one look at the many-file store (every file's stamps)"].median > 0
+
+
 def test_recorded_results_render_as_benchmarks_md():
     from bench.harness import Row
     from bench.report import markdown
