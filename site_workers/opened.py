@@ -7,9 +7,10 @@ step (and each view recomputed under it) opens its source again. The site keeps
 what it opened, keyed by the source's fingerprint *now* (sizes, modification and
 change stamps of its files, or a remote store's listing): a file written,
 replaced or removed since gives another fingerprint, so the source is opened
-again and the old one is dropped. Sources without a fingerprint, and sources
-the site marks ``views: false`` (their changes may not show in their files'
-stamps), are opened every time. An opened source is kept per location (protocol,
+again and the old one is let go (a removed file is not held open). Requests
+that open a source at the same time wait for one opening and share it. Sources
+without a fingerprint, and sources the site marks ``views: false`` (their
+changes may not show in their files' stamps), are opened every time. An opened source is kept per location (protocol,
 path, format, boundary and storage options), never shared between two
 locations that only share a URL. Each request gets its own copy: the lazy data
 is shared, the containers and their attributes are not, so an operation that
@@ -41,27 +42,56 @@ class OpenedSources:
         self._open: OrderedDict[str, tuple[str, Any]] = OrderedDict()
         """Location key -> (fingerprint, opened value)."""
         self._lock = threading.Lock()
+        self._opening: dict[str, threading.Lock] = {}
+        """Location key -> held while one request opens it (the others wait and share it)."""
         self.opened = 0
         """How many times a source was opened (for the site log and tests)."""
 
     def open(self, location: Location) -> Any:
-        """The value at ``location``, lazily opened: the kept one if its files are unchanged."""
+        """The value at ``location``, lazily opened: the kept one if its files are unchanged.
+
+        A kept source whose files changed (or can no longer be stamped) is let go at
+        once, so a removed file is not held open. Requests that open the same
+        source at the same time wait for one opening and share it.
+        """
         fingerprint = self._fingerprint(location) if self._size and location.views else ""
-        if not fingerprint:
-            return self._open_now(location)
         key = location.key
+        if not fingerprint:
+            with self._lock:
+                self._open.pop(key, None)
+            return self._open_now(location)
         with self._lock:
-            kept = self._open.get(key)
-            if kept is not None and kept[0] == fingerprint:
-                self._open.move_to_end(key)
-                return _copy(kept[1])
-        value = self._open_now(location)
-        with self._lock:
-            self._open[key] = (fingerprint, value)
-            self._open.move_to_end(key)
-            while len(self._open) > self._size:
-                self._open.popitem(last=False)
+            if (value := self._kept(key, fingerprint)) is not None:
+                return _copy(value)
+            gate = self._opening.setdefault(key, threading.Lock())
+        with gate:
+            with self._lock:
+                value = self._kept(key, fingerprint)
+            if value is None:
+                value = self._open_now(location)
+                with self._lock:
+                    self._open[key] = (fingerprint, value)
+                    self._open.move_to_end(key)
+                    while len(self._open) > self._size:
+                        self._open.popitem(last=False)
+                    self._opening.pop(key, None)
         return _copy(value)
+
+    def _kept(self, key: str, fingerprint: str) -> Any:
+        """The kept value of ``key`` if it was opened with ``fingerprint`` (holding the lock); a stale one is let go."""
+        kept = self._open.get(key)
+        if kept is None:
+            return None
+        if kept[0] != fingerprint:
+            del self._open[key]
+            return None
+        self._open.move_to_end(key)
+        return kept[1]
+
+    def __len__(self) -> int:
+        """How many opened sources are kept."""
+        with self._lock:
+            return len(self._open)
 
     def _open_now(self, location: Location) -> Any:
         value = open_location(location)

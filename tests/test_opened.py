@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import xarray as xr
 
 from dfm_prefect.core.wire import Envelope, RunRequest, RunResult
 from dfm_prefect.testing.climate import ClimateSpec, make_region, write_zarr
-from site_workers import views
+from site_workers import opened, views
 from site_workers.config import parse_site_config
 from site_workers.worker import SiteWorker
 from tests.support_sites import Answers
@@ -100,6 +101,34 @@ def test_a_rewritten_zarr_chunk_is_seen(lab):
     after = box_mean(worker, "field", "temperature")
     assert after == pytest.approx(before + 50.0, rel=1e-5)
     assert worker.opened.opened == 2
+
+
+def test_requests_that_open_a_source_at_once_share_one_opening(lab, monkeypatch):
+    worker, _, _ = lab
+    slow_open = opened.open_location
+
+    def slow(location):
+        time.sleep(0.5)  # long enough for every request to arrive while the first one opens
+        return slow_open(location)
+
+    monkeypatch.setattr(opened, "open_location", slow)
+    location = worker.resolver.resolve("grid")
+    with ThreadPoolExecutor(4) as pool:
+        values = list(pool.map(lambda _: worker.opened.open(location), range(4)))
+    assert worker.opened.opened == 1
+    assert len({id(value) for value in values}) == 4  # each request still has its own copy
+
+
+def test_a_removed_file_is_let_go(lab):
+    worker, root, expected = lab
+    assert box_mean(worker, "grid", "t2m") == pytest.approx(expected, rel=1e-6)
+    assert len(worker.opened) == 1
+    (root / "grid.nc").unlink()
+    answers = Answers()
+    worker.handle_frame(Envelope(messages=[RunRequest(id="gone", op="xarray.subset", params={"data": "grid", "ranges": BOX})]).model_dump_json(), answers, "test-peer")
+    reply = next(m for m in answers.wait(1, timeout=60) if isinstance(m, RunResult))
+    assert not reply.ok
+    assert len(worker.opened) == 0  # not kept open: its disk space is freed
 
 
 def test_what_one_request_changes_on_its_dataset_another_never_sees(lab):
