@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,23 @@ def test_chunks_split_and_rejoin_interleaved_frames():
     assert joiner.pending_bytes == 0
     with pytest.raises(MalformedRequestError, match="piece 2 of 3"):
         joiner.add(("north", "C"), 2, 3, "x")
+
+
+def test_chunks_resent_after_a_lost_acknowledgement_are_ignored_and_other_frames_kept():
+    joiner = Reassembler()
+    a, b = split("a" * 10, 4), split("b" * 9, 4)
+    assert joiner.add("A", 0, 3, a[0]) is None
+    assert joiner.add("B", 0, 3, b[0]) is None
+    assert joiner.add("A", 0, 3, a[0]) is None  # resent while A is being joined
+    assert joiner.add("A", 1, 3, a[1]) is None
+    assert joiner.add("A", 2, 3, a[2]) == "a" * 10
+    assert joiner.add("A", 2, 3, a[2]) is None  # resent after A was whole: A is not whole twice
+    assert joiner.add("S", 0, 1, "single") == "single"
+    assert joiner.add("S", 0, 1, "single") is None
+    assert joiner.add("B", 1, 3, b[1]) is None and joiner.add("B", 2, 3, b[2]) == "b" * 9  # B was kept throughout
+    with pytest.raises(MalformedRequestError, match="piece 0 of 3 arrived after 1"):
+        joiner.add("C", 0, 3, "x") or joiner.add("C", 0, 3, "y")  # the same index with other data is no resend
+    assert joiner.pending_bytes == 0
 
 
 def test_mailboxes_redeliver_until_acknowledged_and_keep_clients_apart():
@@ -178,8 +196,9 @@ def test_reply_sender_batches_into_bounded_frames_and_resends_refused_chunks():
 
 
 def _pieces(frame: str, site: str = "north", start: int = 1, size: int = 10) -> list[Piece]:
-    parts = split(frame, size)
-    return [Piece(seq=start + i, site=site, frame="F", index=i, count=len(parts), data=p) for i, p in enumerate(parts)]
+    """The pieces of one frame, with its own frame id (as a site's sender gives each frame)."""
+    parts, frame_id = split(frame, size), uuid.uuid4().hex
+    return [Piece(seq=start + i, site=site, frame=frame_id, index=i, count=len(parts), data=p) for i, p in enumerate(parts)]
 
 
 def test_job_link_reassembles_skips_duplicates_and_waits_past_progress():

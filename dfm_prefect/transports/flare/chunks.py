@@ -17,6 +17,7 @@ assert whole == "abcdefgh"
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Hashable
 
 from dfm_prefect.core.errors import MalformedRequestError
@@ -30,13 +31,23 @@ def split(text: str, size: int) -> list[str]:
     return [text[i : i + size] for i in range(0, len(text), size)] or [""]
 
 
+DONE_REMEMBERED = 4096
+"""How many finished frames a `Reassembler` remembers, to ignore their resent pieces."""
+
+
 class Reassembler:
-    """Joins the pieces of frames that arrive in order per frame (frames may interleave)."""
+    """Joins the pieces of frames that arrive in order per frame (frames may interleave).
+
+    A piece sent again because its acknowledgement was lost (the same index with
+    the same data, or any piece of a frame finished lately) is ignored: the
+    frame is whole once, and the other frames being joined are kept.
+    """
 
     def __init__(self, max_pending_bytes: int = 1 << 30) -> None:
         self.max_pending_bytes = max_pending_bytes
         self._parts: dict[Hashable, list[str]] = {}
         self._bytes = 0
+        self._done: OrderedDict[Hashable, None] = OrderedDict()
 
     @property
     def pending_bytes(self) -> int:
@@ -44,9 +55,14 @@ class Reassembler:
 
     def add(self, key: Hashable, index: int, count: int, data: str) -> str | None:
         """Add one piece; return the whole frame when this was its last piece."""
+        if key in self._done:
+            return None  # resent after the frame was whole
         if count == 1 and index == 0:
+            self._finished(key)
             return data
         parts = self._parts.setdefault(key, [])
+        if index < len(parts) and parts[index] == data:
+            return None  # resent while the frame is being joined
         if index != len(parts) or index >= count:
             self._parts.pop(key, None)
             self._bytes -= sum(len(p) + PIECE_OVERHEAD for p in parts)
@@ -63,7 +79,13 @@ class Reassembler:
             return None
         del self._parts[key]
         self._bytes -= sum(len(p) + PIECE_OVERHEAD for p in parts)
+        self._finished(key)
         return "".join(parts)
+
+    def _finished(self, key: Hashable) -> None:
+        self._done[key] = None
+        if len(self._done) > DONE_REMEMBERED:
+            self._done.popitem(last=False)
 
     def drop(self, predicate: Callable[[Hashable], bool] | None = None) -> None:
         """Forget unfinished frames (all, or those whose key satisfies ``predicate``)."""
