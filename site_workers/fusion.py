@@ -28,7 +28,7 @@ from typing import Any
 from dfm_prefect.core.operations import Operation, OperationParams
 from dfm_prefect.core.refs import VIEW_SCHEME
 from site_workers.answers import refs_in
-from site_workers.views import data_sources
+from site_workers.views import data_sources, ref_dicts
 
 log = logging.getLogger("dfm_prefect.site")
 WAIT_S = 2.0
@@ -49,16 +49,8 @@ def shared_inputs(op: Operation, params: OperationParams) -> frozenset[str]:
 def _roots(ref: dict[str, Any]) -> set[str]:
     recipe = ref.get("recipe") or {}
     found = set(recipe.get("sources", {}))
-    stack: list[Any] = [recipe.get("params", {})]
-    while stack:
-        value = stack.pop()
-        if isinstance(value, dict):
-            if {"site", "uri", "op"} <= set(value):
-                found |= _roots(value) if str(value.get("uri", "")).startswith(VIEW_SCHEME) else {str(value["uri"])}
-            else:
-                stack.extend(value.values())
-        elif isinstance(value, list):
-            stack.extend(value)
+    for inner in ref_dicts(recipe.get("params", {})):
+        found |= _roots(inner) if str(inner.get("uri", "")).startswith(VIEW_SCHEME) else {str(inner["uri"])}
     return found
 
 

@@ -45,7 +45,7 @@ from site_workers.answers import refs_in
 from site_workers.config import CachePolicy
 from site_workers.sources import SourceResolver
 from site_workers.store import ResultStore
-from site_workers.views import Views, data_sources
+from site_workers.views import Views, data_sources, ref_dicts
 
 _UNSEEN_PREFIXES = ("sql.", "query.", "service.", "program.", "code.")
 """Operations that read what no fingerprint covers (a database, a service, a program's world, code)."""
@@ -111,18 +111,10 @@ class ResultCache:
         if recipe is None:
             return []
         found = [[name, self._source(name)] for name in recipe.sources]
-        stack = [recipe.params]
-        while stack:
-            value = stack.pop()
-            if isinstance(value, dict):
-                if {"site", "uri", "op"} <= set(value):
-                    inner = value.get("recipe")
-                    if isinstance(inner, dict):
-                        found += self._recipe_sources(Recipe.model_validate(inner))
-                    continue
-                stack.extend(value.values())
-            elif isinstance(value, list):
-                stack.extend(value)
+        for ref in ref_dicts(recipe.params):
+            inner = ref.get("recipe")
+            if isinstance(inner, dict):
+                found += self._recipe_sources(Recipe.model_validate(inner))
         return found
 
     def get(self, key: str, params: OperationParams) -> DataRef | None:

@@ -87,22 +87,23 @@ def _depth(recipe: Recipe | dict[str, Any] | None) -> int:
         return 0
     params = recipe.params if isinstance(recipe, Recipe) else recipe.get("params", {})
     deepest = 0
-    for value in _walk(params):
-        if isinstance(value, dict) and str(value.get("uri", "")).startswith(VIEW_SCHEME):
+    for value in ref_dicts(params):
+        if str(value.get("uri", "")).startswith(VIEW_SCHEME):
             deepest = max(deepest, _depth(value.get("recipe")))
     return 1 + deepest
 
 
-def _walk(value: Any) -> Iterator[Any]:
+def ref_dicts(value: Any) -> Iterator[dict[str, Any]]:
+    """The references (as JSON objects: ``site``, ``uri``, ``op``...) in a recipe's JSON parameters, not looking inside them."""
     if isinstance(value, dict):
         if {"site", "uri", "op"} <= set(value):
             yield value
             return
         for item in value.values():
-            yield from _walk(item)
+            yield from ref_dicts(item)
     elif isinstance(value, list):
         for item in value:
-            yield from _walk(item)
+            yield from ref_dicts(item)
 
 
 def data_sources(op: Operation, params: OperationParams) -> list[str]:
