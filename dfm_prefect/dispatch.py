@@ -57,11 +57,13 @@ class Dispatch:
     failed_sites: set[str] = field(default_factory=set)
     place_again: bool = False
     """Placing failed when the run was submitted (its site was down, say): each retry places it again."""
+    named_site: str | None = None
+    """The site the flow named (``site=``), which names the run even before it could be placed."""
     attempts: int = 0
 
     @property
     def run_name(self) -> str:
-        return f"{self.op.name}@{self.placement.site if self.placement else '?'}"
+        return f"{self.op.name}@{self.placement.site if self.placement else self.named_site or '?'}"
 
     def execute(self, params: dict[str, Any]) -> DataRef:
         """Send the call to its site, wait for the result, return its `DataRef`."""

@@ -246,7 +246,11 @@ class FederationTaskRunner(ThreadPoolTaskRunner):
                 explicit=resolved.get("site"),
             )
         except FederationError as exc:
-            return Dispatch(op=op, runner=self, client=None, placement=None, error=exc, timeout_s=task.timeout_seconds, place_again=True)
+            named = resolved.get("site")
+            return Dispatch(
+                op=op, runner=self, client=None, placement=None, error=exc, timeout_s=task.timeout_seconds, place_again=True,
+                named_site=named if isinstance(named, str) else None,
+            )  # fmt: skip
         return Dispatch(op=op, runner=self, client=client, placement=placement, timeout_s=task.timeout_seconds)
 
     def _engine_task(self, task: Task[Any, Any]) -> Task[Any, Any]:

@@ -40,6 +40,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
@@ -142,15 +143,17 @@ def _local_stamps(path: str) -> list[list[Any]]:
     if not os.path.isdir(path):
         return [stamp("", os.stat(path))]
     stamps: list[list[Any]] = []
-
-    def walk(folder: str, prefix: str) -> None:
-        # As os.walk top-down with sorted names: a folder's files, then its folders (links to folders are not
-        # followed), each file named relative to `path`. A zarr store can hold many thousands of chunk files.
+    # As os.walk top-down with sorted names: a folder's files, then its folders depth-first (links to folders
+    # are not followed), each file named relative to `path`. A zarr store can hold many thousands of chunk
+    # files; a stack rather than recursion, so no depth of folders is too deep.
+    stack = [(path, "")]
+    while stack:
+        folder, prefix = stack.pop()
         try:
             with os.scandir(folder) as listing:
                 entries = sorted(listing, key=lambda entry: entry.name)
         except OSError:
-            return  # os.walk skips what it cannot list
+            continue  # os.walk skips what it cannot list
         folders = []
         for entry in entries:
             try:
@@ -158,14 +161,11 @@ def _local_stamps(path: str) -> list[list[Any]]:
             except OSError:
                 is_dir = False
             if is_dir:
-                folders.append(entry)
+                if not entry.is_symlink():
+                    folders.append((entry.path, prefix + entry.name + os.sep))
             else:
                 stamps.append(stamp(prefix + entry.name, entry.stat(follow_symlinks=False)))
-        for entry in folders:
-            if not entry.is_symlink():
-                walk(entry.path, prefix + entry.name + os.sep)
-
-    walk(path, "")
+        stack.extend(reversed(folders))
     return stamps
 
 
@@ -186,19 +186,28 @@ def _remote_stamps(location: Location, path: str) -> list[list[Any]] | None:
     return stamps
 
 
-_LOOKS: ContextVar[dict[str, str] | None] = ContextVar("dfm_source_looks", default=None)
-"""Within one request: each source's fingerprint as first taken (see `one_look`)."""
+@dataclass
+class _Looks:
+    """What one request saw of its sources: each fingerprint as first taken, and the sources its view checks looked at again."""
+
+    digests: dict[str, str] = field(default_factory=dict)
+    checked: set[str] = field(default_factory=set)
+
+
+_LOOKS: ContextVar[_Looks | None] = ContextVar("dfm_source_looks", default=None)
 
 
 @contextmanager
 def one_look() -> Iterator[None]:
-    """Within the block (one request), each source's files are looked at once.
+    """Within the block (one request), each source's files are looked at once, and once more to check a view.
 
-    A request fingerprints a source for its cache key, its recipe, opening it and
-    checking the views it recomputes: one walk of a zarr store's chunk files (or
-    one listing of a remote store) serves them all, and they all agree.
+    A request fingerprints a source for its cache key, its recipe and opening it:
+    one walk of a zarr store's chunk files (or one listing of a remote store)
+    serves them all, and they all agree. Checking a view it recomputes looks again
+    (once per source and request): a source that changed since the request first
+    looked, or since the view was made, refuses the view.
     """
-    token = _LOOKS.set({})
+    token = _LOOKS.set(_Looks())
     try:
         yield
     finally:
@@ -231,9 +240,28 @@ class Views:
         looks = _LOOKS.get()
         if looks is None:
             return self._look(location)
-        if location.key not in looks:
-            looks[location.key] = self._look(location)
-        return looks[location.key]
+        if location.key not in looks.digests:
+            looks.digests[location.key] = self._look(location)
+        return looks.digests[location.key]
+
+    def look_again(self, location: Location) -> tuple[str, str | None]:
+        """The source's fingerprint now, to check a view on it, and the one this request saw before (if another).
+
+        Looked at once more per request (not at every step of a chain of views); the
+        rest of the request then uses this look.
+        """
+        if not location.views:
+            return "", None
+        looks = _LOOKS.get()
+        if looks is None:
+            return self._look(location), None
+        key = location.key
+        if key in looks.checked:
+            return looks.digests[key], None
+        earlier, now = looks.digests.get(key), self._look(location)
+        looks.digests[key] = now
+        looks.checked.add(key)
+        return now, earlier if earlier is not None and earlier != now else None
 
     def _look(self, location: Location) -> str:
         try:
@@ -335,11 +363,18 @@ class Views:
                 site=self.site,
             ) from None
         for name, fingerprint in recipe.sources.items():
-            if not hmac.compare_digest(self.fingerprint(self._resolver.resolve(name)), fingerprint):
+            now, earlier = self.look_again(self._resolver.resolve(name))
+            if not hmac.compare_digest(now, fingerprint):
                 raise SourceChangedError(
                     f"{ref!r} is a view of {name!r}, which changed since the view was made (its files' sizes or "
                     "modification stamps differ), so it would give other numbers; run the steps that made it again "
                     "to work on the data as it is now",
+                    site=self.site,
+                )
+            if earlier is not None:
+                raise SourceChangedError(
+                    f"{name!r} changed while this request ran (after the request first looked at it, before it recomputed "
+                    f"{ref!r}); run the request again",
                     site=self.site,
                 )
         for value in params.__dict__.values():

@@ -191,3 +191,37 @@ def test_a_request_looks_at_a_stores_files_once(lab, monkeypatch):
     assert len(walked) == 1, walked  # its recipe and its opening
     run(worker, "xarray.reduce", {"data": box.ref.model_dump(mode="json"), "dims": list(box.ref.summary["dims"]), "stat": "mean"})
     assert len(walked) == 2, walked  # the view's check and its opening again
+
+
+def test_a_source_rewritten_after_a_request_first_looked_refuses_the_view_it_recomputes(tmp_path: Path, monkeypatch):
+    """The cache key's look comes first; the store changes before the view is checked: refused, never other numbers."""
+    region = make_region(ClimateSpec(years=1, resolution=8.0, chunk_days=122), -90.0, 90.0)
+    write_zarr(region, str(tmp_path / "field.zarr"))
+    config = {
+        "name": "lab",
+        "operations": ["xarray.subset", "xarray.reduce"],
+        "sources": [{"name": "field", "url": f"file://{tmp_path / 'field.zarr'}"}],
+        "result_store": {"url": f"file://{tmp_path / 'store'}"},
+        "export": {"kinds": ["aggregate"], "max_bytes": 1 << 20},
+        "compute": {"kind": "threads"},
+        "cache": {"operations": ["xarray.reduce"]},
+    }
+    worker = SiteWorker(parse_site_config(config))
+    try:
+        box = run(worker, "xarray.subset", {"data": "field", "ranges": {"lat": BOX["lat"]}})
+        look, rewrites = views._local_stamps, [region + 100.0]
+
+        def rewritten_after_the_first_look(path: str) -> list:
+            stamps = look(path)
+            if rewrites:
+                write_zarr(rewrites.pop(), str(tmp_path / "field.zarr"))  # the administrator rewrites the store
+            return stamps
+
+        monkeypatch.setattr(views, "_local_stamps", rewritten_after_the_first_look)
+        answers = Answers()
+        params = {"data": box.ref.model_dump(mode="json"), "dims": list(box.ref.summary["dims"]), "stat": "mean"}
+        worker.handle_frame(Envelope(messages=[RunRequest(id="after", op="xarray.reduce", params=params)]).model_dump_json(), answers, "test-peer")
+        reply = next(m for m in answers.wait(1, timeout=60) if isinstance(m, RunResult))
+        assert not reply.ok and reply.error is not None and reply.error.code == "source_changed", reply
+    finally:
+        worker.close()

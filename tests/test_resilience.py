@@ -209,6 +209,7 @@ def test_a_run_submitted_while_its_site_is_down_is_placed_again_at_each_retry(tw
     assert state.result() == 0.5
     runs = assert_every_task_run_ended(state.state_details.flow_run_id, 1)
     assert runs[0].state_type.value == "COMPLETED" and runs[0].run_count >= 2
+    assert runs[0].name == "core.sleep@alpha"  # named by the site the flow named, though it could not be placed at first
 
 
 def test_a_retry_moves_to_another_site_with_the_same_operation_and_data(twins, twins_client, twins_runner):
