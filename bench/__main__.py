@@ -276,6 +276,16 @@ across runs):
   0.31x at 100 Mbit/s for 0.5 GB (the ratio tends to about 0.17 at 100 Mbit/s
   for large fields here: sites compute about 125 MB/s of raw data, the download
   brings about 22 MB/s).
+- **Stores of many files.** A site tells a changed source by its files' stamps,
+  so on a zarr store of 20,014 files each request walks them once (117 ms a walk
+  in the recorded run): a subset then a mean take 406 ms at the site, against
+  60 ms on the same field stored in 18 files and 46 ms computed directly with
+  xarray. Before a request shared one look, its cache key, recipe, opening and
+  view check each walked the store, and the walk used relpath: on a store of the
+  same shape, with an in-process site, a subset took 361-372 ms and a mean over
+  time 468-486 ms, and 229-258 ms and 189-216 ms after (a script run before and
+  after on this machine, not a recorded benchmark run). Stamping only a store's
+  metadata files would not see a rewritten chunk, which a view must see.
 - **GPU.** The GPU rows are from `scripts/gpu_check.sh` on an H100 on
   2026-11-27; no GPU machine has been available since, so they were not run
   again.
